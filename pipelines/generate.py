@@ -1,0 +1,185 @@
+"""Command line: generate images from prompts with a guided pipeline and a chosen guidance method.
+
+`guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.generate`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from guidance import ClassifierFreeGuidance, GuidanceScheduler, ScheduledGuidance
+
+from .tiny import FAMILIES, tiny_components
+
+DEFAULT_MODEL = "tiny:sd"
+FAMILY_OF_CLASS = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+METHODS = ("cfg", "scheduled", "none")
+
+
+def pipeline_class(family: str):
+    from . import (
+        GuidedFluxPipeline,
+        GuidedStableDiffusion3Pipeline,
+        GuidedStableDiffusionPipeline,
+        GuidedStableDiffusionXLPipeline,
+    )
+
+    return {
+        "sd": GuidedStableDiffusionPipeline,
+        "sdxl": GuidedStableDiffusionXLPipeline,
+        "sd3": GuidedStableDiffusion3Pipeline,
+        "flux": GuidedFluxPipeline,
+    }[family]
+
+
+def model_family(model: str) -> str:
+    """The family of a local model folder, read from its `model_index.json`."""
+    index = Path(model) / "model_index.json"
+    if not index.is_file():
+        raise ValueError(f"`--model` {model!r} has no model_index.json; pass a diffusers pipeline folder")
+    class_name = json.loads(index.read_text())["_class_name"].removeprefix("Guided")
+    if class_name not in FAMILY_OF_CLASS:
+        raise ValueError(f"`--model` {model!r} is a {class_name}; supported: {sorted(FAMILY_OF_CLASS)}")
+    return FAMILY_OF_CLASS[class_name]
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A guided pipeline from a local folder, a hub id, or `tiny:<family>` (tiny random components)."""
+    if model.startswith("tiny:"):
+        family = model.removeprefix("tiny:")
+        if family not in FAMILIES:
+            raise ValueError(f"`--model` tiny:<family> takes a family in {list(FAMILIES)}, got {model!r}")
+        pipe = pipeline_class(family)(**tiny_components(family))
+    else:
+        family = model_family(model) if os.path.isdir(model) else "sd"
+        pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype)
+    return pipe.to(device), family
+
+
+def make_guidance(args: argparse.Namespace) -> GuidanceScheduler | None:
+    if args.guidance == "none":
+        return ClassifierFreeGuidance(guidance_scale=1.0)
+    if args.guidance == "scheduled":
+        return ScheduledGuidance(
+            guidance_scale=args.guidance_scale,
+            final_guidance_scale=args.final_guidance_scale,
+            schedule=args.schedule,
+            guidance_rescale=args.guidance_rescale,
+            start=args.guidance_start,
+            stop=args.guidance_stop,
+        )
+    return ClassifierFreeGuidance(
+        guidance_scale=args.guidance_scale,
+        guidance_rescale=args.guidance_rescale,
+        start=args.guidance_start,
+        stop=args.guidance_stop,
+    )
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"`--prompts-file` {str(path)!r} does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: give `--prompt` (repeatable) or `--prompts-file` (one prompt per line)")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guided-generate",
+        description="Generate images with a guided diffusers pipeline; prints where the images went and the NFEs.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat the option for several")
+    parser.add_argument("--prompts-file", help="a text file with one prompt per line")
+    parser.add_argument("--negative-prompt", default=None, help="negative prompt used for every prompt")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="a diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, Flux) or hub id, or tiny:<sd|sdxl|sd3|flux> "
+        "for tiny random components (a smoke test: the images are noise)",
+    )
+    parser.add_argument("--guidance", choices=METHODS, default="cfg", help="guidance method")
+    parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (first-step scale if scheduled)")
+    parser.add_argument("--final-guidance-scale", type=float, default=None, help="scheduled: scale at the last step")
+    parser.add_argument("--schedule", choices=("constant", "linear", "cosine"), default="linear", help="scheduled")
+    parser.add_argument("--guidance-rescale", type=float, default=0.0, help="std rescale of the guided prediction")
+    parser.add_argument("--guidance-start", type=float, default=0.0, help="guidance interval start (progress 0-1)")
+    parser.add_argument("--guidance-stop", type=float, default=1.0, help="guidance interval stop (progress 0-1)")
+    parser.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps")
+    parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
+    parser.add_argument("--height", type=int, default=None, help="image height in pixels (model default if unset)")
+    parser.add_argument("--width", type=int, default=None, help="image width in pixels (model default if unset)")
+    parser.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k")
+    parser.add_argument("--output-dir", default="outputs", help="folder for the PNG images and trace.json")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        prompts = read_prompts(args)
+        for name in ("num_inference_steps", "num_images_per_prompt", "batch_size"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+        guidance = make_guidance(args)
+        pipe, family = load_pipeline(args.model, getattr(torch, args.dtype), args.device)
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    records, nfes, image_index = [], [], 0
+    for start in range(0, len(prompts), args.batch_size):
+        batch = prompts[start : start + args.batch_size]
+        count = len(batch) * args.num_images_per_prompt
+        generators = [torch.Generator(args.device).manual_seed(args.seed + image_index + k) for k in range(count)]
+        result = pipe(
+            batch,
+            negative_prompt=None if args.negative_prompt is None else [args.negative_prompt] * len(batch),
+            num_inference_steps=args.num_inference_steps,
+            num_images_per_prompt=args.num_images_per_prompt,
+            height=args.height,
+            width=args.width,
+            generator=generators,
+            guidance=guidance,
+            **extra,
+        )
+        nfes.append((result.trace.nfe, count))
+        for k, image in enumerate(result.images):
+            path = out / f"{image_index:05d}.png"
+            image.save(path)
+            prompt = batch[k // args.num_images_per_prompt]
+            scales = [step[k] for step in result.trace.scales]
+            records.append({"file": path.name, "prompt": prompt, "seed": args.seed + image_index, "scales": scales})
+            image_index += 1
+    nfe = sum(value * count for value, count in nfes) / image_index
+    summary = {"model": args.model, "guidance": repr(guidance), "nfe_per_image": nfe, "images": records}
+    (out / "trace.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {image_index} images to {out.resolve()} (trace.json beside them)")
+    print(f"guidance: {guidance!r}")
+    print(f"NFE per image: {nfe:g} ({args.num_inference_steps} steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Guided Stable Diffusion 3: diffusers' `StableDiffusion3Pipeline` with `guidance=`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from diffusers import StableDiffusion3Pipeline
+from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+
+from guidance import GuidanceTrace
+
+from .guided_step import Conditioning, GuidedPipelineMixin
+
+
+@dataclass
+class GuidedStableDiffusion3PipelineOutput(StableDiffusion3PipelineOutput):
+    trace: GuidanceTrace | None = None
+
+
+class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
+    """`StableDiffusion3Pipeline` whose `__call__` also takes `guidance=<GuidanceScheduler>`.
+
+    The flow model predicts a velocity; guidance combines velocities exactly as diffusers' CFG does.
+    """
+
+    _output_class = GuidedStableDiffusion3PipelineOutput
+    _guidance_owned_args = ("guidance_scale",)
+    _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
+    _callback_conditioning = {
+        "prompt_embeds": ("cond", "encoder_hidden_states"),
+        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+        "pooled_prompt_embeds": ("cond", "pooled_projections"),
+        "negative_pooled_prompt_embeds": ("uncond", "pooled_projections"),
+    }
+
+    def _predict(self, latents, t, inputs, shared):
+        timestep = t.expand(latents.shape[0])
+        return self.transformer(hidden_states=latents, timestep=timestep, **inputs, **shared, return_dict=False)[0]
+
+    def _guided_call(self, guidance, **a):
+        # Mirrors diffusers' StableDiffusion3Pipeline.__call__, with the guided loop in place of its loop.
+        height = a["height"] or self.default_sample_size * self.vae_scale_factor
+        width = a["width"] or self.default_sample_size * self.vae_scale_factor
+
+        # 1. Check inputs
+        self.check_inputs(
+            a["prompt"],
+            a["prompt_2"],
+            a["prompt_3"],
+            height,
+            width,
+            negative_prompt=a["negative_prompt"],
+            negative_prompt_2=a["negative_prompt_2"],
+            negative_prompt_3=a["negative_prompt_3"],
+            prompt_embeds=a["prompt_embeds"],
+            negative_prompt_embeds=a["negative_prompt_embeds"],
+            pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+            max_sequence_length=a["max_sequence_length"],
+        )
+        self._guidance_scale = guidance.config.get("guidance_scale", 1.0)
+        self._clip_skip = a["clip_skip"]
+        self._joint_attention_kwargs = a["joint_attention_kwargs"]
+        self._interrupt = False
+
+        # 2. Define call parameters
+        prompt = a["prompt"]
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(a["prompt_embeds"])
+        device = self._execution_device
+
+        # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
+        joint_attention_kwargs = self.joint_attention_kwargs
+        lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
+            self.encode_prompt(
+                prompt=prompt,
+                prompt_2=a["prompt_2"],
+                prompt_3=a["prompt_3"],
+                negative_prompt=a["negative_prompt"],
+                negative_prompt_2=a["negative_prompt_2"],
+                negative_prompt_3=a["negative_prompt_3"],
+                do_classifier_free_guidance=True,
+                prompt_embeds=a["prompt_embeds"],
+                negative_prompt_embeds=a["negative_prompt_embeds"],
+                pooled_prompt_embeds=a["pooled_prompt_embeds"],
+                negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                device=device,
+                clip_skip=self.clip_skip,
+                num_images_per_prompt=a["num_images_per_prompt"],
+                max_sequence_length=a["max_sequence_length"],
+                lora_scale=lora_scale,
+            )
+        )
+
+        # 4. Prepare latent variables
+        latents = self.prepare_latents(
+            batch_size * a["num_images_per_prompt"],
+            self.transformer.config.in_channels,
+            height,
+            width,
+            prompt_embeds.dtype,
+            device,
+            a["generator"],
+            a["latents"],
+        )
+
+        # 5. Prepare timesteps (resolution-dependent shift when the scheduler asks for it)
+        mu = a["mu"]
+        if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+            patch_size = self.transformer.config.patch_size
+            image_seq_len = (latents.shape[2] // patch_size) * (latents.shape[3] // patch_size)
+            mu = calculate_shift(
+                image_seq_len,
+                self.scheduler.config.get("base_image_seq_len", 256),
+                self.scheduler.config.get("max_image_seq_len", 4096),
+                self.scheduler.config.get("base_shift", 0.5),
+                self.scheduler.config.get("max_shift", 1.16),
+            )
+        scheduler_kwargs = {} if mu is None else {"mu": mu}
+        timesteps, num_inference_steps = retrieve_timesteps(
+            self.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
+        )
+        conditioning = Conditioning(
+            cond={"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds},
+            uncond={
+                "encoder_hidden_states": negative_prompt_embeds,
+                "pooled_projections": negative_pooled_prompt_embeds,
+            },
+            shared={"joint_attention_kwargs": joint_attention_kwargs},
+        )
+
+        # 7. Guided denoising loop
+        latents = self._guided_denoise(
+            guidance,
+            latents,
+            timesteps,
+            num_inference_steps,
+            conditioning,
+            {},
+            a["callback_on_step_end"],
+            a["callback_on_step_end_tensor_inputs"],
+        )
+
+        # 8. Decode and post-process
+        if a["output_type"] == "latent":
+            image = latents
+        else:
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=a["output_type"])
+        return self._guided_output(guidance.trace, a["return_dict"], images=image)

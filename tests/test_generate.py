@@ -1,0 +1,55 @@
+import json
+import re
+
+import pytest
+from PIL import Image
+
+from pipelines.generate import build_parser, main
+
+
+def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue square\n")
+    code = main(
+        [
+            "--model", "tiny:sd", "--prompts-file", str(prompts), "--prompt", "green", "--num-inference-steps", "4",
+            "--height", "16", "--width", "16", "--batch-size", "2", "--output-dir", str(tmp_path / "out"),
+            "--guidance", "cfg", "--guidance-scale", "5", "--guidance-start", "0.5",
+        ]
+    )  # fmt: skip
+    assert code == 0
+    files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert files == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(tmp_path / "out" / "00000.png").size == (16, 16)
+    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
+    assert trace["nfe_per_image"] == 6.0  # 4 steps, guided at progress 2/3 and 1
+    assert [r["prompt"] for r in trace["images"]] == ["green", "a red circle", "a blue square"]
+    assert trace["images"][0]["scales"] == [1.0, 1.0, 5.0, 5.0]
+    out = capsys.readouterr().out
+    assert "wrote 3 images to" in out and "NFE per image: 6 (4 steps)" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        ([], "no prompts: give `--prompt`"),
+        (["--prompts-file", "/no/such/file.txt"], "`--prompts-file` '/no/such/file.txt' does not exist"),
+        (["--prompt", "x", "--guidance-scale", "-2"], "`guidance_scale` must be a finite number >= 0, got -2.0"),
+        (["--prompt", "x", "--num-inference-steps", "0"], "`--num-inference-steps` must be >= 1, got 0"),
+        (["--prompt", "x", "--model", "tiny:sd4"], r"tiny:<family> takes a family in \['sd', 'sdxl', 'sd3', 'flux'\]"),
+        (["--prompt", "x", "--model", "/no/such/model"], "is not an existing folder nor a hub id: '/no/such/model'"),
+    ],
+)
+def test_bad_input_exits_with_the_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_help_documents_every_option():
+    text = build_parser().format_help()
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+    assert "--guidance-scale" in text and "--prompts-file" in text and "tiny:<sd|sdxl|sd3|flux>" in text
