@@ -1,0 +1,39 @@
+import pytest
+
+import app
+
+
+def test_generate_returns_images_plot_and_summary():
+    images, figure, summary = app.generate(
+        "a red circle",
+        method="cfg",
+        guidance_scale=5.0,
+        start=0.5,
+        num_inference_steps=4,
+        num_images=2,
+        model="tiny:sd",
+    )
+    assert len(images) == 2 and images[0].size == (32, 32)
+    line = figure.axes[0].lines[0]
+    assert list(line.get_ydata()) == [1.0, 1.0, 5.0, 5.0]
+    assert "6 model evaluations per image over 4 steps" in summary
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prompt": " "}, "`prompt` must not be empty"),
+        ({"prompt": "x", "method": "magic"}, r"`method` must be one of \['cfg', 'scheduled', 'none'\], got 'magic'"),
+        ({"prompt": "x", "guidance_scale": -1.0}, "`guidance_scale` must be a finite number >= 0, got -1.0"),
+        ({"prompt": "x", "start": 0.9, "stop": 0.1}, "`start` must be <= `stop`"),
+        ({"prompt": "x", "num_inference_steps": 0}, "steps and images must be >= 1, got 0 and 4"),
+    ],
+)
+def test_bad_input_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        app.generate(model="tiny:sd", **kwargs)
+
+
+def test_demo_builds():
+    demo = app.build_demo()
+    assert demo.title == "Guidance schedulers"
