@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from guidance.plot import plot_trace
-from pipelines.generate import DEFAULT_MODEL, METHODS, load_pipeline, make_guidance
+from pipelines.generate import DEFAULT_MODEL, METHODS, call_defaults, load_pipeline, make_guidance
 
 
 @lru_cache(maxsize=2)
@@ -54,7 +54,7 @@ def generate(
     )
     guidance = make_guidance(argparse.Namespace(**options))
     pipe, family = cached_pipeline(model)
-    extra = {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    extra = call_defaults(model, family)
     result = pipe(
         prompt,
         negative_prompt=negative_prompt or None,
@@ -93,7 +93,9 @@ def build_demo():
                     gr.Slider(1, 50, value=20, step=1, label="steps"),
                     gr.Slider(1, 8, value=4, step=1, label="images"),
                     gr.Number(value=0, precision=0, label="seed"),
-                    gr.Textbox(value=DEFAULT_MODEL, label="model (diffusers folder or tiny:<family>)"),
+                    gr.Textbox(
+                        value=DEFAULT_MODEL, label="model (shapes:sd, shapes:sd3, a diffusers folder, tiny:<family>)"
+                    ),
                 ]
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():

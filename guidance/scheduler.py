@@ -89,6 +89,16 @@ class GuidanceScheduler(ConfigMixin):
         self.num_inference_steps = num_inference_steps
         self.trace = GuidanceTrace(batch_size=batch_size)
         self.history: list[dict[str, torch.Tensor]] = []
+        self._step_extras: dict = {}
+
+    def record_extra(self, **values) -> None:
+        """Add method-specific values (similarities, scores, ...) to this step's trace entry."""
+        self._step_extras = {**getattr(self, "_step_extras", {}), **values}
+
+    def take_extras(self) -> dict:
+        """This step's extra values, handed to the trace by the pipeline after `combine`."""
+        extras, self._step_extras = getattr(self, "_step_extras", {}), {}
+        return extras
 
     def branches(self, step: GuidanceStep) -> BranchRequest:
         """Which model branches to evaluate, per sample, at this step."""

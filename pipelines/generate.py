@@ -17,7 +17,8 @@ from guidance import ClassifierFreeGuidance, GuidanceScheduler, ScheduledGuidanc
 
 from .tiny import FAMILIES, tiny_components
 
-DEFAULT_MODEL = "tiny:sd"
+DEFAULT_MODEL = "shapes:sd"
+SHAPES_MODELS = {"shapes:sd": "shapes-sd", "shapes:sd3": "shapes-sd3"}
 FAMILY_OF_CLASS = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
@@ -55,8 +56,16 @@ def model_family(model: str) -> str:
 
 
 def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A guided pipeline from a local folder, a hub id, or `tiny:<family>` (tiny random components)."""
-    if model.startswith("tiny:"):
+    """A guided pipeline from a local folder, a hub id, `shapes:<sd|sd3>` (the shipped shapes-world models) or
+    `tiny:<family>` (tiny random components)."""
+    if model.startswith("shapes:"):
+        from guidance.shapes.assets import load_pipeline as load_shapes_pipeline
+
+        if model not in SHAPES_MODELS:
+            raise ValueError(f"`--model` shapes:<model> takes one of {sorted(SHAPES_MODELS)}, got {model!r}")
+        pipe = load_shapes_pipeline(SHAPES_MODELS[model], torch_dtype=dtype)
+        family = "sd3" if model == "shapes:sd3" else "sd"
+    elif model.startswith("tiny:"):
         family = model.removeprefix("tiny:")
         if family not in FAMILIES:
             raise ValueError(f"`--model` tiny:<family> takes a family in {list(FAMILIES)}, got {model!r}")
@@ -65,6 +74,17 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         family = model_family(model) if os.path.isdir(model) else "sd"
         pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype)
     return pipe.to(device), family
+
+
+def call_defaults(model: str, family: str, max_sequence_length: int | None = None) -> dict:
+    """Extra pipeline arguments a model needs: the text length shapes:sd3 was trained with."""
+    if family not in ("sd3", "flux"):
+        return {}
+    if max_sequence_length is None and model == "shapes:sd3":
+        from guidance.shapes.train import SD3_MAX_SEQUENCE_LENGTH
+
+        max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
+    return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
 def make_guidance(args: argparse.Namespace) -> GuidanceScheduler | None:
@@ -111,8 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=DEFAULT_MODEL,
-        help="a diffusers pipeline folder (SD 1.x/2.x, SDXL, SD3, Flux) or hub id, or tiny:<sd|sdxl|sd3|flux> "
-        "for tiny random components (a smoke test: the images are noise)",
+        help="shapes:sd or shapes:sd3 (the shapes-world models shipped in assets/), a diffusers pipeline folder "
+        "(SD 1.x/2.x, SDXL, SD3, Flux) or hub id, or tiny:<sd|sdxl|sd3|flux> for tiny random components "
+        "(a smoke test: the images are noise)",
     )
     parser.add_argument("--guidance", choices=METHODS, default="cfg", help="guidance method")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale (first-step scale if scheduled)")
@@ -128,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=None, help="image width in pixels (model default if unset)")
     parser.add_argument("--seed", type=int, default=0, help="image k of the run uses seed + k")
     parser.add_argument("--output-dir", default="outputs", help="folder for the PNG images and trace.json")
+    parser.add_argument(
+        "--max-sequence-length",
+        type=int,
+        default=None,
+        help="SD3/Flux text length (pipeline default; 16 for shapes:sd3, which was trained with it)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32", help="weights")
     return parser
@@ -147,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(error))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    extra = {"max_sequence_length": 77} if family in ("sd3", "flux") else {}
+    extra = call_defaults(args.model, family, args.max_sequence_length)
     records, nfes, image_index = [], [], 0
     for start in range(0, len(prompts), args.batch_size):
         batch = prompts[start : start + args.batch_size]

@@ -148,7 +148,7 @@ class GuidedPipelineMixin:
                 if guidance.keeps_history:
                     guidance.history.append(predictions)
                 guided, scales = guidance.combine(step, request, predictions)
-                guidance.trace.record(scales, request.as_dict())
+                guidance.trace.record(scales, request.as_dict(), **guidance.take_extras())
 
                 latents_dtype = latents.dtype
                 latents = self.scheduler.step(guided, t, latents, **step_kwargs, return_dict=False)[0]

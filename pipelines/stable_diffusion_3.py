@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 from diffusers import StableDiffusion3Pipeline
 from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutput
@@ -33,6 +36,17 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         "pooled_prompt_embeds": ("cond", "pooled_projections"),
         "negative_pooled_prompt_embeds": ("uncond", "pooled_projections"),
     }
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """As diffusers', and a folder saved without T5 (`text_encoder_3` null) loads without extra arguments."""
+        index = Path(os.fspath(pretrained_model_name_or_path)) / "model_index.json"
+        if index.is_file():
+            entries = json.loads(index.read_text())
+            for name in ("text_encoder_3", "tokenizer_3"):
+                if entries.get(name) == [None, None]:
+                    kwargs.setdefault(name, None)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def _predict(self, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0])

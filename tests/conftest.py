@@ -26,6 +26,11 @@ def call_kwargs(family: str, **overrides) -> dict:
     return {**CALL_DEFAULTS, **FAMILY_DEFAULTS.get(family, {}), **overrides}
 
 
+def size_kwargs(family: str) -> dict:
+    """The image size and text length of the tiny models, without step count or output type."""
+    return {"height": 16, "width": 16, **FAMILY_DEFAULTS.get(family, {})}
+
+
 def seeded(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

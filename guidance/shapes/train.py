@@ -1,0 +1,323 @@
+"""Train every shapes-world model from the generator alone: `python -m guidance.shapes.train all`.
+
+Commands (each resumable from `--checkpoints`, reproducible from `--seed`, with a progress bar):
+  vae     AutoencoderKL, 32x32 RGB <-> 4x16x16 latents (shared by the SD and SD3 models)
+  sd      UNet2DConditionModel (epsilon) + CLIPTextModel, trained jointly -> assets/shapes-sd
+  sd3     SD3Transformer2DModel (flow matching) + two CLIP text encoders -> assets/shapes-sd3
+  clip    open_clip model, contrastive -> assets/shapes-clip
+  scorer  attribute classifier -> assets/shapes-scorer
+Captions are replaced by the empty prompt for 10% of the samples, so that CFG has an unconditional model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .scorer import AttributeScorer
+from .tokenizer import MAX_LENGTH, world_tokenizer
+from .training import Trainer, step_generator
+from .world import ATTRIBUTES, WORLD_FILE, ShapesWorld
+
+CAPTION_DROPOUT = 0.1
+SD3_MAX_SEQUENCE_LENGTH = 16  # zero "T5" tokens appended by the SD3 pipeline when T5 is absent
+DEFAULT_STEPS = {"vae": 800, "sd": 2000, "sd3": 2000, "clip": 1200, "scorer": 800}
+BATCH = {"vae": 32, "sd": 64, "sd3": 64, "clip": 128, "scorer": 128}
+
+
+def training_batch(world: ShapesWorld, generator: torch.Generator, batch: int, dropout: float = CAPTION_DROPOUT):
+    scenes = world.sample(batch, generator)
+    images = world.render(scenes, generator)
+    keep = torch.rand(batch, generator=generator) >= dropout
+    captions = [world.caption(scene) if k else "" for scene, k in zip(scenes, keep.tolist(), strict=True)]
+    return scenes, images, captions
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def clip_text_config(tokenizer, projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=64 if projection else 512,
+        hidden_act="gelu",
+    )
+
+
+def train_vae(args, world: ShapesWorld):
+    torch.manual_seed(args.seed)
+    vae = build_vae()
+
+    def loss_fn(generator, step):
+        _, images, _ = training_batch(world, generator, BATCH["vae"])
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        return F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
+
+    vae = Trainer("vae", vae, args.checkpoints, args.steps or DEFAULT_STEPS["vae"], 1e-3, args.seed).run(loss_fn)
+    with torch.no_grad():  # latent statistics set the VAE's shift and scaling factors (SD's 0.18215)
+        _, images, _ = training_batch(world, step_generator(args.seed, 10**7), 1024)
+        latents = vae.encode(images).latent_dist.mean
+    stats = {"mean": latents.mean().item(), "std": latents.std().item()}
+    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(Path(args.checkpoints) / "vae")
+    (Path(args.checkpoints) / "vae" / "latent_stats.json").write_text(json.dumps(stats))
+    print(f"vae latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
+
+
+def trained_vae(args, shift: bool):
+    from diffusers import AutoencoderKL
+
+    folder = Path(args.checkpoints) / "vae"
+    if not (folder / "latent_stats.json").is_file():
+        raise FileNotFoundError(f"{folder} has no trained VAE; run `python -m guidance.shapes.train vae` first")
+    stats = json.loads((folder / "latent_stats.json").read_text())
+    vae = AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
+    vae.register_to_config(scaling_factor=1.0 / stats["std"], shift_factor=stats["mean"] if shift else None)
+    return vae
+
+
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Images -> the latents the pipelines denoise (inverse of their decode step)."""
+    with torch.no_grad():
+        mean = vae.encode(images).latent_dist.mean
+    shift = vae.config.shift_factor or 0.0
+    return (mean - shift) * vae.config.scaling_factor
+
+
+def train_sd(args, world: ShapesWorld):
+    from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(args.seed)
+    tokenizer = world_tokenizer(world)
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, projection=False))
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        layers_per_block=1,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    )
+    betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
+    noise_schedule = DDPMScheduler(**betas)
+    pipe = StableDiffusionPipeline(
+        vae=trained_vae(args, shift=False),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler(**betas, clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+
+    def loss_fn(generator, step):
+        _, images, captions = training_batch(world, generator, BATCH["sd"])
+        latents = encode_latents(pipe.vae, images)
+        noise = torch.randn(latents.shape, generator=generator)
+        t = torch.randint(0, 1000, (len(captions),), generator=generator)
+        embeds, _ = pipe.encode_prompt(captions, "cpu", 1, False)  # the pipeline's own text path, with grads
+        prediction = unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=embeds).sample
+        return F.mse_loss(prediction, noise)
+
+    Trainer("sd", model, args.checkpoints, args.steps or DEFAULT_STEPS["sd"], 5e-4, args.seed).run(loss_fn)
+    save_pipeline(pipe, Path(args.assets) / "shapes-sd")
+
+
+def train_sd3(args, world: ShapesWorld):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(args.seed)
+    tokenizer = world_tokenizer(world)
+    text_encoder = CLIPTextModelWithProjection(clip_text_config(tokenizer, projection=True))
+    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, projection=True))
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=4,
+        attention_head_dim=32,
+        num_attention_heads=4,
+        joint_attention_dim=128,  # the two CLIP hidden states side by side
+        caption_projection_dim=128,
+        pooled_projection_dim=128,
+        pos_embed_max_size=16,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
+        vae=trained_vae(args, shift=True),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    model = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder, "text_2": text_encoder_2})
+
+    def loss_fn(generator, step):
+        _, images, captions = training_batch(world, generator, BATCH["sd3"])
+        x0 = encode_latents(pipe.vae, images)
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = torch.sigmoid(torch.randn(len(captions), generator=generator)).view(-1, 1, 1, 1)  # logit-normal
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            captions, None, None, do_classifier_free_guidance=False, max_sequence_length=SD3_MAX_SEQUENCE_LENGTH
+        )
+        velocity = transformer(
+            hidden_states=(1 - sigma) * x0 + sigma * noise,
+            timestep=sigma.flatten() * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+        ).sample
+        return F.mse_loss(velocity, noise - x0)
+
+    Trainer("sd3", model, args.checkpoints, args.steps or DEFAULT_STEPS["sd3"], 5e-4, args.seed).run(loss_fn)
+    save_pipeline(pipe, Path(args.assets) / "shapes-sd3")
+
+
+def clip_config(tokenizer) -> dict:
+    return {
+        "model_cfg": {
+            "embed_dim": 64,
+            "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 96, "layers": 4, "head_width": 24},
+            "text_cfg": {
+                "context_length": MAX_LENGTH,
+                "vocab_size": len(tokenizer),
+                "width": 64,
+                "heads": 4,
+                "layers": 3,
+                "hf_tokenizer_name": "shapes-world",  # open_clip then reads the tokenizer files of the folder
+            },
+        },
+        "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5], "size": 32, "interpolation": "bicubic"},
+    }
+
+
+def train_clip(args, world: ShapesWorld):
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(args.seed)
+    tokenizer = world_tokenizer(world)
+    folder = Path(args.assets) / "shapes-clip"
+    staging = Path(args.checkpoints) / "clip-config"
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / "open_clip_config.json").write_text(json.dumps(clip_config(tokenizer), indent=1))
+    tokenizer.save_pretrained(staging)
+    model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{staging}")
+    tokenize = open_clip.get_tokenizer(f"local-dir:{staging}")
+
+    def loss_fn(generator, step):
+        _, images, captions = training_batch(world, generator, BATCH["clip"], dropout=0.0)
+        image_features = model.encode_image(images, normalize=True)
+        text_features = model.encode_text(tokenize(captions), normalize=True)
+        logits = model.logit_scale.exp() * image_features @ text_features.T
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        targets = same / same.sum(-1, keepdim=True)  # duplicates of a caption are all positives
+        return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
+
+    model = Trainer("clip", model, args.checkpoints, args.steps or DEFAULT_STEPS["clip"], 1e-3, args.seed).run(loss_fn)
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(staging, folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    print(f"saved {folder}")
+
+
+def train_scorer(args, world: ShapesWorld):
+    torch.manual_seed(args.seed)
+    scorer = AttributeScorer({name: len(world.values[name]) for name in ATTRIBUTES})
+    scenes_pool = world.all_scenes()  # the instrument sees every combination, held-out ones included
+
+    def loss_fn(generator, step):
+        indices = torch.randint(len(scenes_pool), (BATCH["scorer"],), generator=generator).tolist()
+        scenes = [scenes_pool[i] for i in indices]
+        images = world.render(scenes, generator)
+        blur = torch.rand(len(scenes), 1, 1, 1, generator=generator) < 0.3  # robust to soft generated edges
+        images = torch.where(blur, F.avg_pool2d(images, 3, 1, 1, count_include_pad=False), images)
+        noise = torch.rand(len(scenes), 1, 1, 1, generator=generator) * 0.15
+        images = images + noise * torch.randn(images.shape, generator=generator)
+        logits, labels = scorer(images), world.labels(scenes)
+        return sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
+
+    steps = args.steps or DEFAULT_STEPS["scorer"]
+    scorer = Trainer("scorer", scorer, args.checkpoints, steps, 2e-3, args.seed).run(loss_fn)
+    scorer.save_pretrained(Path(args.assets) / "shapes-scorer")
+    scenes = world.heldout_scenes()
+    accuracy = scorer.accuracy(world.render(scenes, step_generator(args.seed, 10**8)), scenes, world)
+    print("scorer accuracy on held-out scenes:", {k: round(v, 3) for k, v in accuracy.items()})
+
+
+def save_pipeline(pipe, folder: Path) -> None:
+    if folder.exists():
+        shutil.rmtree(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    print(f"saved {folder}")
+
+
+COMMANDS = {"vae": train_vae, "sd": train_sd, "sd3": train_sd3, "clip": train_clip, "scorer": train_scorer}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=[*COMMANDS, "all"], help="what to train ('all': in dependency order)")
+    parser.add_argument("--assets", default="assets", help="where the trained models are written")
+    parser.add_argument("--checkpoints", default="checkpoints", help="resumable checkpoints (safetensors)")
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (defaults: {DEFAULT_STEPS})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    world = ShapesWorld()
+    Path(args.assets).mkdir(parents=True, exist_ok=True)
+    world.write_json(Path(args.assets) / WORLD_FILE)
+    commands = list(COMMANDS) if args.command == "all" else [args.command]
+    for name in commands:
+        start = time.time()
+        COMMANDS[name](args, world)
+        print(f"{name}: {time.time() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

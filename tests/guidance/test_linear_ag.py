@@ -1,0 +1,125 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import REFERENCE, build, call_kwargs, seeded, size_kwargs
+from diffusers import EulerDiscreteScheduler
+
+from guidance import ClassifierFreeGuidance, LinearAdaptiveGuidance
+from guidance.calibrate_linear_ag import calibrate, main
+from guidance.linear_ag import fit_coefficients
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow circle", "a large square", "red"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    pipe = build("sd")
+    policy, residuals = calibrate(pipe, PROMPTS, 5, 5.0, exact_steps=[0, 1], batch_size=4, **size_kwargs("sd"))
+    folder = tmp_path_factory.mktemp("linear-ag")
+    policy.save_pretrained(folder)
+    return folder, residuals
+
+
+def test_fit_recovers_a_known_affine_combination():
+    torch.manual_seed(0)
+    cond = torch.randn(4, 8, 3, 5)
+    uncond = torch.empty_like(cond)
+    uncond[0] = torch.randn(8, 3, 5)
+    for i in range(1, 4):  # an exact affine law, which the fit must find
+        uncond[i] = 0.5 * cond[i] - 0.25 * cond[i - 1] + 0.75 * uncond[i - 1] + 0.1
+    coefficients, residuals = fit_coefficients(cond, uncond, exact_steps=[0], window=1)
+    torch.testing.assert_close(coefficients[2], torch.tensor([0.5, -0.25, 0.75, 0.1]), atol=1e-5, rtol=0)
+    assert residuals[0] == 0.0 and max(residuals) < 1e-5
+
+
+def test_calibrated_policy_round_trips_and_saves_unconditional_passes(fitted):
+    folder, residuals = fitted
+    assert len(residuals) == 5 and residuals[:2] == [0.0, 0.0] and all(0 < r < 1 for r in residuals[2:])
+    config = json.loads((folder / "guidance_config.json").read_text())
+    assert config["scheduler_class"] == "DDIMScheduler" and config["latent_shape"] == [4, 8, 8]
+    policy = LinearAdaptiveGuidance.from_pretrained(folder)
+    pipe = build("sd")
+    kwargs = call_kwargs("sd", prompt=PROMPTS[:2], num_inference_steps=5)
+    result = pipe(**kwargs, generator=seeded(), guidance=policy)
+    assert result.trace.nfe == 7.0  # 5 conditional + 2 exact unconditional passes
+    assert [e["uncond"] for e in result.trace.extras] == ["exact"] * 2 + ["synthesised"] * 3
+    assert result.trace.scales == [[5.0, 5.0]] * 5
+    cfg = pipe(**kwargs, generator=seeded(), guidance=ClassifierFreeGuidance(5.0))
+    plain = pipe(**kwargs, generator=seeded(), guidance=ClassifierFreeGuidance(1.0))
+    assert np.abs(result.images - cfg.images).mean() < np.abs(plain.images - cfg.images).mean()
+
+
+def test_every_step_exact_is_cfg(fitted):
+    folder, _ = fitted
+    policy = LinearAdaptiveGuidance.from_pretrained(folder, exact_steps=[0, 1, 2, 3, 4])
+    pipe = build("sd")
+    kwargs = call_kwargs("sd", prompt="a red circle", num_inference_steps=5)
+    expected = pipe(**kwargs, generator=seeded(), guidance=ClassifierFreeGuidance(5.0)).images
+    assert np.abs(pipe(**kwargs, generator=seeded(), guidance=policy).images - expected).max() == 0
+
+
+def test_coefficients_for_another_setup_are_refused(fitted):
+    folder, _ = fitted
+    pipe = build("sd")
+    policy = LinearAdaptiveGuidance.from_pretrained(folder)
+    with pytest.raises(ValueError, match="fitted for 5 steps, this generation has 6"):
+        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=6), guidance=policy)
+    with pytest.raises(
+        ValueError, match=r"fitted for latents of shape \[4, 8, 8\], this generation has \[4, 16, 16\]"
+    ):
+        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=5, height=32, width=32), guidance=policy)
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="fitted with DDIMScheduler, the pipeline uses EulerDiscreteScheduler"):
+        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=5), guidance=policy)
+
+
+def test_missing_or_corrupt_coefficients_folder(tmp_path, fitted):
+    with pytest.raises(ValueError, match="lacks guidance_config.json: run the calibration command"):
+        LinearAdaptiveGuidance.from_pretrained(tmp_path / "nothing")
+    folder, _ = fitted
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "guidance_config.json").write_text("{oops")
+    (broken / "linear_ag_coefficients.safetensors").write_bytes(
+        (folder / "linear_ag_coefficients.safetensors").read_bytes()
+    )
+    with pytest.raises(ValueError, match="is corrupt"):
+        LinearAdaptiveGuidance.from_pretrained(broken)
+    (broken / "guidance_config.json").write_text(
+        (folder / "guidance_config.json").read_text().replace('"window": 2', '"window": 3')
+    )
+    with pytest.raises(ValueError, match=r"have shape \(5, 6\), the config implies \(5, 8\)"):
+        LinearAdaptiveGuidance.from_pretrained(broken)
+    with pytest.raises(ValueError, match="has no coefficients"):
+        build("sd")(**call_kwargs("sd", prompt="x"), guidance=LinearAdaptiveGuidance(num_inference_steps=3))
+
+
+def test_calibration_needs_prompts(tmp_path, capsys):
+    with pytest.raises(ValueError, match="calibration needs at least one prompt, got none"):
+        calibrate(build("sd"), [], 5, 5.0)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", "tiny:sd", "--prompts-file", str(empty), "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "no prompts" in capsys.readouterr().err
+
+
+def test_calibration_command_writes_a_loadable_folder(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    out = tmp_path / "coefficients"
+    args = ["--model", "tiny:sd", "--prompts-file", str(prompts), "--num-inference-steps", "4", "--output", str(out)]
+    assert main(args + ["--exact-steps", "0", "--guidance-scale", "3"]) == 0
+    assert "relative residual per step: 0:0.000 1:" in capsys.readouterr().out
+    assert LinearAdaptiveGuidance.from_pretrained(out).config.exact_steps == [0]
+
+
+@pytest.mark.parametrize("family", list(REFERENCE))
+def test_works_in_every_pipeline_with_negative_prompts(family):
+    pipe = build(family)
+    kwargs = call_kwargs(family, prompt=["a red circle", "blue"], negative_prompt=["green", "yellow"])
+    policy, _ = calibrate(pipe, ["a red circle", "blue", "a square"], 3, 4.0, exact_steps=[0], **size_kwargs(family))
+    result = pipe(**kwargs, guidance=policy)
+    assert result.trace.nfe == 4.0 and np.isfinite(result.images).all()
