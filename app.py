@@ -35,6 +35,8 @@ def generate(
     num_images: int = 4,
     seed: int = 0,
     model: str = DEFAULT_MODEL,
+    threshold: float = 0.999,
+    coefficients: str = "",
 ):
     """Images, a figure of the per-step scales and a one-line summary; ValueError on bad input."""
     if not prompt.strip():
@@ -51,6 +53,9 @@ def generate(
         guidance_rescale=0.0,
         guidance_start=float(start),
         guidance_stop=float(stop),
+        threshold=float(threshold),
+        compared="x0",
+        coefficients=coefficients or None,
     )
     guidance = make_guidance(argparse.Namespace(**options))
     pipe, family = cached_pipeline(model)

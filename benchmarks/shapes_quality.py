@@ -14,34 +14,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from heldout import generate, heldout_set  # noqa: E402
+
 from guidance import ClassifierFreeGuidance  # noqa: E402
-from guidance.shapes.assets import ASSETS, asset_path, load_pipeline, load_scorer, load_world  # noqa: E402
+from guidance.shapes.assets import ASSETS, asset_path, load_pipeline  # noqa: E402
 from guidance.shapes.train import SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
 
 SCALES = [1.0, 3.0, 5.0, 7.5, 10.0]
 MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}}
 REPORTED = ("color", "shape", "position", "size", "background")
-
-
-def generate(pipe, captions, seeds, scale, steps, extra):
-    generators = [torch.Generator().manual_seed(seed) for seed in seeds for _ in captions]
-    prompts = [caption for _ in seeds for caption in captions]
-    out = pipe(
-        prompts,
-        num_inference_steps=steps,
-        generator=generators,
-        output_type="pt",
-        guidance=ClassifierFreeGuidance(scale),
-        **extra,
-    )
-    return out.images * 2 - 1  # [0, 1] -> the scorer's [-1, 1]
 
 
 def clip_retrieval(world, seeds) -> float:
@@ -69,14 +56,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--out", default=str(ASSETS), help="folder for the table, plot and grid")
     args = parser.parse_args()
-    import diffusers
-
-    diffusers.utils.logging.set_verbosity_error()
-    world, scorer = load_world(), load_scorer()
-    heldout = world.heldout_scenes()
-    captions = [world.caption(s) for s in heldout]
-    seeds = list(range(args.seeds))
-    truth = heldout * len(seeds)
+    world, scorer, captions, seeds, truth = heldout_set(args.seeds)
 
     real = world.render(truth, torch.Generator().manual_seed(7))
     results = {
@@ -89,13 +69,12 @@ def main() -> None:
         pipe.set_progress_bar_config(disable=True)
         results[name] = {}
         for scale in SCALES:
-            images = generate(pipe, captions, seeds, scale, args.steps, extra)
+            images = generate(pipe, captions, seeds, args.steps, ClassifierFreeGuidance(scale), **extra)[0] * 2 - 1
             results[name][scale] = scorer.accuracy(images, truth, world)
             grids.setdefault(name, []).append(images[:8])
-        generate(pipe, captions[:8], [0], 7.5, args.steps, extra)  # warm-up
-        start = time.perf_counter()
-        generate(pipe, captions[:8], [0], 7.5, args.steps, extra)
-        results[name]["seconds_8_images"] = time.perf_counter() - start
+        generate(pipe, captions[:8], [0], args.steps, ClassifierFreeGuidance(7.5), **extra)  # warm-up
+        seconds = generate(pipe, captions[:8], [0], args.steps, ClassifierFreeGuidance(7.5), **extra)[2]
+        results[name]["seconds_8_images"] = seconds
         print(f"{name}: done", flush=True)
 
     lines = [

@@ -13,11 +13,17 @@ from pathlib import Path
 
 import torch
 
-from guidance import ClassifierFreeGuidance, GuidanceScheduler, ScheduledGuidance
+from guidance import (
+    AdaptiveGuidance,
+    ClassifierFreeGuidance,
+    GuidanceScheduler,
+    LinearAdaptiveGuidance,
+    ScheduledGuidance,
+)
 
 from .tiny import FAMILIES, tiny_components
 
-DEFAULT_MODEL = "shapes:sd"
+DEFAULT_MODEL = "tiny:sd"  # becomes shapes:sd once the shapes-world models ship in assets/
 SHAPES_MODELS = {"shapes:sd": "shapes-sd", "shapes:sd3": "shapes-sd3"}
 FAMILY_OF_CLASS = {
     "StableDiffusionPipeline": "sd",
@@ -25,7 +31,7 @@ FAMILY_OF_CLASS = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
-METHODS = ("cfg", "scheduled", "none")
+METHODS = ("cfg", "scheduled", "ag", "linear-ag", "none")
 
 
 def pipeline_class(family: str):
@@ -87,24 +93,24 @@ def call_defaults(model: str, family: str, max_sequence_length: int | None = Non
     return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
-def make_guidance(args: argparse.Namespace) -> GuidanceScheduler | None:
+def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
+    """The guidance scheduler the options name."""
+    common = dict(guidance_rescale=args.guidance_rescale, start=args.guidance_start, stop=args.guidance_stop)
     if args.guidance == "none":
         return ClassifierFreeGuidance(guidance_scale=1.0)
+    if args.guidance == "ag":
+        return AdaptiveGuidance(args.guidance_scale, threshold=args.threshold, compared=args.compared, **common)
+    if args.guidance == "linear-ag":
+        if not args.coefficients:
+            raise ValueError(
+                "`--guidance linear-ag` needs `--coefficients FOLDER` (written by the calibration command)"
+            )
+        return LinearAdaptiveGuidance.from_pretrained(args.coefficients, guidance_scale=args.guidance_scale, **common)
     if args.guidance == "scheduled":
         return ScheduledGuidance(
-            guidance_scale=args.guidance_scale,
-            final_guidance_scale=args.final_guidance_scale,
-            schedule=args.schedule,
-            guidance_rescale=args.guidance_rescale,
-            start=args.guidance_start,
-            stop=args.guidance_stop,
+            args.guidance_scale, final_guidance_scale=args.final_guidance_scale, schedule=args.schedule, **common
         )
-    return ClassifierFreeGuidance(
-        guidance_scale=args.guidance_scale,
-        guidance_rescale=args.guidance_rescale,
-        start=args.guidance_start,
-        stop=args.guidance_stop,
-    )
+    return ClassifierFreeGuidance(guidance_scale=args.guidance_scale, **common)
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -142,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="std rescale of the guided prediction")
     parser.add_argument("--guidance-start", type=float, default=0.0, help="guidance interval start (progress 0-1)")
     parser.add_argument("--guidance-stop", type=float, default=1.0, help="guidance interval stop (progress 0-1)")
+    parser.add_argument("--threshold", type=float, default=0.999, help="ag: cosine similarity that ends CFG")
+    parser.add_argument(
+        "--compared", choices=("x0", "prediction", "xt_minus_prediction"), default="x0", help="ag: quantity compared"
+    )
+    parser.add_argument("--coefficients", default=None, help="linear-ag: folder of fitted coefficients")
     parser.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")

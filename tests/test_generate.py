@@ -37,6 +37,12 @@ def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
         (["--prompt", "x", "--guidance-scale", "-2"], "`guidance_scale` must be a finite number >= 0, got -2.0"),
         (["--prompt", "x", "--num-inference-steps", "0"], "`--num-inference-steps` must be >= 1, got 0"),
         (["--prompt", "x", "--model", "tiny:sd4"], r"tiny:<family> takes a family in \['sd', 'sdxl', 'sd3', 'flux'\]"),
+        (["--prompt", "x", "--guidance", "linear-ag"], "`--guidance linear-ag` needs `--coefficients FOLDER`"),
+        (
+            ["--prompt", "x", "--guidance", "ag", "--threshold", "2"],
+            r"`threshold` must be a number in \(0, 1\], got 2.0",
+        ),
+        (["--prompt", "x", "--model", "shapes:xl"], r"shapes:<model> takes one of \['shapes:sd', 'shapes:sd3'\]"),
         (["--prompt", "x", "--model", "/no/such/model"], "is not an existing folder nor a hub id: '/no/such/model'"),
     ],
 )
@@ -53,3 +59,13 @@ def test_help_documents_every_option():
         if action.option_strings and action.dest != "help":
             assert action.help, action.dest
     assert "--guidance-scale" in text and "--prompts-file" in text and "tiny:<sd|sdxl|sd3|flux>" in text
+
+
+def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--prompt", "a large red circle at the center on white", "--num-inference-steps", "4", "--output-dir"]
+    assert main(argv + [str(out), "--guidance", "ag", "--threshold", "1e-6", "--height", "16", "--width", "16"]) == 0
+    assert Image.open(out / "00000.png").size == (16, 16)
+    assert "NFE per image: 5 (4 steps)" in capsys.readouterr().out  # CFG at step 0 only
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["model"] == "tiny:sd" and trace["images"][0]["scales"] == [7.5, 1.0, 1.0, 1.0]

@@ -73,5 +73,6 @@ class AttributeScorer(nn.Module):
             scorer = cls(config["classes"], config["width"])
             scorer.load_state_dict(load_file(weights_path))
         except Exception as error:  # any parse or shape error means the files do not belong together
-            raise ValueError(f"attribute scorer in {str(folder)!r} is corrupt ({error}); {REBUILD_HINT}") from error
+            reason = str(error).strip().splitlines()[0]
+            raise ValueError(f"attribute scorer in {str(folder)!r} is corrupt ({reason}); {REBUILD_HINT}") from error
         return scorer.eval()

@@ -27,7 +27,7 @@ from .world import ATTRIBUTES, WORLD_FILE, ShapesWorld
 
 CAPTION_DROPOUT = 0.1
 SD3_MAX_SEQUENCE_LENGTH = 16  # zero "T5" tokens appended by the SD3 pipeline when T5 is absent
-DEFAULT_STEPS = {"vae": 800, "sd": 2000, "sd3": 2000, "clip": 1200, "scorer": 800}
+DEFAULT_STEPS = {"vae": 800, "sd": 3000, "sd3": 2000, "clip": 1200, "scorer": 800}
 BATCH = {"vae": 32, "sd": 64, "sd3": 64, "clip": 128, "scorer": 128}
 
 
@@ -132,6 +132,8 @@ def train_sd(args, world: ShapesWorld):
         cross_attention_dim=64,
         attention_head_dim=8,
         norm_num_groups=16,
+        addition_embed_type="text",  # pooled text added to the time embedding: global attributes in every block
+        addition_embed_type_num_heads=4,
     )
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     noise_schedule = DDPMScheduler(**betas)
@@ -156,7 +158,7 @@ def train_sd(args, world: ShapesWorld):
         prediction = unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=embeds).sample
         return F.mse_loss(prediction, noise)
 
-    Trainer("sd", model, args.checkpoints, args.steps or DEFAULT_STEPS["sd"], 5e-4, args.seed).run(loss_fn)
+    Trainer("sd", model, args.checkpoints, args.steps or DEFAULT_STEPS["sd"], 1e-3, args.seed).run(loss_fn)
     save_pipeline(pipe, Path(args.assets) / "shapes-sd")
 
 

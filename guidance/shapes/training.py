@@ -33,7 +33,7 @@ class Trainer:
         steps: int,
         lr: float,
         seed: int = 0,
-        ema_decay: float = 0.999,
+        ema_decay: float = 0.995,
         warmup: int = 100,
         save_every: int = 200,
         weight_decay: float = 0.0,

@@ -174,9 +174,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description="Write the shapes world's description (the built-in default).")
     parser.add_argument("--write", required=True, help="path of the JSON file to write (assets/shapes-world.json)")
+    parser.add_argument("--prompts", default=None, help="also write distinct training captions to this file")
+    parser.add_argument("--count", type=int, default=200, help="how many captions --prompts gets")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the caption draw")
     args = parser.parse_args(argv)
-    ShapesWorld().write_json(args.write)
+    world = ShapesWorld()
+    world.write_json(args.write)
     print(f"wrote {args.write}")
+    if args.prompts:
+        scenes = world.training_scenes()
+        order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(args.seed))[: args.count]
+        Path(args.prompts).write_text("\n".join(world.caption(scenes[i]) for i in order.tolist()) + "\n")
+        print(f"wrote {min(args.count, len(scenes))} training captions to {args.prompts}")
     return 0
 
 

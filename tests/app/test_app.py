@@ -23,7 +23,10 @@ def test_generate_returns_images_plot_and_summary():
     ("kwargs", "message"),
     [
         ({"prompt": " "}, "`prompt` must not be empty"),
-        ({"prompt": "x", "method": "magic"}, r"`method` must be one of \['cfg', 'scheduled', 'none'\], got 'magic'"),
+        (
+            {"prompt": "x", "method": "magic"},
+            r"`method` must be one of \['cfg', 'scheduled', 'ag', 'linear-ag', 'none'\], got 'magic'",
+        ),
         ({"prompt": "x", "guidance_scale": -1.0}, "`guidance_scale` must be a finite number >= 0, got -1.0"),
         ({"prompt": "x", "start": 0.9, "stop": 0.1}, "`start` must be <= `stop`"),
         ({"prompt": "x", "num_inference_steps": 0}, "steps and images must be >= 1, got 0 and 4"),

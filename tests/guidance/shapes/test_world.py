@@ -17,7 +17,10 @@ def test_rendering_is_deterministic_and_follows_the_attributes():
     white = torch.tensor([245, 245, 245]) / 255 * 2 - 1
     torch.testing.assert_close(plain[:, 16, 9], red)  # shape centre at the left
     torch.testing.assert_close(plain[:, 16, 28], white)  # background on the right
-    torch.testing.assert_close(plain[:, 16, 16], red)  # a large square reaches the middle column
+    torch.testing.assert_close(plain[:, 16, 3], red)  # a large square: half-size 6.6 px around x = 9
+    torch.testing.assert_close(plain[:, 16, 14], red)
+    torch.testing.assert_close(plain[:, 16, 16], white)
+    assert -0.6 < plain[1, 16, 15] < 0.9  # an anti-aliased edge pixel
 
 
 def test_shapes_differ_and_sizes_differ():

@@ -1,0 +1,33 @@
+"""Shared by the shapes-world benchmarks: the held-out evaluation set and one timed generation."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from guidance.shapes.assets import load_scorer, load_world  # noqa: E402
+
+
+def heldout_set(num_seeds: int):
+    """(world, scorer, held-out captions, seeds, the scene of every generated image in `generate`'s order)."""
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    world, scorer = load_world(), load_scorer()
+    heldout = world.heldout_scenes()
+    seeds = list(range(num_seeds))
+    return world, scorer, [world.caption(s) for s in heldout], seeds, heldout * num_seeds
+
+
+def generate(pipe, captions, seeds, steps, guidance, **extra):
+    """Every caption for every seed: images in [0, 1] (n, 3, H, W), the trace and the wall time."""
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds for _ in captions]
+    prompts = [caption for _ in seeds for caption in captions]
+    start = time.perf_counter()
+    out = pipe(prompts, num_inference_steps=steps, generator=generators, output_type="pt", guidance=guidance, **extra)
+    return out.images, out.trace, time.perf_counter() - start
