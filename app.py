@@ -35,7 +35,7 @@ def generate(
     num_images: int = 4,
     seed: int = 0,
     model: str = DEFAULT_MODEL,
-    threshold: float = 0.999,
+    threshold: float = 0.995,
     coefficients: str = "",
 ):
     """Images, a figure of the per-step scales and a one-line summary; ValueError on bad input."""

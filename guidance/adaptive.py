@@ -27,9 +27,15 @@ class AdaptiveGuidance(ClassifierFreeGuidance):
 
     Args:
         guidance_scale: CFG scale `w` while guiding.
-        threshold: `gamma_bar` in (0, 1].
+        threshold: `gamma_bar` in (0, 1]. Default 0.995: on the shapes-world SD3-layout model at 20 steps and
+            scale 3 it ends CFG after about half the steps (NFE 30.3 instead of 40) with the same attribute
+            accuracy as CFG and 43 dB PSNR to CFG's images; 0.998 gave NFE 33.8 and 48 dB.
         compared: which `q` is compared: "x0" (the denoised estimates; default), "prediction" (raw eps or
             velocity), or "xt_minus_prediction" (`x_t - eps`, as in a co-author's SD 1.4 replication).
+            Measured on that model (median over 8 held-out prompts), x0 similarity rises monotonically from
+            0.81 to 1.0000, so a threshold maps to a point of the noise schedule whatever the step count;
+            the velocity similarity plateaus at 0.98-0.99 and falls again in the last steps, and `x_t - v`
+            plateaus at 0.995, so their crossing points are fragile.
         guidance_rescale, start, stop: as in `ClassifierFreeGuidance`.
 
     Per step the trace's extras hold `similarity` (gamma_t per sample, None where the unconditional pass did
@@ -40,7 +46,7 @@ class AdaptiveGuidance(ClassifierFreeGuidance):
     def __init__(
         self,
         guidance_scale: float = 7.5,
-        threshold: float = 0.999,
+        threshold: float = 0.995,
         compared: Literal["x0", "prediction", "xt_minus_prediction"] = "x0",
         guidance_rescale: float = 0.0,
         start: float = 0.0,

@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--guidance-rescale", type=float, default=0.0, help="std rescale of the guided prediction")
     parser.add_argument("--guidance-start", type=float, default=0.0, help="guidance interval start (progress 0-1)")
     parser.add_argument("--guidance-stop", type=float, default=1.0, help="guidance interval stop (progress 0-1)")
-    parser.add_argument("--threshold", type=float, default=0.999, help="ag: cosine similarity that ends CFG")
+    parser.add_argument("--threshold", type=float, default=0.995, help="ag: cosine similarity that ends CFG")
     parser.add_argument(
         "--compared", choices=("x0", "prediction", "xt_minus_prediction"), default="x0", help="ag: quantity compared"
     )
