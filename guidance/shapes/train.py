@@ -235,7 +235,10 @@ def clip_config(tokenizer) -> dict:
 
 
 def train_clip(args, world: ShapesWorld):
-    import open_clip
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError("training shapes-clip needs open_clip: pip install -e '.[shapes]'") from error
     from safetensors.torch import save_file
 
     torch.manual_seed(args.seed)
