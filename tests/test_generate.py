@@ -69,3 +69,15 @@ def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
     assert "NFE per image: 5 (4 steps)" in capsys.readouterr().out  # CFG at step 0 only
     trace = json.loads((out / "trace.json").read_text())
     assert trace["model"] == "tiny:sd" and trace["images"][0]["scales"] == [7.5, 1.0, 1.0, 1.0]
+
+
+def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
+    from pipelines.generate import model_family
+
+    with pytest.raises(ValueError, match="has no model_index.json; pass a diffusers pipeline folder"):
+        model_family(str(tmp_path))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
+    with pytest.raises(ValueError, match=r"is a KandinskyPipeline; supported: \['FluxPipeline'"):
+        model_family(str(tmp_path))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "GuidedStableDiffusionXLPipeline"}')
+    assert model_family(str(tmp_path)) == "sdxl"

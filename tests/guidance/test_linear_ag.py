@@ -123,3 +123,17 @@ def test_works_in_every_pipeline_with_negative_prompts(family):
     policy, _ = calibrate(pipe, ["a red circle", "blue", "a square"], 3, 4.0, exact_steps=[0], **size_kwargs(family))
     result = pipe(**kwargs, guidance=policy)
     assert result.trace.nfe == 4.0 and np.isfinite(result.images).all()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"num_inference_steps": 0}, r"`num_inference_steps` must be an int >= 1, got 0"),
+        ({"window": -1}, r"`window` must be an int >= 0, got -1"),
+        ({"num_inference_steps": 4, "exact_steps": [5]}, r"`exact_steps` must be step indices in \[0, 4\), got \[5\]"),
+        ({"exact_steps": []}, r"`exact_steps` must be step indices in \[0, 20\), got \[\]"),
+    ],
+)
+def test_bad_linear_ag_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LinearAdaptiveGuidance(**kwargs)

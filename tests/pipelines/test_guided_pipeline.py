@@ -232,3 +232,28 @@ def test_unsupported_arguments_are_refused(sd_pipe):
 
 def test_reference_pipeline_class_is_untouched():
     assert not hasattr(StableDiffusionPipeline, "_guided_call")
+
+
+def test_model_path_must_be_a_path_or_hub_id():
+    with pytest.raises(
+        TypeError, match="`pretrained_model_name_or_path` must be a local folder or a hub id .* got int"
+    ):
+        GuidedStableDiffusionPipeline.from_pretrained(42)
+
+
+def test_deprecated_extra_arguments_are_refused_with_guidance(sd_pipe):
+    with pytest.raises(ValueError, match=r"arguments \['callback_steps'\] are not supported together with `guidance`"):
+        sd_pipe(**call_kwargs("sd", prompt="x"), callback_steps=1, guidance=ClassifierFreeGuidance())
+
+
+def test_guidance_distilled_unet_is_refused():
+    from diffusers import UNet2DConditionModel
+
+    from pipelines.tiny import tiny_components
+
+    config = dict(tiny_components("sd")["unet"].config)
+    unet = UNet2DConditionModel.from_config(config, time_cond_proj_dim=8).eval()
+    with pytest.raises(
+        ValueError, match="needs a UNet without a guidance embedding; this one has time_cond_proj_dim=8"
+    ):
+        build("sd", unet=unet)(**call_kwargs("sd", prompt="x"), guidance=ClassifierFreeGuidance())
