@@ -40,7 +40,8 @@ def tiny_t5_tokenizer():
     return T5Tokenizer(vocab=specials + chars + words, extra_ids=0)
 
 
-def _clip_config(**overrides):
+def clip_text_config(**overrides):
+    """A tiny CLIP text-encoder config over the byte vocabulary; `overrides` replace any field."""
     from transformers import CLIPTextConfig
 
     base = dict(
@@ -107,7 +108,7 @@ def _sd() -> dict:
         "unet": unet,
         "scheduler": scheduler,
         "vae": _vae(latent_channels=4),
-        "text_encoder": CLIPTextModel(_clip_config()),
+        "text_encoder": CLIPTextModel(clip_text_config()),
         "tokenizer": tiny_clip_tokenizer(),
         "safety_checker": None,
         "feature_extractor": None,
@@ -143,9 +144,9 @@ def _sdxl() -> dict:
         "unet": unet,
         "scheduler": scheduler,
         "vae": _vae(latent_channels=4),
-        "text_encoder": CLIPTextModel(_clip_config()),
+        "text_encoder": CLIPTextModel(clip_text_config()),
         "tokenizer": tiny_clip_tokenizer(),
-        "text_encoder_2": CLIPTextModelWithProjection(_clip_config()),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_text_config()),
         "tokenizer_2": tiny_clip_tokenizer(),
         "image_encoder": None,
         "feature_extractor": None,
@@ -172,9 +173,9 @@ def _sd3() -> dict:
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
         "vae": _vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035),
-        "text_encoder": CLIPTextModelWithProjection(_clip_config()),
+        "text_encoder": CLIPTextModelWithProjection(clip_text_config()),
         "tokenizer": tiny_clip_tokenizer(),
-        "text_encoder_2": CLIPTextModelWithProjection(_clip_config()),
+        "text_encoder_2": CLIPTextModelWithProjection(clip_text_config()),
         "tokenizer_2": tiny_clip_tokenizer(),
         "text_encoder_3": _t5_encoder(),
         "tokenizer_3": tiny_t5_tokenizer(),
@@ -203,7 +204,7 @@ def _flux() -> dict:
         "transformer": transformer,
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "vae": _vae(latent_channels=4, shift_factor=0.0609, scaling_factor=1.5035),
-        "text_encoder": CLIPTextModel(_clip_config()),
+        "text_encoder": CLIPTextModel(clip_text_config()),
         "tokenizer": tiny_clip_tokenizer(),
         "text_encoder_2": _t5_encoder(),
         "tokenizer_2": tiny_t5_tokenizer(),

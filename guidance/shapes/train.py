@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipelines.tiny import clip_text_config
+
 from .scorer import AttributeScorer
 from .tokenizer import MAX_LENGTH, world_tokenizer
 from .training import Trainer, step_generator
@@ -55,21 +57,17 @@ def build_vae():
     )
 
 
-def clip_text_config(tokenizer, projection: bool):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
+def world_text_config(tokenizer, projection: bool):
+    """The shapes-world CLIP text encoder: the tiny config, wider, over the world tokenizer."""
+    return clip_text_config(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         max_position_embeddings=MAX_LENGTH,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         projection_dim=64 if projection else 512,
-        hidden_act="gelu",
     )
 
 
@@ -120,7 +118,7 @@ def train_sd(args, world: ShapesWorld):
 
     torch.manual_seed(args.seed)
     tokenizer = world_tokenizer(world)
-    text_encoder = CLIPTextModel(clip_text_config(tokenizer, projection=False))
+    text_encoder = CLIPTextModel(world_text_config(tokenizer, projection=False))
     unet = UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
@@ -168,8 +166,8 @@ def train_sd3(args, world: ShapesWorld):
 
     torch.manual_seed(args.seed)
     tokenizer = world_tokenizer(world)
-    text_encoder = CLIPTextModelWithProjection(clip_text_config(tokenizer, projection=True))
-    text_encoder_2 = CLIPTextModelWithProjection(clip_text_config(tokenizer, projection=True))
+    text_encoder = CLIPTextModelWithProjection(world_text_config(tokenizer, projection=True))
+    text_encoder_2 = CLIPTextModelWithProjection(world_text_config(tokenizer, projection=True))
     transformer = SD3Transformer2DModel(
         sample_size=16,
         patch_size=2,
