@@ -56,6 +56,8 @@ def generate(
         threshold=float(threshold),
         compared="x0",
         coefficients=coefficients or None,
+        model=model,
+        num_inference_steps=int(num_inference_steps),
     )
     guidance = make_guidance(argparse.Namespace(**options))
     pipe, family = cached_pipeline(model)

@@ -2,6 +2,7 @@
 
 from .adaptive import AdaptiveGuidance
 from .cfg import ClassifierFreeGuidance
+from .dynamic import DynamicGuidance
 from .linear_ag import LinearAdaptiveGuidance
 from .scheduled import ScheduledGuidance
 from .scheduler import BRANCH_NAMES, BranchRequest, GuidanceScheduler, GuidanceStep
@@ -12,6 +13,7 @@ __all__ = [
     "BRANCH_NAMES",
     "BranchRequest",
     "ClassifierFreeGuidance",
+    "DynamicGuidance",
     "GuidanceScheduler",
     "GuidanceStep",
     "GuidanceTrace",

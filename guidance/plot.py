@@ -31,3 +31,44 @@ def plot_trace(trace: GuidanceTrace, path: str | os.PathLike | None = None, titl
     if path is not None:
         figure.savefig(path)
     return figure
+
+
+def plot_dynamic_trace(trace: GuidanceTrace, path: str | os.PathLike | None = None, sample: int = 0):
+    """Dynamic guidance at a glance: the chosen scale per step (every image), then for image `sample` each
+    evaluator's score of every candidate per step, and the evaluators' weights; optional PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    scored = [i for i, extras in enumerate(trace.extras) if "candidate_scores" in extras]
+    if not scored:
+        raise ValueError("`trace` has no candidate scores: it was not produced by DynamicGuidance")
+    if not 0 <= sample < trace.batch_size:
+        raise ValueError(f"`sample` must be in [0, {trace.batch_size}), got {sample}")
+    names = list(trace.extras[scored[0]]["candidate_scores"])
+    figure, axes = plt.subplots(2 + len(names), 1, figsize=(6, 2.2 * (2 + len(names))), dpi=100, sharex=True)
+    scales = trace.scales_tensor()
+    for b in range(trace.batch_size):
+        axes[0].plot(range(trace.num_steps), scales[:, b].tolist(), marker=".", label=f"image {b}")
+    axes[0].set_ylabel("chosen scale")
+    axes[0].set_title(f"dynamic guidance (NFE per image: {trace.nfe:g})")
+    if trace.batch_size > 1:
+        axes[0].legend(fontsize=7, ncol=min(trace.batch_size, 4))
+    for axis, name in zip(axes[1:-1], names, strict=True):
+        per_step = [trace.extras[i]["candidate_scores"][name][sample] for i in scored]
+        for k, scale in enumerate(trace.extras[scored[0]]["candidates"]):
+            axis.plot(scored, [scores[k] for scores in per_step], label=f"w={scale:g}")
+        axis.set_ylabel(f"{name} score")
+        axis.legend(fontsize=6, ncol=3)
+    for name in names:
+        axes[-1].plot(scored, [trace.extras[i]["weights"][name][sample] for i in scored], marker=".", label=name)
+    axes[-1].set_ylabel(f"weights (image {sample})")
+    axes[-1].set_xlabel("denoising step")
+    axes[-1].legend(fontsize=7)
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    if path is not None:
+        figure.savefig(path)
+    return figure

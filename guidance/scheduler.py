@@ -31,6 +31,8 @@ class GuidanceStep:
     scheduler: Any
     """The pipeline's diffusers scheduler, to form an x0 prediction or a look-ahead latent."""
     pipeline: Any = None
+    prompts: list[str] | None = None
+    """The prompt of every batch row (None when the pipeline was given embeddings only)."""
 
     @property
     def progress(self) -> float:

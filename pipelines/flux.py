@@ -38,6 +38,10 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
     )
     _callback_conditioning = {"prompt_embeds": ("cond", "encoder_hidden_states")}
 
+    def unpack_for_guidance(self, latents):
+        height, width = self._guidance_image_size
+        return self._unpack_latents(latents, height, width, self.vae_scale_factor)
+
     def _predict(self, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
         return self.transformer(
@@ -153,6 +157,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         )
 
         # 7. Guided denoising loop
+        self._guidance_image_size = (height, width)  # for unpack_for_guidance
         self.scheduler.set_begin_index(0)
         latents = self._guided_denoise(
             guidance,

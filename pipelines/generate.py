@@ -16,6 +16,7 @@ import torch
 from guidance import (
     AdaptiveGuidance,
     ClassifierFreeGuidance,
+    DynamicGuidance,
     GuidanceScheduler,
     LinearAdaptiveGuidance,
     ScheduledGuidance,
@@ -23,7 +24,7 @@ from guidance import (
 
 from .tiny import FAMILIES, tiny_components
 
-DEFAULT_MODEL = "tiny:sd"  # becomes shapes:sd once the shapes-world models ship in assets/
+DEFAULT_MODEL = "shapes:sd"  # the shapes-world SD model shipped in assets/
 SHAPES_MODELS = {"shapes:sd": "shapes-sd", "shapes:sd3": "shapes-sd3"}
 FAMILY_OF_CLASS = {
     "StableDiffusionPipeline": "sd",
@@ -31,7 +32,7 @@ FAMILY_OF_CLASS = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
-METHODS = ("cfg", "scheduled", "ag", "linear-ag", "none")
+METHODS = ("cfg", "scheduled", "ag", "linear-ag", "dynamic", "none")
 
 
 def pipeline_class(family: str):
@@ -69,7 +70,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
 
         if model not in SHAPES_MODELS:
             raise ValueError(f"`--model` shapes:<model> takes one of {sorted(SHAPES_MODELS)}, got {model!r}")
-        pipe = load_shapes_pipeline(SHAPES_MODELS[model], torch_dtype=dtype)
+        pipe = load_shapes_pipeline(SHAPES_MODELS[model], dtype=dtype)
         family = "sd3" if model == "shapes:sd3" else "sd"
     elif model.startswith("tiny:"):
         family = model.removeprefix("tiny:")
@@ -78,7 +79,7 @@ def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = 
         pipe = pipeline_class(family)(**tiny_components(family))
     else:
         family = model_family(model) if os.path.isdir(model) else "sd"
-        pipe = pipeline_class(family).from_pretrained(model, torch_dtype=dtype)
+        pipe = pipeline_class(family).from_pretrained(model, dtype=dtype)
     return pipe.to(device), family
 
 
@@ -93,6 +94,15 @@ def call_defaults(model: str, family: str, max_sequence_length: int | None = Non
     return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
+def shipped_coefficients(args: argparse.Namespace) -> str | None:
+    """The LinearAG coefficients shipped for a shapes-world model at this step count, if there are some."""
+    from guidance.shapes.assets import ASSETS
+
+    model, steps = getattr(args, "model", None), getattr(args, "num_inference_steps", None)
+    folder = ASSETS / "linear-ag" / f"{SHAPES_MODELS.get(model)}-{steps}"
+    return str(folder) if model in SHAPES_MODELS and folder.is_dir() else None
+
+
 def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
     """The guidance scheduler the options name."""
     common = dict(guidance_rescale=args.guidance_rescale, start=args.guidance_start, stop=args.guidance_stop)
@@ -101,11 +111,23 @@ def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
     if args.guidance == "ag":
         return AdaptiveGuidance(args.guidance_scale, threshold=args.threshold, compared=args.compared, **common)
     if args.guidance == "linear-ag":
-        if not args.coefficients:
+        coefficients = args.coefficients or shipped_coefficients(args)
+        if not coefficients:
             raise ValueError(
-                "`--guidance linear-ag` needs `--coefficients FOLDER` (written by the calibration command)"
+                "`--guidance linear-ag` needs `--coefficients FOLDER` (written by the calibration command; "
+                "shipped in assets/linear-ag for shapes:sd and shapes:sd3 at 20 steps)"
             )
-        return LinearAdaptiveGuidance.from_pretrained(args.coefficients, guidance_scale=args.guidance_scale, **common)
+        return LinearAdaptiveGuidance.from_pretrained(coefficients, guidance_scale=args.guidance_scale, **common)
+    if args.guidance == "dynamic":
+        from guidance.evaluators.load import load_evaluator
+
+        return DynamicGuidance(
+            candidates=getattr(args, "candidates", None) or [1.0, 3.0, 7.5, 11.0, 15.0],
+            evaluators=[load_evaluator(spec) for spec in getattr(args, "evaluator", None) or ["clip"]],
+            weighting=getattr(args, "weighting", "adaptive"),
+            lookahead=getattr(args, "lookahead", "x0"),
+            **common,
+        )
     if args.guidance == "scheduled":
         return ScheduledGuidance(
             args.guidance_scale, final_guidance_scale=args.final_guidance_scale, schedule=args.schedule, **common
@@ -152,7 +174,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compared", choices=("x0", "prediction", "xt_minus_prediction"), default="x0", help="ag: quantity compared"
     )
-    parser.add_argument("--coefficients", default=None, help="linear-ag: folder of fitted coefficients")
+    parser.add_argument(
+        "--candidates", type=float, nargs="+", default=None, help="dynamic: candidate scales (default 1 3 7.5 11 15)"
+    )
+    parser.add_argument(
+        "--evaluator",
+        action="append",
+        help="dynamic: an evaluator, repeatable: 'clip' (the shapes-world CLIP), 'clip:<open_clip model>' or the "
+        "folder of a trained discriminator or latent evaluator (default: clip)",
+    )
+    parser.add_argument("--weighting", choices=["adaptive", "fixed"], default="adaptive", help="dynamic: weights")
+    parser.add_argument("--lookahead", choices=["x0", "next_latent"], default="x0", help="dynamic: what is scored")
+    parser.add_argument(
+        "--coefficients",
+        default=None,
+        help="linear-ag: folder of fitted coefficients (default for shapes:sd/sd3 at 20 steps: the shipped ones)",
+    )
     parser.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")

@@ -105,8 +105,24 @@ class GuidedPipelineMixin:
             if call_args.get(name) is not None:
                 raise ValueError(f"`{name}` is not supported together with `guidance`; got {call_args[name]!r}")
         self._check_prompt_batches(call_args.get("prompt"), call_args.get("negative_prompt"))
+        self._guidance_prompts = _prompt_rows(call_args.get("prompt"), call_args.get("num_images_per_prompt") or 1)
         with torch.no_grad():
             return self._guided_call(guidance, **call_args)
+
+    def decode_for_guidance(self, latents: torch.Tensor, decoder: Any = None) -> torch.Tensor:
+        """Images in [-1, 1] from denoised latents, for evaluators that read pixels.
+
+        `latents` are in the VAE's layout (`unpack_for_guidance`), scaled as the pipeline denoises them;
+        `decoder` replaces the pipeline's VAE (e.g. diffusers' `AutoencoderTiny` for cheap feedback).
+        """
+        vae = decoder if decoder is not None else self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        scaled = latents / vae.config.scaling_factor + shift
+        return vae.decode(scaled.to(vae.dtype), return_dict=False)[0].float().clamp(-1, 1)
+
+    def unpack_for_guidance(self, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser latents in the VAE's (batch, channels, height, width) layout; Flux unpacks its tokens."""
+        return latents
 
     @staticmethod
     def _check_prompt_batches(prompt: Any, negative_prompt: Any) -> None:
@@ -142,7 +158,7 @@ class GuidedPipelineMixin:
                 if self.interrupt:
                     continue
                 self._current_timestep = t
-                step = GuidanceStep(i, len(timesteps), t, latents, self.scheduler, self)
+                step = GuidanceStep(i, len(timesteps), t, latents, self.scheduler, self, self._guidance_prompts)
                 request = guidance.branches(step)
                 predictions = self._run_branches(guidance, request, latents, t, conditioning)
                 if guidance.keeps_history:
@@ -220,6 +236,14 @@ class GuidedPipelineMixin:
         if not return_dict:
             return (*fields.values(), trace)
         return self._output_class(**fields, trace=trace)
+
+
+def _prompt_rows(prompt: Any, num_images_per_prompt: int) -> list[str] | None:
+    """The prompt of every latent row, in diffusers' order (each prompt repeated `num_images_per_prompt` times)."""
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [text for text in prompts for _ in range(num_images_per_prompt)]
 
 
 def _row_index(mask: torch.Tensor) -> torch.Tensor | None:

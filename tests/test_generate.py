@@ -37,7 +37,14 @@ def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
         (["--prompt", "x", "--guidance-scale", "-2"], "`guidance_scale` must be a finite number >= 0, got -2.0"),
         (["--prompt", "x", "--num-inference-steps", "0"], "`--num-inference-steps` must be >= 1, got 0"),
         (["--prompt", "x", "--model", "tiny:sd4"], r"tiny:<family> takes a family in \['sd', 'sdxl', 'sd3', 'flux'\]"),
-        (["--prompt", "x", "--guidance", "linear-ag"], "`--guidance linear-ag` needs `--coefficients FOLDER`"),
+        (
+            ["--prompt", "x", "--guidance", "linear-ag", "--model", "tiny:sd"],
+            "`--guidance linear-ag` needs `--coefficients FOLDER`",
+        ),
+        (
+            ["--prompt", "x", "--guidance", "linear-ag", "--num-inference-steps", "7"],
+            "`--guidance linear-ag` needs `--coefficients FOLDER`",  # none shipped for shapes:sd at 7 steps
+        ),
         (
             ["--prompt", "x", "--guidance", "ag", "--threshold", "2"],
             r"`threshold` must be a number in \(0, 1\], got 2.0",
@@ -81,3 +88,16 @@ def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
         model_family(str(tmp_path))
     (tmp_path / "model_index.json").write_text('{"_class_name": "GuidedStableDiffusionXLPipeline"}')
     assert model_family(str(tmp_path)) == "sdxl"
+
+
+def test_dynamic_guidance_with_the_shapes_clip(tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = ["--prompt", "a large red circle at the center on white", "--guidance", "dynamic", "--candidates", "1",
+            "5", "--num-inference-steps", "4", "--output-dir", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    trace = json.loads((out / "trace.json").read_text())
+    assert trace["model"] == "shapes:sd" and trace["nfe_per_image"] == 8.0
+    assert set(trace["images"][0]["scales"]) <= {1.0, 5.0}
+    with pytest.raises(SystemExit):
+        main([*argv, "--evaluator", "/no/such/evaluator"])
+    assert "evaluator '/no/such/evaluator' is neither 'clip'" in capsys.readouterr().err

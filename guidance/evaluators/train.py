@@ -1,0 +1,230 @@
+"""Train the evaluators of dynamic guidance for a given model (resumable, reproducible from `--seed`):
+
+  discriminator  real vs generated images -> FidelityDiscriminator (pixel space)
+  latent         a timestep-aware head on noisy latents, distilled from a pixel evaluator (`--teacher`):
+                 "clip" (the shapes-world CLIP), "clip:<open_clip model or local-dir:folder>", or
+                 "discriminator:<folder>"
+
+    python -m guidance.evaluators.train discriminator --model shapes:sd --output assets/shapes-sd-fidelity
+    python -m guidance.evaluators.train latent --model shapes:sd --teacher clip --output assets/shapes-sd-latent-clip
+
+Generated images come from the model itself (CFG at every scale of `--scales`, `--num-inference-steps` steps);
+real ones from the shapes-world generator (`--real shapes-world`) or a folder of images.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .discriminator import FidelityDiscriminator
+from .latent import LatentEvaluator
+from .networks import ConvEncoder
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["discriminator", "latent"], help="what to train")
+    parser.add_argument("--model", default="shapes:sd", help="the generator: shapes:sd, shapes:sd3 or a folder")
+    parser.add_argument("--output", required=True, help="folder the trained evaluator is saved to")
+    parser.add_argument("--teacher", default="clip", help="latent: the pixel evaluator distilled (see above)")
+    parser.add_argument("--real", default="shapes-world", help="real images: 'shapes-world' or a folder of images")
+    parser.add_argument(
+        "--prompts-file", default=None, help="prompts for generation (default: the shapes-world training captions)"
+    )
+    parser.add_argument("--num-generated", type=int, default=512, help="generated images in the training pool")
+    parser.add_argument("--num-real", type=int, default=512, help="real images in the training pool")
+    parser.add_argument("--num-inference-steps", type=int, default=20, help="steps of each generation")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 7.5, 11.0, 15.0], help="CFG scales")
+    parser.add_argument("--steps", type=int, default=600, help="training steps")
+    parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
+    parser.add_argument("--checkpoints", default="checkpoints", help="resumable checkpoints (safetensors)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return parser
+
+
+def read_prompts(args, world) -> list[str]:
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise ValueError(f"`--prompts-file` {str(path)!r} does not exist")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        prompts = [world.caption(scene) for scene in world.training_scenes()]
+    if not prompts:
+        raise ValueError(f"`--prompts-file` {args.prompts_file!r} holds no prompts")
+    return prompts
+
+
+def generated_pool(args, pipe, prompts: list[str], extra: dict) -> torch.Tensor:
+    """Latents of `--num-generated` images, prompts and scales taken in turn (a fixed shuffle of the prompts)."""
+    from guidance import ClassifierFreeGuidance
+
+    order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    jobs = [(prompts[order[i % len(order)]], args.scales[i % len(args.scales)]) for i in range(args.num_generated)]
+    latents = []
+    for scale in args.scales:
+        chosen = [(i, p) for i, (p, s) in enumerate(jobs) if s == scale]
+        for batch in (chosen[k : k + 32] for k in range(0, len(chosen), 32)):
+            generators = [torch.Generator().manual_seed(args.seed * 100_003 + i) for i, _ in batch]
+            out = pipe(
+                [p for _, p in batch],
+                num_inference_steps=args.num_inference_steps,
+                generator=generators,
+                output_type="latent",
+                guidance=ClassifierFreeGuidance(scale),
+                **extra,
+            )
+            latents += list(zip([i for i, _ in batch], pipe.unpack_for_guidance(out.images), strict=True))
+    return torch.stack([latent for _, latent in sorted(latents, key=lambda item: item[0])])
+
+
+def real_images(args, size: int) -> torch.Tensor:
+    """`--num-real` real images in [-1, 1] at the model's size."""
+    if args.real == "shapes-world":
+        from guidance.shapes.assets import load_world
+
+        world = load_world()
+        generator = torch.Generator().manual_seed(args.seed + 1)
+        images = world.render(world.sample(args.num_real, generator), generator)
+    else:
+        import numpy as np
+        from PIL import Image
+
+        folder = Path(args.real)
+        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+        if not files:
+            raise ValueError(
+                f"`--real` must be 'shapes-world' or a folder of {IMAGE_SUFFIXES} images, got {args.real!r}"
+            )
+        arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) for p in files]
+        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+    if images.shape[-1] != size:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+def encode(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images -> latents scaled as the pipeline denoises them (inverse of `decode_for_guidance`)."""
+    vae = pipe.vae
+    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
+    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+
+
+def noised(pipe, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z_t, timestep, loss weight) for clean latents: a quarter clean (t = 0, the x0 look-ahead), the rest at a
+    uniform training noise level; the weight (signal power) is near zero at high noise, as in the paper."""
+    n = len(z0)
+    noise = torch.randn(z0.shape, generator=generator)
+    clean = torch.rand(n, generator=generator) < 0.25
+    scheduler = pipe.scheduler
+    if "FlowMatch" in type(scheduler).__name__:
+        sigma = torch.where(clean, 0.0, torch.rand(n, generator=generator)).view(-1, 1, 1, 1)
+        return (1 - sigma) * z0 + sigma * noise, sigma.flatten() * 1000, (1 - sigma.flatten()) ** 2
+    steps = scheduler.config.num_train_timesteps
+    t = torch.where(clean, 0, torch.randint(0, steps, (n,), generator=generator))
+    alpha = torch.where(clean, 1.0, scheduler.alphas_cumprod[t].float())
+    z_t = alpha.sqrt().view(-1, 1, 1, 1) * z0 + (1 - alpha).sqrt().view(-1, 1, 1, 1) * noise
+    return z_t, t.float(), alpha
+
+
+def teacher_targets(args, images: torch.Tensor) -> tuple[str, str | None, torch.Tensor]:
+    """(kind, teacher name, targets): CLIP image embeddings or a discriminator's logits of the clean images."""
+    from .clip import SHAPES_CLIP, ClipEvaluator
+
+    with torch.no_grad():
+        if args.teacher == "clip" or args.teacher.startswith("clip:"):
+            teacher = "shapes-clip" if args.teacher == "clip" else args.teacher.removeprefix("clip:")
+            clip = ClipEvaluator(SHAPES_CLIP if teacher == "shapes-clip" else teacher)
+            return "clip", teacher, torch.cat([clip.image_features(chunk) for chunk in images.split(128)])
+        if args.teacher.startswith("discriminator:"):
+            discriminator = FidelityDiscriminator.from_pretrained(args.teacher.removeprefix("discriminator:"))
+            logits = torch.cat([discriminator.logits(chunk) for chunk in images.split(128)])
+            return "score", args.teacher, logits[:, None]
+    raise ValueError(f"`--teacher` must be 'clip', 'clip:<model>' or 'discriminator:<folder>', got {args.teacher!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from guidance.shapes.assets import load_world
+    from guidance.shapes.training import Trainer
+    from pipelines.generate import call_defaults, load_pipeline
+
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    for name in ("num_generated", "num_real", "num_inference_steps", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+    pipe, family = load_pipeline(args.model)
+    if family == "flux":
+        raise ValueError("`--model`: evaluators can be trained for SD, SDXL and SD3 models (Flux packs its latents)")
+    pipe.set_progress_bar_config(disable=True)
+    size = pipe.default_sample_size * pipe.vae_scale_factor if hasattr(pipe, "default_sample_size") else None
+    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompts = read_prompts(args, load_world())
+    with torch.no_grad():
+        print(f"generating {args.num_generated} images with {args.model} ...", flush=True)
+        fake_latents = generated_pool(args, pipe, prompts, call_defaults(args.model, family))
+        fake = torch.cat([pipe.decode_for_guidance(chunk) for chunk in fake_latents.split(64)])
+        real = real_images(args, size)
+    torch.manual_seed(args.seed)
+    half = args.batch_size // 2 or 1
+    run_name = f"{args.command}-{Path(args.output).name}"  # checkpoints of different outputs never mix
+
+    def pick(pool: torch.Tensor, generator: torch.Generator, n: int) -> torch.Tensor:
+        return torch.randint(len(pool), (n,), generator=generator)
+
+    if args.command == "discriminator":
+        evaluator = FidelityDiscriminator(image_size=size)
+
+        def loss_fn(generator, step):
+            images = torch.cat([real[pick(real, generator, half)], fake[pick(fake, generator, half)]])
+            labels = torch.cat([torch.ones(half), torch.zeros(half)])
+            return F.binary_cross_entropy_with_logits(evaluator.logits(images), labels)
+
+        Trainer(run_name, evaluator.network, args.checkpoints, args.steps, args.lr, args.seed).run(loss_fn)
+        with torch.no_grad():
+            hits = (evaluator.logits(real[:256]) > 0).float().mean() + (
+                evaluator.logits(fake[:256]) < 0
+            ).float().mean()
+            accuracy = hits.item() / 2
+        print(f"discriminator accuracy on its pool (real vs generated): {accuracy:.3f}")
+    else:
+        with torch.no_grad():
+            images = torch.cat([real, fake])
+            latents = torch.cat([encode(pipe, real), fake_latents])
+            kind, teacher, targets = teacher_targets(args, images)
+        channels, latent_size = latents.shape[1], latents.shape[-1]
+        network = ConvEncoder(channels, latent_size, targets.shape[1], width=64, timestep_aware=True)
+
+        def loss_fn(generator, step):
+            rows = pick(latents, generator, args.batch_size)
+            z_t, timestep, weight = noised(pipe, latents[rows], generator)
+            output = network(z_t, timestep)
+            if kind == "clip":
+                error = 1 - F.cosine_similarity(output, targets[rows], dim=-1)
+            else:
+                error = (output - targets[rows]).pow(2).mean(-1)
+            return (weight * error).sum() / weight.sum()
+
+        Trainer(run_name, network, args.checkpoints, args.steps, args.lr, args.seed).run(loss_fn)
+        evaluator = LatentEvaluator(network, kind, teacher)
+    evaluator.save_pretrained(args.output)
+    print(f"saved {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        raise SystemExit(main())
+    except ValueError as error:
+        tqdm.write(f"error: {error}")
+        raise SystemExit(2) from error
