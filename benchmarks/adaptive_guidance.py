@@ -6,7 +6,7 @@ median of repeats), attribute accuracy (the scorer) and the PSNR of each image t
 seed. LinearAG uses the coefficients shipped in assets/linear-ag for 20 steps and calibrates itself for other
 step counts. Also draws the per-step similarity gamma_t for a few prompts (assets/ag-similarity.png).
 
-    python benchmarks/adaptive_guidance.py [--seeds 2] [--steps 20 50] [--scale 7.5]
+    python benchmarks/adaptive_guidance.py [--seeds 2] [--steps 20 50] [--scale 7.5] [--thresholds 0.995 0.999]
 """
 
 from __future__ import annotations
@@ -69,20 +69,24 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out caption")
     parser.add_argument("--steps", type=int, nargs="+", default=[20, 50], help="step counts")
     parser.add_argument("--scale", type=float, default=7.5, help="CFG scale of every method")
-    parser.add_argument("--threshold", type=float, default=None, help="AG threshold (default: AG's own)")
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", default=None, help="AG thresholds, one row each (default: AG's own)"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats per method (alternated)")
     parser.add_argument("--plot", default=str(ASSETS / "ag-similarity.png"), help="similarity figure path")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
     args = parser.parse_args()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds)
-    ag_kwargs = {} if args.threshold is None else {"threshold": args.threshold}
+    thresholds = args.thresholds or [AdaptiveGuidance().config.threshold]
     rows, curves = [], {}
-    for name, extra in MODELS.items():
+    for name in args.models:
+        extra = MODELS[name]
         pipe = load_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
         for steps in args.steps:
             methods = {
                 "CFG": ClassifierFreeGuidance(args.scale),
-                "AG": AdaptiveGuidance(args.scale, **ag_kwargs),
+                **{f"AG {t:g}": AdaptiveGuidance(args.scale, threshold=t) for t in thresholds},
                 "LinearAG": linear_ag(name, pipe, steps, args.scale, extra),
             }
             times = {m: [] for m in methods}

@@ -29,6 +29,7 @@ from guidance.shapes.train import SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
 SCALES = [1.0, 3.0, 5.0, 7.5, 10.0]
 MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}}
 REPORTED = ("color", "shape", "position", "size", "background")
+GRID = [k * 6 + k % 6 for k in range(8)]  # one caption per held-out triple, sizes and backgrounds varied
 
 
 def clip_retrieval(world, seeds) -> float:
@@ -71,7 +72,7 @@ def main() -> None:
         for scale in SCALES:
             images = generate(pipe, captions, seeds, args.steps, ClassifierFreeGuidance(scale), **extra)[0] * 2 - 1
             results[name][scale] = scorer.accuracy(images, truth, world)
-            grids.setdefault(name, []).append(images[:8])
+            grids.setdefault(name, []).append(images[GRID])
         generate(pipe, captions[:8], [0], args.steps, ClassifierFreeGuidance(7.5), **extra)  # warm-up
         seconds = generate(pipe, captions[:8], [0], args.steps, ClassifierFreeGuidance(7.5), **extra)[2]
         results[name]["seconds_8_images"] = seconds
@@ -102,7 +103,7 @@ def main() -> None:
     (out / "shapes-quality.md").write_text(table + "\n")
     (out / "shapes-quality.json").write_text(json.dumps(results, indent=1, default=str))
     plot(results, out / "shapes-accuracy.png")
-    grid(grids, captions[:8], out / "shapes-grid.png")
+    grid(grids, [captions[i] for i in GRID], out / "shapes-grid.png")
 
 
 def plot(results, path):
@@ -125,7 +126,7 @@ def plot(results, path):
 
 
 def grid(grids, captions, path):
-    """Rows: scales per model; columns: the first held-out captions (same seed)."""
+    """Rows: scales per model; columns: one held-out caption per held-out combination (seed 0)."""
     from PIL import Image, ImageDraw
 
     cell, label = 64, 110

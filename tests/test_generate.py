@@ -75,7 +75,7 @@ def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
     assert Image.open(out / "00000.png").size == (16, 16)
     assert "NFE per image: 5 (4 steps)" in capsys.readouterr().out  # CFG at step 0 only
     trace = json.loads((out / "trace.json").read_text())
-    assert trace["model"] == "tiny:sd" and trace["images"][0]["scales"] == [7.5, 1.0, 1.0, 1.0]
+    assert trace["model"] == "shapes:sd" and trace["images"][0]["scales"] == [7.5, 1.0, 1.0, 1.0]
 
 
 def test_model_folder_family_comes_from_model_index(tmp_path, capsys):

@@ -26,6 +26,7 @@ from .latent import LatentEvaluator
 from .networks import ConvEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+DEFAULT_STEPS = {"discriminator": 600, "latent": 1500}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--prompts-file", default=None, help="prompts for generation (default: the shapes-world training captions)"
     )
-    parser.add_argument("--num-generated", type=int, default=512, help="generated images in the training pool")
+    parser.add_argument("--num-generated", type=int, default=320, help="generated images in the training pool")
     parser.add_argument("--num-real", type=int, default=512, help="real images in the training pool")
     parser.add_argument("--num-inference-steps", type=int, default=20, help="steps of each generation")
     parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 3.0, 7.5, 11.0, 15.0], help="CFG scales")
-    parser.add_argument("--steps", type=int, default=600, help="training steps")
+    parser.add_argument("--steps", type=int, default=None, help=f"training steps (defaults: {DEFAULT_STEPS})")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.generate import call_defaults, load_pipeline
 
     args = build_parser().parse_args(argv)
+    args.steps = DEFAULT_STEPS[args.command] if args.steps is None else args.steps
     if args.threads:
         torch.set_num_threads(args.threads)
     for name in ("num_generated", "num_real", "num_inference_steps", "steps", "batch_size"):

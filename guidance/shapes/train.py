@@ -6,7 +6,8 @@ Commands (each resumable from `--checkpoints`, reproducible from `--seed`, with 
   sd3     SD3Transformer2DModel (flow matching) + two CLIP text encoders -> assets/shapes-sd3
   clip    open_clip model, contrastive -> assets/shapes-clip
   scorer  attribute classifier -> assets/shapes-scorer
-Captions are replaced by the empty prompt for 10% of the samples, so that CFG has an unconditional model.
+Captions are replaced by the empty prompt for 10% of the samples (20% for sd3), so that CFG has an unconditional
+model.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ from .training import Trainer, step_generator
 from .world import ATTRIBUTES, WORLD_FILE, ShapesWorld
 
 CAPTION_DROPOUT = 0.1
+# The flow model learns colour within ~1000 steps and then follows captions closely at scale 1; a larger dropout
+# (measured: shape accuracy +14 points from scale 1 to 3 with 0.2, +9 with 0.1) keeps guidance meaningful.
+SD3_CAPTION_DROPOUT = 0.2
 SD3_MAX_SEQUENCE_LENGTH = 16  # zero "T5" tokens appended by the SD3 pipeline when T5 is absent
-DEFAULT_STEPS = {"vae": 800, "sd": 3000, "sd3": 2000, "clip": 1200, "scorer": 800}
+DEFAULT_STEPS = {"vae": 800, "sd": 3000, "sd3": 4000, "clip": 1200, "scorer": 800}
 BATCH = {"vae": 32, "sd": 64, "sd3": 64, "clip": 128, "scorer": 128}
 
 
@@ -146,13 +150,15 @@ def train_sd(args, world: ShapesWorld):
         requires_safety_checker=False,
     )
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
+    device = torch.device(args.device)
+    pipe.to(device)
 
-    def loss_fn(generator, step):
+    def loss_fn(generator, step):  # every random draw on the CPU generator: the same data on any device
         _, images, captions = training_batch(world, generator, BATCH["sd"])
-        latents = encode_latents(pipe.vae, images)
-        noise = torch.randn(latents.shape, generator=generator)
-        t = torch.randint(0, 1000, (len(captions),), generator=generator)
-        embeds, _ = pipe.encode_prompt(captions, "cpu", 1, False)  # the pipeline's own text path, with grads
+        latents = encode_latents(pipe.vae, images.to(device))
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        t = torch.randint(0, 1000, (len(captions),), generator=generator).to(device)
+        embeds, _ = pipe.encode_prompt(captions, device, 1, False)  # the pipeline's own text path, with grads
         prediction = unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=embeds).sample
         return F.mse_loss(prediction, noise)
 
@@ -193,14 +199,21 @@ def train_sd3(args, world: ShapesWorld):
         tokenizer_3=None,
     )
     model = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder, "text_2": text_encoder_2})
+    device = torch.device(args.device)
+    pipe.to(device)
 
-    def loss_fn(generator, step):
-        _, images, captions = training_batch(world, generator, BATCH["sd3"])
-        x0 = encode_latents(pipe.vae, images)
-        noise = torch.randn(x0.shape, generator=generator)
-        sigma = torch.sigmoid(torch.randn(len(captions), generator=generator)).view(-1, 1, 1, 1)  # logit-normal
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            captions, None, None, do_classifier_free_guidance=False, max_sequence_length=SD3_MAX_SEQUENCE_LENGTH
+    def loss_fn(generator, step):  # every random draw on the CPU generator: the same data on any device
+        _, images, captions = training_batch(world, generator, BATCH["sd3"], SD3_CAPTION_DROPOUT)
+        x0 = encode_latents(pipe.vae, images.to(device))
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        sigma = torch.sigmoid(torch.randn(len(captions), generator=generator)).view(-1, 1, 1, 1).to(device)
+        embeds, _, pooled, _ = pipe.encode_prompt(  # logit-normal sigma above
+            captions,
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
         )
         velocity = transformer(
             hidden_states=(1 - sigma) * x0 + sigma * noise,
@@ -293,6 +306,7 @@ def train_scorer(args, world: ShapesWorld):
 def save_pipeline(pipe, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
+    pipe.to("cpu")
     pipe.save_pretrained(folder, safe_serialization=True)
     print(f"saved {folder}")
 
@@ -308,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (defaults: {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--device", default="cpu", help="torch device of sd and sd3 training (data and noise are drawn on the CPU)"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -83,13 +83,13 @@ class Trainer:
 
     def _save(self) -> None:
         self.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        tensors = {f"model.{k}": v.contiguous() for k, v in self.model.state_dict().items()}
-        tensors.update({f"ema.{k}": v.contiguous() for k, v in self.ema.items()})
+        tensors = {f"model.{k}": v.contiguous().cpu() for k, v in self.model.state_dict().items()}
+        tensors.update({f"ema.{k}": v.contiguous().cpu() for k, v in self.ema.items()})
         names = {id(p): n for n, p in self.model.named_parameters()}
         for group in self.optimizer.param_groups:
             for parameter in group["params"]:
                 for key, value in self.optimizer.state.get(parameter, {}).items():
-                    tensors[f"optim.{names[id(parameter)]}.{key}"] = value.contiguous()
+                    tensors[f"optim.{names[id(parameter)]}.{key}"] = value.contiguous().cpu()
         metadata = {"step": str(self.step), "seed": str(self.seed), "steps": str(self.steps)}
         partial = self.checkpoint.with_suffix(".partial")
         save_file(tensors, partial, metadata=metadata)
@@ -100,7 +100,7 @@ class Trainer:
 
         with safe_open(self.checkpoint, "pt") as handle:
             metadata = handle.metadata()
-        tensors = load_file(self.checkpoint)
+        tensors = load_file(self.checkpoint, device=str(next(self.model.parameters()).device))
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
         by_name = dict(self.model.named_parameters())

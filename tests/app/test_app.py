@@ -25,7 +25,7 @@ def test_generate_returns_images_plot_and_summary():
         ({"prompt": " "}, "`prompt` must not be empty"),
         (
             {"prompt": "x", "method": "magic"},
-            r"`method` must be one of \['cfg', 'scheduled', 'ag', 'linear-ag', 'none'\], got 'magic'",
+            r"`method` must be one of \['cfg', 'scheduled', 'ag', 'linear-ag', 'dynamic', 'none'\], got 'magic'",
         ),
         ({"prompt": "x", "guidance_scale": -1.0}, "`guidance_scale` must be a finite number >= 0, got -1.0"),
         ({"prompt": "x", "start": 0.9, "stop": 0.1}, "`start` must be <= `stop`"),
@@ -40,3 +40,13 @@ def test_bad_input_is_rejected(kwargs, message):
 def test_demo_builds():
     demo = app.build_demo()
     assert demo.title == "Guidance schedulers"
+
+
+def test_default_model_is_the_shapes_world_sd_and_dynamic_guidance_runs():
+    images, figure, summary = app.generate(
+        "a large red circle at the center on white", method="dynamic", num_inference_steps=4, num_images=1
+    )
+    pixels = list(images[0].getdata())
+    assert sum(r > 150 and g < 120 and b < 120 for r, g, b in pixels) >= 20  # a red shape (placed anywhere)
+    assert "8 model evaluations per image over 4 steps" in summary
+    assert set(figure.axes[0].lines[0].get_ydata()) <= {1.0, 3.0, 7.5, 11.0, 15.0}
