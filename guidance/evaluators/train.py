@@ -9,7 +9,8 @@
     python -m guidance.evaluators.train latent --model shapes:sd --teacher clip --output assets/shapes-sd-latent-clip
 
 Generated images come from the model itself (CFG at every scale of `--scales`, `--num-inference-steps` steps);
-real ones from the shapes-world generator (`--real shapes-world`) or a folder of images.
+real ones from the shapes-world generator (`--real shapes-world`; new ones at every discriminator step) or a
+folder of images.
 """
 
 from __future__ import annotations
@@ -93,21 +94,21 @@ def real_images(args, size: int) -> torch.Tensor:
     if args.real == "shapes-world":
         from guidance.shapes.assets import load_world
 
-        world = load_world()
-        generator = torch.Generator().manual_seed(args.seed + 1)
-        images = world.render(world.sample(args.num_real, generator), generator)
-    else:
-        import numpy as np
-        from PIL import Image
+        return fresh_world_images(load_world(), torch.Generator().manual_seed(args.seed + 1), args.num_real, size)
+    import numpy as np
+    from PIL import Image
 
-        folder = Path(args.real)
-        files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
-        if not files:
-            raise ValueError(
-                f"`--real` must be 'shapes-world' or a folder of {IMAGE_SUFFIXES} images, got {args.real!r}"
-            )
-        arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) for p in files]
-        images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+    folder = Path(args.real)
+    files = sorted(p for p in folder.glob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if folder.is_dir() else []
+    if not files:
+        raise ValueError(f"`--real` must be 'shapes-world' or a folder of {IMAGE_SUFFIXES} images, got {args.real!r}")
+    arrays = [np.asarray(Image.open(p).convert("RGB").resize((size, size)), dtype=np.float32) for p in files]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1
+
+
+def fresh_world_images(world, generator: torch.Generator, n: int, size: int) -> torch.Tensor:
+    """`n` newly drawn shapes-world images in [-1, 1] at `size`."""
+    images = world.render(world.sample(n, generator), generator)
     if images.shape[-1] != size:
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return images
@@ -186,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "discriminator":
         evaluator = FidelityDiscriminator(image_size=size)
+        world = load_world() if args.real == "shapes-world" else None
 
-        def loss_fn(generator, step):
-            images = torch.cat([real[pick(real, generator, half)], fake[pick(fake, generator, half)]])
+        def loss_fn(generator, step):  # the world draws new real images every step: no real image is memorised
+            if world is not None:
+                real_half = fresh_world_images(world, generator, half, size)
+            else:
+                real_half = real[pick(real, generator, half)]
+            images = torch.cat([real_half, fake[pick(fake, generator, half)]])
             labels = torch.cat([torch.ones(half), torch.zeros(half)])
             return F.binary_cross_entropy_with_logits(evaluator.logits(images), labels)
 

@@ -150,3 +150,18 @@ def test_alignment_evaluators_need_prompts():
         candidates.require_prompts("clip")
     with pytest.raises(ValueError, match=r"no decoder, so a pixel evaluator cannot score them"):
         _ = candidates.images
+
+
+@pytest.mark.parametrize("family", list(REFERENCE))
+def test_pixel_evaluators_decode_in_every_pipeline(family):
+    pipe = build(family)
+    seen = []
+
+    def darkness(images, prompts):
+        seen.append(images.shape)
+        return -images.mean(dim=(1, 2, 3))
+
+    policy = DynamicGuidance(candidates=[1.0, 4.0], evaluators=[RewardEvaluator(darkness, name="dark")])
+    result = pipe(**call_kwargs(family, prompt=["a", "b"]), guidance=policy)
+    assert seen[0][0] == 4 and seen[0][1] == 3  # 2 candidates x 2 images, decoded to RGB
+    assert result.trace.nfe == 6.0 and len(result.trace.extras[0]["candidate_scores"]["dark"]) == 2

@@ -111,3 +111,25 @@ def test_adaptive_guidance_and_shipped_linear_ag_save_passes_and_keep_accuracy(h
             assert results[method][1][attribute] >= results["cfg"][1][attribute] - tolerance, (method, attribute)
     with pytest.raises(ValueError, match=r"fitted for 20 steps"):
         pipe(captions[:1], num_inference_steps=10, guidance=linear, **extra)
+
+
+def test_shipped_dynamic_guidance_evaluators_load_and_score_in_the_pipeline():
+    from guidance import DynamicGuidance
+    from guidance.evaluators.discriminator import FidelityDiscriminator
+    from guidance.evaluators.latent import LatentEvaluator
+    from guidance.shapes.assets import ASSETS
+
+    evaluators = [
+        FidelityDiscriminator.from_pretrained(ASSETS / "shapes-sd-fidelity"),
+        LatentEvaluator.from_pretrained(ASSETS / "shapes-sd-latent-clip"),
+        LatentEvaluator.from_pretrained(ASSETS / "shapes-sd-latent-fidelity", name="latent-fidelity"),
+    ]
+    world = load_world()
+    real = world.render(world.sample(32, seeded(4)), seeded(4))
+    assert (evaluators[0].logits(real) > 0).float().mean() >= 0.9  # real images look real to it
+    pipe = load_pipeline("shapes-sd")
+    pipe.set_progress_bar_config(disable=True)
+    result = pipe(["a large blue square at the top on gray"] * 2, num_inference_steps=4,
+                  guidance=DynamicGuidance(evaluators=evaluators))  # fmt: skip
+    assert result.trace.nfe == 8.0
+    assert set(result.trace.extras[0]["candidate_scores"]) == {"fidelity", "latent-clip", "latent-fidelity"}
