@@ -23,23 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from guided_vs_diffusers import build  # noqa: E402
+
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance  # noqa: E402
 from guidance.calibrate_linear_ag import calibrate  # noqa: E402
 from guidance.evaluators import RewardEvaluator  # noqa: E402
 from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
 from guidance.evaluators.networks import ConvEncoder  # noqa: E402
-from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline  # noqa: E402
-
-
-def build(model: str, device: str, dtype: torch.dtype):
-    if model == "tiny":
-        from pipelines.tiny import tiny_components
-
-        return GuidedStableDiffusionPipeline(**tiny_components("sd")).to(device, dtype)
-    from architectures import full_size_components
-
-    cls = GuidedStableDiffusionPipeline if model == "sd15" else GuidedStableDiffusionXLPipeline
-    return cls(**full_size_components(model, dtype, device)).to(device)
 
 
 def methods(pipe, steps: int, scale: float, device: str, dtype: torch.dtype) -> dict:
@@ -68,8 +58,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", help="torch dtype of the models")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    pipe = build(args.model, args.device, dtype)
-    pipe.set_progress_bar_config(disable=True)
+    _, pipe = build(args.model, args.device, dtype)  # the guided pipeline of guided_vs_diffusers.py
     policies = methods(pipe, args.steps, args.scale, args.device, dtype)
     prompts = [f"a photo of object {k}" for k in range(args.batch_size)]
 

@@ -48,13 +48,18 @@ class ClassifierFreeGuidance(GuidanceScheduler):
         if not request.uncond.any():
             return pred_cond, torch.ones(pred_cond.shape[0])
         w = self.scale_at(step)
-        guided = predictions["uncond"] + w * (pred_cond - predictions["uncond"])
-        if self.config.guidance_rescale > 0:
-            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-            # std rescaling of Lin et al. (arXiv 2305.08891, sec. 3.4), as diffusers applies it
-            guided = rescale_noise_cfg(guided, pred_cond, guidance_rescale=self.config.guidance_rescale)
+        guided = self.guide(pred_cond, predictions["uncond"], w)
         if not request.uncond.all():
             rows = request.uncond.to(guided.device).view(-1, *([1] * (guided.ndim - 1)))
             guided = torch.where(rows, guided, pred_cond)
         return guided, torch.where(request.uncond, w, 1.0)
+
+    def guide(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
+        """`pred_u + w (pred_c - pred_u)` with the configured std rescaling; `w` a number or one per row."""
+        guided = pred_uncond + w * (pred_cond - pred_uncond)
+        if self.config.guidance_rescale > 0:
+            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+            # std rescaling of Lin et al. (arXiv 2305.08891, sec. 3.4), as diffusers applies it, per row
+            guided = rescale_noise_cfg(guided, pred_cond, guidance_rescale=self.config.guidance_rescale)
+        return guided

@@ -114,15 +114,11 @@ class DynamicGuidance(ClassifierFreeGuidance):
             return predictions["cond"], torch.ones(predictions["cond"].shape[0])
         eps_c, eps_u = predictions["cond"], predictions["uncond"]
         scales = torch.tensor(self.config.candidates, dtype=eps_c.dtype, device=eps_c.device)
-        k, b = len(scales), eps_c.shape[0]
-        guided = eps_u[None] + scales.view(k, *[1] * eps_c.ndim) * (eps_c - eps_u)[None]  # (k, b, ...)
-        if self.config.guidance_rescale > 0:
-            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-            guided = torch.stack(
-                [rescale_noise_cfg(g, eps_c, guidance_rescale=self.config.guidance_rescale) for g in guided]
-            )
-        candidates = self.lookahead(step, guided.flatten(0, 1), k)
+        k, b, ones = len(scales), eps_c.shape[0], [1] * (eps_c.ndim - 1)
+        # one row per (candidate, sample), candidate-major
+        w = scales.repeat_interleave(b).view(-1, *ones)
+        guided = self.guide(eps_c.repeat(k, *ones), eps_u.repeat(k, *ones), w)
+        candidates = self.lookahead(step, guided, k)
         scores = torch.stack([e.score(candidates).view(k, b) for e in self.evaluators])  # (evaluators, k, b)
         weights = self.evaluator_weights(scores.mean(1))
         spread = scores.std(1, keepdim=True) if k > 1 else torch.ones_like(scores)
@@ -135,7 +131,8 @@ class DynamicGuidance(ClassifierFreeGuidance):
             weights={e.name: weights[i].tolist() for i, e in enumerate(self.evaluators)},
             lookahead=self.config.lookahead,
         )
-        return guided[choice.to(guided.device), rows.to(guided.device)], scales.cpu()[choice].float()
+        chosen = guided.view(k, b, *guided.shape[1:])[choice.to(guided.device), rows.to(guided.device)]
+        return chosen, scales.cpu()[choice].float()
 
     def evaluator_weights(self, current: torch.Tensor) -> torch.Tensor:
         """(evaluators, batch) weights from this step's mean scores `current`, per the configured weighting."""

@@ -115,10 +115,10 @@ def fresh_world_images(world, generator: torch.Generator, n: int, size: int) -> 
 
 
 def encode(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Images -> latents scaled as the pipeline denoises them (inverse of `decode_for_guidance`)."""
-    vae = pipe.vae
-    latents = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images.split(64)])
-    return (latents - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    """Images -> latents scaled as the pipeline denoises them (inverse of `decode_for_guidance`), in chunks."""
+    from guidance.shapes.train import encode_latents
+
+    return torch.cat([encode_latents(pipe.vae, chunk) for chunk in images.split(64)])
 
 
 def noised(pipe, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     if family == "flux":
         raise ValueError("`--model`: evaluators can be trained for SD, SDXL and SD3 models (Flux packs its latents)")
     pipe.set_progress_bar_config(disable=True)
-    size = pipe.default_sample_size * pipe.vae_scale_factor if hasattr(pipe, "default_sample_size") else None
-    size = size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
     prompts = read_prompts(args, load_world())
     with torch.no_grad():
         print(f"generating {args.num_generated} images with {args.model} ...", flush=True)
