@@ -165,3 +165,8 @@ def test_pixel_evaluators_decode_in_every_pipeline(family):
     result = pipe(**call_kwargs(family, prompt=["a", "b"]), guidance=policy)
     assert seen[0][0] == 4 and seen[0][1] == 3  # 2 candidates x 2 images, decoded to RGB
     assert result.trace.nfe == 6.0 and len(result.trace.extras[0]["candidate_scores"]["dark"]) == 2
+
+
+def test_new_refuses_unknown_config_keys():
+    with pytest.raises(ValueError, match=r"`DynamicGuidance.new` got unknown config keys \['scale'\]; valid: "):
+        DynamicGuidance(candidates=[1.0, 2.0], evaluators=[Spread(2)]).new(scale=3.0)

@@ -44,3 +44,13 @@ def test_shapes_clip_prefers_the_true_caption_of_real_images():
 def test_models_that_cannot_be_found_say_what_was_tried(model, pretrained, message):
     with pytest.raises(ValueError, match=message):
         ClipEvaluator(model, pretrained=pretrained)
+
+
+def test_model_must_be_a_name_and_open_clip_must_be_installed(monkeypatch):
+    import sys
+
+    with pytest.raises(TypeError, match=r"`model` must be an open_clip model name or 'local-dir:<folder>', got 3"):
+        ClipEvaluator(3)
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if it were not installed
+    with pytest.raises(ImportError, match=r"ClipEvaluator needs open_clip: pip install open_clip_torch"):
+        ClipEvaluator()

@@ -108,6 +108,8 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
     ],
 )
 def test_training_command_rejects_bad_input(argv, message, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n \n")
+    argv = [str(tmp_path / "empty.txt") if a == "EMPTY" else a for a in argv]
     args = [*argv, "--num-generated", "2", "--num-real", "2", "--num-inference-steps", "1"]
     args += [] if "--steps" in argv else ["--steps", "1"]
     args += [] if "--model" in argv else ["--model", "tiny:sd"]
