@@ -1,13 +1,15 @@
 """Dynamic CFG from online feedback against fixed scales, side by side in one run, on the shapes-world SD model.
 
-Held-out captions for several seeds, 20 steps. For each method: attribute accuracy (the attribute scorer, never
-used as feedback), CLIP score of the final images (the shapes-world CLIP), mean chosen scale, NFEs and the
-wall-time ratio to constant CFG. Methods: CFG at each fixed scale; DynamicGuidance with pixel evaluators (CLIP
-and the fidelity discriminator, decoding every candidate) and with latent evaluators (their distilled heads, no
-decode); and the paper's ablation, the mean dynamic schedule (per-step mean of the chosen scales) applied to
-every prompt. Writes a table (stdout and assets/dynamic-guidance.md) and a figure (assets/dynamic-guidance.png).
+Held-out captions for several seeds, 20 steps. For each method: accuracy per attribute (the attribute scorer,
+never used as feedback), CLIP score of the final images (the shapes-world CLIP), mean chosen scale, NFEs and the
+wall-time ratio to constant CFG 7.5. Methods: CFG at each fixed scale; DynamicGuidance (CLIP and fidelity feedback,
+adaptive weights) with latent evaluators (the distilled heads on the next latent, no decode) and with pixel
+evaluators (decoding every candidate's x0), each with the paper's candidates and with `--candidates`; and the
+paper's ablation, the mean dynamic schedule (per-step mean of the chosen scales of the latent `--candidates` run)
+applied to every prompt. Writes a table (stdout and assets/dynamic-guidance.md) and a figure
+(assets/dynamic-guidance.png).
 
-    python benchmarks/dynamic_guidance.py [--seeds 2]
+    python benchmarks/dynamic_guidance.py [--seeds 8] [--candidates 5 7.5 10 15]
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import register_to_config
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -30,8 +34,24 @@ from guidance.evaluators.discriminator import FidelityDiscriminator  # noqa: E40
 from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
 from guidance.shapes.assets import ASSETS, load_pipeline  # noqa: E402
 
-FIXED = [1.0, 3.0, 5.0, 7.5, 10.0, 15.0]
-ATTRIBUTES = ("color", "shape", "background")
+FIXED = [1.0, 3.0, 5.0, 7.5, 10.0, 12.0, 15.0]
+PAPER_CANDIDATES = (1.0, 3.0, 7.5, 11.0, 15.0)
+ATTRIBUTES = ("color", "shape", "size", "background", "position")
+FOLLOWED = ("color", "shape", "size", "background")  # shapes-sd leaves position at chance (README, shapes world)
+
+
+class TimedDynamicGuidance(DynamicGuidance):
+    """DynamicGuidance that adds up the seconds spent choosing: its `combine` (look-ahead, evaluators, choice) is all
+    that it does beyond constant CFG, so `seconds / (run time - seconds)` is its overhead, free of machine noise."""
+
+    seconds = 0.0
+
+    def combine(self, step, request, predictions):
+        start = time.perf_counter()
+        try:
+            return super().combine(step, request, predictions)
+        finally:
+            self.seconds += time.perf_counter() - start
 
 
 class StepScales(ClassifierFreeGuidance):
@@ -53,9 +73,17 @@ def clip_score(clip: ClipEvaluator, images: torch.Tensor, prompts: list[str]) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out caption")
+    parser.add_argument("--seeds", type=int, default=8, help="seeds per held-out caption")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats of CFG and the dynamic runs")
+    parser.add_argument(
+        "--candidates",
+        type=float,
+        nargs="+",
+        default=[5.0, 7.5, 10.0, 15.0],
+        help="the model's candidate scales (default: 5-15, where fixed CFG follows prompts on shapes-sd)",
+    )
+    parser.add_argument("--repeats", type=int, default=6, help="timing: rounds of CFG 7.5 and every dynamic row")
+    parser.add_argument("--timing-seeds", type=int, default=1, help="timing: seeds per held-out caption")
     parser.add_argument("--out", default=str(ASSETS), help="folder for the table and figure")
     args = parser.parse_args()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds)
@@ -65,70 +93,91 @@ def main() -> None:
     clip = ClipEvaluator()
     pixel = [ClipEvaluator(), FidelityDiscriminator.from_pretrained(ASSETS / "shapes-sd-fidelity")]
     latent = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
+    tuned = f"candidates {' '.join(f'{c:g}' for c in args.candidates)}"
+    headline = f"dynamic, latent, {tuned}"
     methods = {f"CFG {scale:g}": ClassifierFreeGuidance(scale) for scale in FIXED}
-    methods["dynamic, pixel evaluators"] = DynamicGuidance(evaluators=pixel)
-    methods["dynamic, latent evaluators"] = DynamicGuidance(evaluators=latent)
-    rows, traces, times = {}, {}, {name: [] for name in methods}
-    for name, policy in methods.items():
+    for space, evaluators in (("latent", latent), ("pixel", pixel)):  # lookahead "auto": next latent / x0
+        methods[f"dynamic, {space}, {tuned}"] = TimedDynamicGuidance(args.candidates, evaluators)
+        methods[f"dynamic, {space}, paper candidates"] = TimedDynamicGuidance(PAPER_CANDIDATES, evaluators)
+    results, feedback = {}, {}
+    for name, policy in tqdm(methods.items(), desc="methods"):
         images, trace, seconds = generate(pipe, captions, seeds, args.steps, policy)
-        rows[name] = (images, trace)
-        times[name].append(seconds)
-        traces[name] = trace
-        print(f"{name}: done", flush=True)
-    mean_schedule = traces["dynamic, pixel evaluators"].scales_tensor().mean(1).tolist()
-    methods["mean dynamic schedule"] = StepScales(mean_schedule)
-    images, trace, seconds = generate(pipe, captions, seeds, args.steps, methods["mean dynamic schedule"])
-    rows["mean dynamic schedule"], times["mean dynamic schedule"] = (images, trace), [seconds]
-    for _ in range(args.repeats - 1):  # more timings, alternated, for the overhead ratios
-        for name in ("CFG 7.5", "dynamic, latent evaluators", "dynamic, pixel evaluators"):
-            times[name].append(generate(pipe, captions, seeds, args.steps, methods[name])[2])
-
-    cfg_time = statistics.median(times["CFG 7.5"])
+        results[name] = (images, trace)
+        if isinstance(policy, TimedDynamicGuidance):
+            feedback[name] = policy.seconds / (seconds - policy.seconds)
+    mean_schedule = results[headline][1].scales_tensor().mean(1).tolist()
+    results["mean dynamic schedule"] = generate(pipe, captions, seeds, args.steps, StepScales(mean_schedule))[:2]
+    # wall time: rounds of CFG 7.5 and every dynamic row, in turn (order reversed every other round); a row's ratio
+    # is the median over rounds of its time over the same round's CFG time, so that drifts of the machine cancel
+    timed = ["CFG 7.5"] + list(feedback)
+    ratios = {name: [] for name in timed}
+    timing_seeds = list(range(args.timing_seeds))
+    for round_index in tqdm(range(args.repeats), desc="timing"):
+        order = timed if round_index % 2 == 0 else timed[::-1]
+        seconds = {name: generate(pipe, captions, timing_seeds, args.steps, methods[name])[2] for name in order}
+        for name in timed:
+            ratios[name].append(seconds[name] / seconds["CFG 7.5"])
+    judged = len(truth) * len(FOLLOWED)
     lines = [
-        f"Held-out captions: {len(captions)} x {len(seeds)} seeds, {args.steps} steps; accuracy (%) by the attribute "
-        "scorer; CLIP score: 100 cos with the shapes-world CLIP; time ratio to CFG 7.5 (2 CPU cores).",
+        f"Held-out captions: {len(captions)} x {len(seeds)} seeds = {len(truth)} images, {args.steps} steps. Accuracy "
+        f"(%) by the attribute scorer (never feedback); attribute accuracy: mean of {', '.join(FOLLOWED)} "
+        f"(position is at chance for every method on shapes-sd); errors: wrong attributes of those {judged}. "
+        "CLIP score: 100 cos with the shapes-world CLIP. Dynamic: CLIP + fidelity evaluators, adaptive weights; "
+        "latent heads score the next latent, pixel evaluators the decoded x0. Time ratio: wall time over CFG 7.5's on "
+        f"2 CPU cores, median over {args.repeats} rounds of the timed rows in turn "
+        f"({len(captions) * args.timing_seeds} images each; fixed scales cost CFG's time, CFG 1 half its NFEs). "
+        "Feedback cost: the time spent choosing (look-ahead, evaluators, choice: all that dynamic guidance adds to "
+        "CFG) over the rest of its own run.",
         "",
-        "| method | " + " | ".join(ATTRIBUTES) + " | color+shape mean | CLIP score | mean scale | NFE | time ratio |",
-        "| --- " * (len(ATTRIBUTES) + 6) + "|",
+        "| method | " + " | ".join(ATTRIBUTES) + " | attribute accuracy | errors | CLIP score | mean scale | NFE | "
+        "time ratio | feedback cost |",
+        "| --- " * (len(ATTRIBUTES) + 8) + "|",
     ]
-    summary = {}
-    for name, (images, trace) in rows.items():
-        accuracy = scorer.accuracy(images * 2 - 1, truth, world)
-        both = (accuracy["color"] + accuracy["shape"]) / 2
-        summary[name] = both
-        ratio = statistics.median(times[name]) / cfg_time
+    errors_of = {}
+    for name, (images, trace) in results.items():
+        predicted, labels = scorer.predict(images * 2 - 1), world.labels(truth)
+        correct = {key: (predicted[key] == labels[key]).float() for key in ATTRIBUTES}
+        errors = int(sum((1 - correct[key]).sum().item() for key in FOLLOWED))
+        errors_of[name] = errors
+        ratio = f"{statistics.median(ratios[name]):.3f}" if name in ratios else "-"
+        cost = f"{100 * feedback[name]:.1f}%" if name in feedback else "-"
         lines.append(
-            f"| {name} | " + " | ".join(f"{100 * accuracy[k]:.1f}" for k in ATTRIBUTES) + f" | {100 * both:.1f} | "
-            f"{clip_score(clip, images, prompts):.2f} | {trace.scales_tensor().mean():.2f} | {trace.nfe:g} | "
-            f"{ratio:.3f} |"
+            f"| {name} | " + " | ".join(f"{100 * correct[k].mean():.1f}" for k in ATTRIBUTES) + f" | "
+            f"{100 * (1 - errors / judged):.2f} | {errors} | {clip_score(clip, images, prompts):.2f} | "
+            f"{trace.scales_tensor().mean():.2f} | {trace.nfe:g} | {ratio} | {cost} |"
         )
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
     (out / "dynamic-guidance.md").write_text(table + "\n")
-    figure(traces, mean_schedule, summary, out / "dynamic-guidance.png")
+    figure(results, headline, errors_of, judged, out / "dynamic-guidance.png")
 
 
-def figure(traces, mean_schedule, summary, path):
+def figure(results, headline, errors, judged, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
-    for name in ("dynamic, pixel evaluators", "dynamic, latent evaluators"):
-        scales = traces[name].scales_tensor()
-        left.plot(scales.mean(1).tolist(), marker=".", label=f"{name}: mean")
-        left.fill_between(range(len(scales)), scales.quantile(0.25, 1), scales.quantile(0.75, 1), alpha=0.2)
-    left.plot(mean_schedule, linestyle="--", color="gray", label="mean dynamic schedule (pixel)")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8), gridspec_kw={"width_ratios": [1, 1.2]})
+    for name in (headline, headline.replace("latent", "pixel")):
+        scales = results[name][1].scales_tensor()
+        label = f"{name}" + (" (its mean is the mean dynamic schedule)" if name == headline else "")
+        left.plot(scales.mean(1).tolist(), marker=".", label=label)
+        left.fill_between(range(len(scales)), scales.quantile(0.25, 1), scales.quantile(0.75, 1), alpha=0.15)
     left.set_xlabel("step")
-    left.set_ylabel("chosen scale (mean, quartiles)")
-    left.legend(fontsize=7)
+    left.set_ylabel("chosen scale: mean and quartiles")
+    left.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False)
     left.grid(alpha=0.3)
-    names = list(summary)
-    right.barh(names, [100 * summary[n] for n in names], color=["C0" if n.startswith("CFG") else "C1" for n in names])
-    right.set_xlabel("held-out accuracy, mean of color and shape (%)")
-    right.set_xlim(min(100 * v for v in summary.values()) - 5, 100)
+    names = list(errors)
+    colors = ["C0" if n.startswith("CFG") else "C1" for n in names]
+    bars = right.barh(names, [errors[n] for n in names], color=colors)
+    right.bar_label(bars, [str(errors[n]) for n in names], padding=2, fontsize=7)
+    right.set_xscale("log")
+    right.set_xticks([10, 30, 100, 300], ["10", "30", "100", "300"])
+    right.minorticks_off()
+    right.invert_yaxis()
+    right.set_xlabel(f"attribute errors of {judged}, fewer is better")
     right.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

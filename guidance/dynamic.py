@@ -21,7 +21,7 @@ from .evaluators.base import Candidates, Evaluator
 from .scheduler import BranchRequest, GuidanceStep
 
 WEIGHTINGS = ("adaptive", "fixed")
-LOOKAHEADS = ("x0", "next_latent")
+LOOKAHEADS = ("auto", "x0", "next_latent")
 
 
 class DynamicGuidance(ClassifierFreeGuidance):
@@ -41,10 +41,11 @@ class DynamicGuidance(ClassifierFreeGuidance):
             may be negative); the first step weighs every evaluator 1; an evaluator whose score fell gets
             weight 0 (it is not what this step improves), and when all weights are 0 they are all 1.
         weights: the fixed weights, one per evaluator (default all 1); used by "fixed".
-        lookahead: "x0" (default: the one-step denoised estimate, scored as clean, `timestep` 0) or
-            "next_latent" (the latent after the pipeline scheduler's step, at the next timestep). x0 is the
-            default because pixel evaluators can only judge a clean image: the decoded next latent is noise
-            at early steps. "next_latent" suits the timestep-aware latent evaluators.
+        lookahead: "x0" (the one-step denoised estimate, scored as clean, `timestep` 0), "next_latent" (the
+            latent after the pipeline scheduler's step, at the next timestep) or "auto" (default): "next_latent"
+            when every evaluator reads latents, else "x0". Pixel evaluators can only judge a clean image (the
+            decoded next latent is noise at early steps); timestep-aware latent heads are distilled on noisy
+            latents, which the next latent is, while a blurry early x0 estimate is outside what they saw.
         decoder: a VAE decoding x0 latents for pixel evaluators instead of the pipeline's (e.g. AutoencoderTiny).
         guidance_rescale, start, stop: as in `ClassifierFreeGuidance` (outside [start, stop], no CFG at all).
 
@@ -62,7 +63,7 @@ class DynamicGuidance(ClassifierFreeGuidance):
         evaluators: Sequence[Evaluator] | None = None,
         weighting: Literal["adaptive", "fixed"] = "adaptive",
         weights: Sequence[float] | None = None,
-        lookahead: Literal["x0", "next_latent"] = "x0",
+        lookahead: Literal["auto", "x0", "next_latent"] = "auto",
         decoder: torch.nn.Module | None = None,
         guidance_rescale: float = 0.0,
         start: float = 0.0,
@@ -129,7 +130,7 @@ class DynamicGuidance(ClassifierFreeGuidance):
             candidates=self.config.candidates,
             candidate_scores={e.name: scores[i].T.tolist() for i, e in enumerate(self.evaluators)},
             weights={e.name: weights[i].tolist() for i, e in enumerate(self.evaluators)},
-            lookahead=self.config.lookahead,
+            lookahead=self.lookahead_kind,
         )
         chosen = guided.view(k, b, *guided.shape[1:])[choice.to(guided.device), rows.to(guided.device)]
         return chosen, scales.cpu()[choice].float()
@@ -144,11 +145,18 @@ class DynamicGuidance(ClassifierFreeGuidance):
         alpha = ((current - previous) / previous.abs().clamp_min(1e-8)).clamp_min(0.0)
         return torch.where((alpha == 0).all(0, keepdim=True), torch.ones_like(alpha), alpha)
 
+    @property
+    def lookahead_kind(self) -> Literal["x0", "next_latent"]:
+        """The look-ahead scored: the configured one, or for "auto" the one that suits the evaluators."""
+        if self.config.lookahead != "auto":
+            return self.config.lookahead
+        return "next_latent" if all(e.space == "latent" for e in self.evaluators) else "x0"
+
     def lookahead(self, step: GuidanceStep, guided: torch.Tensor, k: int) -> Candidates:
         """The look-ahead latents of `guided` (k candidates x batch rows) and their noise level."""
         latents = step.latents.repeat(k, *[1] * (step.latents.ndim - 1))
         pipeline = step.pipeline
-        if self.config.lookahead == "x0":
+        if self.lookahead_kind == "x0":
             ahead = predict_x0(dataclasses.replace(step, latents=latents), guided)
             timestep = torch.zeros(len(ahead))
         else:

@@ -103,6 +103,15 @@ def shipped_coefficients(args: argparse.Namespace) -> str | None:
     return str(folder) if model in SHAPES_MODELS and folder.is_dir() else None
 
 
+def default_evaluators(args: argparse.Namespace) -> list[str]:
+    """The shipped latent heads for shapes:sd (fast: no decode), else the shapes-world CLIP."""
+    from guidance.shapes.assets import ASSETS
+
+    model = getattr(args, "model", None)
+    heads = [ASSETS / f"{SHAPES_MODELS.get(model)}-latent-{kind}" for kind in ("clip", "fidelity")]
+    return [str(head) for head in heads] if model in SHAPES_MODELS and all(h.is_dir() for h in heads) else ["clip"]
+
+
 def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
     """The guidance scheduler the options name."""
     common = dict(guidance_rescale=args.guidance_rescale, start=args.guidance_start, stop=args.guidance_stop)
@@ -123,9 +132,9 @@ def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
 
         return DynamicGuidance(
             candidates=getattr(args, "candidates", None) or [1.0, 3.0, 7.5, 11.0, 15.0],
-            evaluators=[load_evaluator(spec) for spec in getattr(args, "evaluator", None) or ["clip"]],
+            evaluators=[load_evaluator(spec) for spec in getattr(args, "evaluator", None) or default_evaluators(args)],
             weighting=getattr(args, "weighting", "adaptive"),
-            lookahead=getattr(args, "lookahead", "x0"),
+            lookahead=getattr(args, "lookahead", "auto"),
             **common,
         )
     if args.guidance == "scheduled":
@@ -181,10 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluator",
         action="append",
         help="dynamic: an evaluator, repeatable: 'clip' (the shapes-world CLIP), 'clip:<open_clip model>' or the "
-        "folder of a trained discriminator or latent evaluator (default: clip)",
+        "folder of a trained discriminator or latent evaluator (default: the shipped latent heads for shapes:sd, "
+        "else clip)",
     )
     parser.add_argument("--weighting", choices=["adaptive", "fixed"], default="adaptive", help="dynamic: weights")
-    parser.add_argument("--lookahead", choices=["x0", "next_latent"], default="x0", help="dynamic: what is scored")
+    parser.add_argument(
+        "--lookahead",
+        choices=["auto", "x0", "next_latent"],
+        default="auto",
+        help="dynamic: what is scored; auto: next_latent when every evaluator is a latent head, else x0",
+    )
     parser.add_argument(
         "--coefficients",
         default=None,

@@ -4,7 +4,7 @@ import re
 import pytest
 from PIL import Image
 
-from pipelines.generate import build_parser, main
+from pipelines.generate import build_parser, main, make_guidance
 
 
 def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
@@ -93,7 +93,7 @@ def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
 def test_dynamic_guidance_with_the_shapes_clip(tmp_path, capsys):
     out = tmp_path / "out"
     argv = ["--prompt", "a large red circle at the center on white", "--guidance", "dynamic", "--candidates", "1",
-            "5", "--num-inference-steps", "4", "--output-dir", str(out)]  # fmt: skip
+            "5", "--evaluator", "clip", "--num-inference-steps", "4", "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
     trace = json.loads((out / "trace.json").read_text())
     assert trace["model"] == "shapes:sd" and trace["nfe_per_image"] == 8.0
@@ -101,3 +101,14 @@ def test_dynamic_guidance_with_the_shapes_clip(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*argv, "--evaluator", "/no/such/evaluator"])
     assert "evaluator '/no/such/evaluator' is neither 'clip'" in capsys.readouterr().err
+
+
+def test_dynamic_guidance_defaults_to_the_shipped_latent_heads_for_shapes_sd(tmp_path):
+    from guidance.evaluators import ClipEvaluator
+
+    policy = make_guidance(build_parser().parse_args(["--guidance", "dynamic"]))
+    assert [e.name for e in policy.evaluators] == ["shapes-sd-latent-clip", "shapes-sd-latent-fidelity"]
+    assert all(e.space == "latent" for e in policy.evaluators) and policy.lookahead_kind == "next_latent"
+    assert policy.config.candidates == [1.0, 3.0, 7.5, 11.0, 15.0]
+    other = make_guidance(build_parser().parse_args(["--guidance", "dynamic", "--model", str(tmp_path)]))
+    assert [type(e) for e in other.evaluators] == [ClipEvaluator] and other.lookahead_kind == "x0"

@@ -28,6 +28,7 @@ from .networks import ConvEncoder
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_STEPS = {"discriminator": 600, "latent": 1500}
+DEFAULT_WIDTHS = {"discriminator": 32, "latent": 16}  # latent heads run on every candidate: kept small
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (defaults: {DEFAULT_STEPS})")
     parser.add_argument("--batch-size", type=int, default=64, help="training batch size")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument(
+        "--width", type=int, default=None, help="channels of the first stage (defaults: discriminator 32, latent 16)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
     parser.add_argument("--checkpoints", default="checkpoints", help="resumable checkpoints (safetensors)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -161,9 +165,10 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.steps = DEFAULT_STEPS[args.command] if args.steps is None else args.steps
+    args.width = DEFAULT_WIDTHS[args.command] if args.width is None else args.width
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("num_generated", "num_real", "num_inference_steps", "steps", "batch_size"):
+    for name in ("num_generated", "num_real", "num_inference_steps", "steps", "batch_size", "width"):
         if getattr(args, name) < 1:
             raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
     pipe, family = load_pipeline(args.model)
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return torch.randint(len(pool), (n,), generator=generator)
 
     if args.command == "discriminator":
-        evaluator = FidelityDiscriminator(image_size=size)
+        evaluator = FidelityDiscriminator(image_size=size, width=args.width)
         world = load_world() if args.real == "shapes-world" else None
 
         def loss_fn(generator, step):  # the world draws new real images every step: no real image is memorised
@@ -210,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             latents = torch.cat([encode(pipe, real), fake_latents])
             kind, teacher, targets = teacher_targets(args, images)
         channels, latent_size = latents.shape[1], latents.shape[-1]
-        network = ConvEncoder(channels, latent_size, targets.shape[1], width=64, timestep_aware=True)
+        network = ConvEncoder(channels, latent_size, targets.shape[1], width=args.width, timestep_aware=True)
 
         def loss_fn(generator, step):
             rows = pick(latents, generator, args.batch_size)

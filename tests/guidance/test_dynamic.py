@@ -49,6 +49,21 @@ def test_greedy_choice_equals_cfg_at_the_chosen_scale_with_cfg_nfe(family, looka
     assert len(extras["candidate_scores"]["spread"][0]) == 3 and extras["weights"]["spread"] == [1.0, 1.0]
 
 
+def test_auto_lookahead_is_next_latent_only_when_every_evaluator_reads_latents(sd_pipe):
+    class PixelSpread(Spread):
+        space = "pixel"
+
+    kwargs = call_kwargs("sd", prompt=["a"], num_inference_steps=2)
+    for evaluators, expected in [
+        ([Spread(2)], "next_latent"),
+        ([Spread(2), PixelSpread(2, name="pixel")], "x0"),
+        ([PixelSpread(2)], "x0"),
+    ]:
+        policy = DynamicGuidance(candidates=[1.0, 5.0], evaluators=evaluators)
+        assert policy.config.lookahead == "auto" and policy.lookahead_kind == expected
+        assert sd_pipe(**kwargs, generator=seeded(), guidance=policy).trace.extras[0]["lookahead"] == expected
+
+
 def test_prefers_scale_one_and_composes_with_a_guidance_interval(sd_pipe):
     policy = DynamicGuidance(candidates=[1.0, 5.0], evaluators=[Spread(2, sign=-1.0)], start=0.5)
     kwargs = call_kwargs("sd", prompt=["a", "b"], num_inference_steps=5)
@@ -112,7 +127,7 @@ def test_config_round_trip_keeps_candidates_and_weights(tmp_path):
         ({"weights": [math.nan]}, ValueError, r"`weights` must be finite, >= 0 and not all 0, got \[nan\]"),
         ({"weights": [0.0]}, ValueError, r"`weights` must be finite, >= 0 and not all 0"),
         ({"weighting": "linear"}, ValueError, r"`weighting` must be one of \['adaptive', 'fixed'\], got 'linear'"),
-        ({"lookahead": "x1"}, ValueError, r"`lookahead` must be one of \['x0', 'next_latent'\], got 'x1'"),
+        ({"lookahead": "x1"}, ValueError, r"`lookahead` must be one of \['auto', 'x0', 'next_latent'\], got 'x1'"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):

@@ -1,5 +1,7 @@
 """The trained evaluators: their training command, saving and loading, and errors naming the rebuild command."""
 
+import json
+
 import pytest
 import torch
 from conftest import call_kwargs, seeded
@@ -22,10 +24,15 @@ def trained(tmp_path_factory):
     assert main(["discriminator", "--output", str(root / "fidelity"), "--steps", "30", *TINY, *ck]) == 0
     teacher = f"discriminator:{root / 'fidelity'}"
     assert main(["latent", "--teacher", teacher, "--output", str(root / "latent"), "--steps", "3", *TINY, *ck]) == 0
-    assert (
-        main(["latent", "--teacher", "clip", "--output", str(root / "latent-clip"), "--steps", "2", *TINY, *ck]) == 0
-    )
+    clip_argv = ["latent", "--teacher", "clip", "--output", str(root / "latent-clip"), "--steps", "2", "--width", "8"]
+    assert main([*clip_argv, *TINY, *ck]) == 0
     return root
+
+
+def test_network_widths_default_small_for_latent_heads_and_follow_width(trained):
+    widths = {name: json.loads((trained / name / "config.json").read_text())["width"] for name in
+              ("fidelity", "latent", "latent-clip")}  # fmt: skip
+    assert widths == {"fidelity": 32, "latent": 16, "latent-clip": 8}
 
 
 def test_discriminator_learns_real_from_generated_and_round_trips(trained):
@@ -100,6 +107,7 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
         (["latent", "--teacher", "judge", "--output", "x"], r"`--teacher` must be 'clip', 'clip:<model>' or "),
         (["discriminator", "--real", "/no/such", "--output", "x"], r"`--real` must be 'shapes-world' or a folder"),
         (["discriminator", "--steps", "0", "--output", "x"], r"`--steps` must be >= 1, got 0"),
+        (["latent", "--width", "0", "--output", "x"], r"`--width` must be >= 1, got 0"),
         (["discriminator", "--prompts-file", "/no/file", "--output", "x"], r"`--prompts-file` '/no/file' does not"),
         (
             ["discriminator", "--model", "tiny:flux", "--output", "x"],

@@ -133,3 +133,45 @@ def test_shipped_dynamic_guidance_evaluators_load_and_score_in_the_pipeline():
                   guidance=DynamicGuidance(evaluators=evaluators))  # fmt: skip
     assert result.trace.nfe == 8.0
     assert set(result.trace.extras[0]["candidate_scores"]) == {"fidelity", "latent-clip", "latent-fidelity"}
+
+
+@pytest.mark.parametrize("timestep", [0, 300, 600])
+def test_shipped_latent_clip_head_prefers_the_true_caption_of_noisy_real_latents(heldout, timestep):
+    from dataclasses import replace
+
+    from guidance.evaluators import Candidates
+    from guidance.evaluators.latent import LatentEvaluator
+    from guidance.shapes.assets import ASSETS
+    from guidance.shapes.train import encode_latents
+
+    world, _, scenes, captions = heldout
+    pipe = load_pipeline("shapes-sd")
+    latents = encode_latents(pipe.vae, world.render(scenes, seeded(1)))
+    alpha = pipe.scheduler.alphas_cumprod[timestep]
+    noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * torch.randn(latents.shape, generator=seeded(2))
+    colors = world.values["color"]
+    wrong = [world.caption(replace(s, color=colors[(colors.index(s.color) + 1) % len(colors)])) for s in scenes]
+    head = LatentEvaluator.from_pretrained(ASSETS / "shapes-sd-latent-clip")
+    at = torch.full((len(scenes),), float(timestep))
+    true_score = head.score(Candidates(noisy, at, prompts=captions))
+    wrong_score = head.score(Candidates(noisy, at, prompts=wrong))
+    assert (true_score > wrong_score).float().mean() >= 0.9
+
+
+def test_dynamic_guidance_with_the_shipped_latent_heads_follows_held_out_captions(heldout):
+    from guidance import DynamicGuidance
+    from guidance.evaluators.latent import LatentEvaluator
+    from guidance.shapes.assets import ASSETS
+
+    world, scorer, scenes, captions = heldout
+    heads = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
+    policy = DynamicGuidance(candidates=[5.0, 7.5, 10.0, 15.0], evaluators=heads)
+    pipe = load_pipeline("shapes-sd")
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(0) for _ in captions]
+    result = pipe(captions, num_inference_steps=20, generator=generators, output_type="pt", guidance=policy)
+    accuracy = scorer.accuracy(result.images * 2 - 1, scenes, world)
+    assert accuracy["color"] >= MIN_SD_COLOR and accuracy["shape"] >= MIN_SD_SHAPE
+    assert result.trace.extras[0]["lookahead"] == "next_latent" and result.trace.nfe == 40
+    chosen = result.trace.scales_tensor()
+    assert chosen.min() >= 5.0 and chosen.max() <= 15.0 and chosen.std() > 0  # it does choose, per step and sample
