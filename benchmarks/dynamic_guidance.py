@@ -135,20 +135,19 @@ def main() -> None:
     ]
     errors_of = {}
     for name, (images, trace) in results.items():
-        predicted, labels = scorer.predict(images * 2 - 1), world.labels(truth)
-        correct = {key: (predicted[key] == labels[key]).float() for key in ATTRIBUTES}
-        errors = int(sum((1 - correct[key]).sum().item() for key in FOLLOWED))
-        errors_of[name] = errors
+        accuracy = scorer.accuracy(images * 2 - 1, truth, world)
+        errors = errors_of[name] = round(sum(1 - accuracy[key] for key in FOLLOWED) * len(truth))
         ratio = f"{statistics.median(ratios[name]):.3f}" if name in ratios else "-"
         cost = f"{100 * feedback[name]:.1f}%" if name in feedback else "-"
         lines.append(
-            f"| {name} | " + " | ".join(f"{100 * correct[k].mean():.1f}" for k in ATTRIBUTES) + f" | "
+            f"| {name} | " + " | ".join(f"{100 * accuracy[k]:.1f}" for k in ATTRIBUTES) + f" | "
             f"{100 * (1 - errors / judged):.2f} | {errors} | {clip_score(clip, images, prompts):.2f} | "
             f"{trace.scales_tensor().mean():.2f} | {trace.nfe:g} | {ratio} | {cost} |"
         )
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "dynamic-guidance.md").write_text(table + "\n")
     figure(results, headline, errors_of, judged, out / "dynamic-guidance.png")
 

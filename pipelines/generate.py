@@ -108,8 +108,10 @@ def default_evaluators(args: argparse.Namespace) -> list[str]:
     from guidance.shapes.assets import ASSETS
 
     model = getattr(args, "model", None)
-    heads = [ASSETS / f"{SHAPES_MODELS.get(model)}-latent-{kind}" for kind in ("clip", "fidelity")]
-    return [str(head) for head in heads] if model in SHAPES_MODELS and all(h.is_dir() for h in heads) else ["clip"]
+    if model not in SHAPES_MODELS:
+        return ["clip"]
+    heads = [ASSETS / f"{SHAPES_MODELS[model]}-latent-{kind}" for kind in ("clip", "fidelity")]
+    return [str(head) for head in heads] if all(head.is_dir() for head in heads) else ["clip"]
 
 
 def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
