@@ -12,7 +12,8 @@ from functools import lru_cache
 import torch
 
 from guidance.plot import plot_trace
-from pipelines.generate import DEFAULT_MODEL, METHODS, call_defaults, load_pipeline, make_guidance
+from pipelines.commands.generate import METHODS, make_guidance
+from pipelines.loading import DEFAULT_MODEL, call_defaults, load_pipeline
 
 
 @lru_cache(maxsize=2)

@@ -4,7 +4,8 @@ For each model (shapes-sd, shapes-sd3) and step count (20, 50): every held-out c
 CFG, Adaptive Guidance and LinearAG. Prints NFEs per image, the wall-time ratio to CFG (methods alternated,
 median of repeats), attribute accuracy (the scorer) and the PSNR of each image to the CFG image of the same
 seed. LinearAG uses the coefficients shipped in assets/linear-ag for 20 steps and calibrates itself for other
-step counts. Also draws the per-step similarity gamma_t for a few prompts (assets/ag-similarity.png).
+step counts. Also draws the per-step similarity gamma_t for a few prompts, one figure per model
+(assets/ag-similarity-sd.png, -sd3.png). Writes benchmarks/results/<--name>.md/.json.
 
     python benchmarks/adaptive_guidance.py [--seeds 2] [--steps 20 50] [--scale 7.5] [--thresholds 0.995 0.999]
 """
@@ -21,13 +22,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from heldout import generate, heldout_set  # noqa: E402
+from results import environment, machine, write_results  # noqa: E402
 
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, LinearAdaptiveGuidance  # noqa: E402
-from guidance.calibrate_linear_ag import calibrate  # noqa: E402
-from guidance.shapes.assets import ASSETS, load_pipeline  # noqa: E402
-from guidance.shapes.train import SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
+from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
+from pipelines.commands.calibrate_linear_ag import calibrate  # noqa: E402
+from pipelines.loading import load_shapes_pipeline  # noqa: E402
 
-MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}}
+MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH}}
 ATTRIBUTES = ("color", "shape", "position")
 
 
@@ -36,12 +38,12 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return (10 * torch.log10(1 / mse)).mean().item()
 
 
-def linear_ag(name, pipe, steps, scale, extra):
+def linear_ag(name, pipe, steps, scale, extra, calibration_prompts):
     folder = ASSETS / "linear-ag" / f"{name}-{steps}"
     if folder.is_dir():
         return LinearAdaptiveGuidance.from_pretrained(folder, guidance_scale=scale)
     prompts = (ASSETS / "shapes-calibration-prompts.txt").read_text().split("\n")
-    policy, _ = calibrate(pipe, [p for p in prompts if p], steps, scale, **extra)
+    policy, _ = calibrate(pipe, [p for p in prompts if p][:calibration_prompts], steps, scale, **extra)
     return policy
 
 
@@ -72,30 +74,40 @@ def main() -> None:
     parser.add_argument(
         "--thresholds", type=float, nargs="+", default=None, help="AG thresholds, one row each (default: AG's own)"
     )
-    parser.add_argument("--repeats", type=int, default=2, help="timed repeats per method (alternated)")
-    parser.add_argument("--plot", default=str(ASSETS / "ag-similarity.png"), help="similarity figure path")
+    parser.add_argument("--repeats", type=int, default=4, help="timed rounds of every method")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
+    parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
+    parser.add_argument("--calibration-prompts", type=int, default=200, help="LinearAG calibration trajectories")
+    parser.add_argument("--name", default="adaptive-guidance", help="name of the results files")
+    parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
+    parser.add_argument("--figures", default=str(ASSETS), help="folder for the similarity figures")
     args = parser.parse_args()
-    world, scorer, captions, seeds, truth = heldout_set(args.seeds)
+    env = environment()
+    world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
     thresholds = args.thresholds or [AdaptiveGuidance().config.threshold]
     rows, curves = [], {}
     for name in args.models:
         extra = MODELS[name]
-        pipe = load_pipeline(name)
+        pipe = load_shapes_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
         for steps in args.steps:
             methods = {
                 "CFG": ClassifierFreeGuidance(args.scale),
                 **{f"AG {t:g}": AdaptiveGuidance(args.scale, threshold=t) for t in thresholds},
-                "LinearAG": linear_ag(name, pipe, steps, args.scale, extra),
+                "LinearAG": linear_ag(name, pipe, steps, args.scale, extra, args.calibration_prompts),
             }
-            times = {m: [] for m in methods}
+            # rounds of every method in turn, the order reversed every other round; a method's time ratio is the
+            # median over rounds of its time over the same round's CFG time, so that drifts of the machine cancel
+            ratios = {m: [] for m in methods}
             outputs = {}
-            for _ in range(args.repeats):
-                for method, guidance in methods.items():
-                    images, trace, seconds = generate(pipe, captions, seeds, steps, guidance, **extra)
+            for round_index in range(args.repeats):
+                order = list(methods) if round_index % 2 == 0 else list(methods)[::-1]
+                seconds = {}
+                for method in order:
+                    images, trace, seconds[method] = generate(pipe, captions, seeds, steps, methods[method], **extra)
                     outputs[method] = (images, trace)
-                    times[method].append(seconds)
+                for method in methods:
+                    ratios[method].append(seconds[method] / seconds["CFG"])
             reference = outputs["CFG"][0]
             for method, (images, trace) in outputs.items():
                 accuracy = scorer.accuracy(images * 2 - 1, truth, world)
@@ -105,26 +117,31 @@ def main() -> None:
                         "steps": steps,
                         "method": method,
                         "nfe": trace.nfe,
-                        "time_ratio": statistics.median(times[method]) / statistics.median(times["CFG"]),
+                        "time_ratio": statistics.median(ratios[method]),
                         **{k: 100 * accuracy[k] for k in ATTRIBUTES},
                         "psnr": psnr(images, reference) if method != "CFG" else float("inf"),
                     }
                 )
             if steps == args.steps[0]:
+                probes = captions[:: max(1, len(captions) // 4)][:4]  # four different held-out combinations
                 for compared in ("x0", "prediction", "xt_minus_prediction"):
                     probe = AdaptiveGuidance(args.scale, threshold=1.0, compared=compared)
-                    _, trace, _ = generate(pipe, captions[:4], [0], steps, probe, **extra)
-                    curves[f"{name}: {compared}"] = {
-                        captions[b][2:24]: [step["similarity"][b] for step in trace.extras] for b in range(4)
+                    _, trace, _ = generate(pipe, probes, [0], steps, probe, **extra)
+                    curves.setdefault(name, {})[compared] = {
+                        probes[b].removeprefix("a "): [step["similarity"][b] for step in trace.extras]
+                        for b in range(len(probes))
                     }
-                    print(
-                        f"{name} {compared}: gamma_t of prompt 0 "
-                        + " ".join(f"{g:.4f}" for g in curves[f"{name}: {compared}"][captions[0][2:24]])
-                    )
             print(f"{name} {steps} steps: done", flush=True)
 
     header = "| model | steps | method | NFE | NFE ratio | time ratio | color | shape | position | PSNR to CFG (dB) |"
-    lines = [header, "| --- " * 10 + "|"]
+    lines = [
+        f"{len(captions)} held-out captions x {len(seeds)} seeds, scale {args.scale}, {machine(env)}; time ratio: "
+        f"median over {args.repeats} rounds (order reversed every other round) of the wall time over the same "
+        "round's CFG time.",
+        "",
+        header,
+        "| --- " * 10 + "|",
+    ]
     for row in rows:
         cfg_nfe = next(r["nfe"] for r in rows if r["model"] == row["model"] and r["steps"] == row["steps"])
         lines.append(
@@ -132,10 +149,17 @@ def main() -> None:
             f"{row['time_ratio']:.3f} | {row['color']:.1f} | {row['shape']:.1f} | {row['position']:.1f} | "
             f"{row['psnr']:.1f} |"
         )
-    print(f"{len(captions)} held-out captions x {len(seeds)} seeds, scale {args.scale}")
-    print("\n".join(lines))
-    keep = {k: v for k, v in curves.items() if k.endswith(": x0") or k.endswith(": prediction")}
-    similarity_plot(keep if len(keep) > 1 else curves, args.plot)
+    for name, per_quantity in curves.items():
+        for compared, per_prompt in per_quantity.items():
+            first = next(iter(per_prompt.values()))
+            lines.append(f"\n{name} {compared}: gamma_t of prompt 0: " + " ".join(f"{g:.4f}" for g in first))
+    table = "\n".join(lines)
+    print(table)
+    write_results(args.name, table, {"rows": rows, "similarity": curves}, args.out, env)
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    for name, per_quantity in curves.items():
+        shown = {f"{name}: {q}": per_quantity[q] for q in ("x0", "prediction")}
+        similarity_plot(shown, Path(args.figures) / f"ag-similarity-{name.removeprefix('shapes-')}.png")
 
 
 if __name__ == "__main__":

@@ -6,8 +6,8 @@ wall-time ratio to constant CFG 7.5. Methods: CFG at each fixed scale; DynamicGu
 adaptive weights) with latent evaluators (the distilled heads on the next latent, no decode) and with pixel
 evaluators (decoding every candidate's x0), each with the paper's candidates and with `--candidates`; and the
 paper's ablation, the mean dynamic schedule (per-step mean of the chosen scales of the latent `--candidates` run)
-applied to every prompt. Writes a table (stdout and assets/dynamic-guidance.md) and a figure
-(assets/dynamic-guidance.png).
+applied to every prompt. Also the FLOPs of one latent head and of the UNet per latent. Writes the table and data
+(benchmarks/results/dynamic-guidance.md/.json) and a figure (assets/dynamic-guidance.png).
 
     python benchmarks/dynamic_guidance.py [--seeds 8] [--candidates 5 7.5 10 15]
 """
@@ -21,18 +21,20 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers.configuration_utils import register_to_config
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from heldout import generate, heldout_set  # noqa: E402
+from results import environment, machine, write_results  # noqa: E402
 
 from guidance import ClassifierFreeGuidance, DynamicGuidance  # noqa: E402
 from guidance.evaluators import ClipEvaluator  # noqa: E402
 from guidance.evaluators.discriminator import FidelityDiscriminator  # noqa: E402
 from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
-from guidance.shapes.assets import ASSETS, load_pipeline  # noqa: E402
+from guidance.scales import StepScale  # noqa: E402
+from guidance.shapes.assets import ASSETS  # noqa: E402
+from pipelines.loading import load_shapes_pipeline  # noqa: E402
 
 FIXED = [1.0, 3.0, 5.0, 7.5, 10.0, 12.0, 15.0]
 PAPER_CANDIDATES = (1.0, 3.0, 7.5, 11.0, 15.0)
@@ -54,15 +56,24 @@ class TimedDynamicGuidance(DynamicGuidance):
             self.seconds += time.perf_counter() - start
 
 
-class StepScales(ClassifierFreeGuidance):
-    """CFG with a given scale per step (the mean dynamic schedule)."""
+class PerStepScale(StepScale):
+    """A given scale per step (the mean dynamic schedule)."""
 
-    @register_to_config
-    def __init__(self, scales: list[float] = (7.5,)):
-        super().__init__(guidance_scale=max(scales))
+    def __init__(self, scales: list[float]):
+        super().__init__()
+        self.scales = list(scales)
 
-    def scale_at(self, step):
-        return self.config.scales[step.step_index]
+    def value(self, step):
+        return self.scales[step.step_index]
+
+
+def megaflops(module, *inputs) -> float:
+    """Forward FLOPs of `module` on these inputs, in millions (torch's FLOP counter: matmuls and convolutions)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(*inputs)
+    return counter.get_total_flops() / 1e6
 
 
 def clip_score(clip: ClipEvaluator, images: torch.Tensor, prompts: list[str]) -> float:
@@ -84,11 +95,14 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=6, help="timing: rounds of CFG 7.5 and every dynamic row")
     parser.add_argument("--timing-seeds", type=int, default=1, help="timing: seeds per held-out caption")
-    parser.add_argument("--out", default=str(ASSETS), help="folder for the table and figure")
+    parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
+    parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
+    parser.add_argument("--figures", default=str(ASSETS), help="folder for the figure")
     args = parser.parse_args()
-    world, scorer, captions, seeds, truth = heldout_set(args.seeds)
+    env = environment()
+    world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
     prompts = [caption for _ in seeds for caption in captions]
-    pipe = load_pipeline("shapes-sd")
+    pipe = load_shapes_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
     clip = ClipEvaluator()
     pixel = [ClipEvaluator(), FidelityDiscriminator.from_pretrained(ASSETS / "shapes-sd-fidelity")]
@@ -106,7 +120,8 @@ def main() -> None:
         if isinstance(policy, TimedDynamicGuidance):
             feedback[name] = policy.seconds / (seconds - policy.seconds)
     mean_schedule = results[headline][1].scales_tensor().mean(1).tolist()
-    results["mean dynamic schedule"] = generate(pipe, captions, seeds, args.steps, StepScales(mean_schedule))[:2]
+    mean_policy = ClassifierFreeGuidance(PerStepScale(mean_schedule))
+    results["mean dynamic schedule"] = generate(pipe, captions, seeds, args.steps, mean_policy)[:2]
     # wall time: rounds of CFG 7.5 and every dynamic row, in turn (order reversed every other round); a row's ratio
     # is the median over rounds of its time over the same round's CFG time, so that drifts of the machine cancel
     timed = ["CFG 7.5"] + list(feedback)
@@ -124,7 +139,7 @@ def main() -> None:
         f"(position is at chance for every method on shapes-sd); errors: wrong attributes of those {judged}. "
         "CLIP score: 100 cos with the shapes-world CLIP. Dynamic: CLIP + fidelity evaluators, adaptive weights; "
         "latent heads score the next latent, pixel evaluators the decoded x0. Time ratio: wall time over CFG 7.5's on "
-        f"2 CPU cores, median over {args.repeats} rounds of the timed rows in turn "
+        f"{machine(env)}, median over {args.repeats} rounds of the timed rows in turn "
         f"({len(captions) * args.timing_seeds} images each; fixed scales cost CFG's time, CFG 1 half its NFEs). "
         "Feedback cost: the time spent choosing (look-ahead, evaluators, choice: all that dynamic guidance adds to "
         "CFG) over the rest of its own run.",
@@ -144,12 +159,32 @@ def main() -> None:
             f"{100 * (1 - errors / judged):.2f} | {errors} | {clip_score(clip, images, prompts):.2f} | "
             f"{trace.scales_tensor().mean():.2f} | {trace.nfe:g} | {ratio} | {cost} |"
         )
+    latent_in = torch.zeros(1, 4, pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    text = torch.zeros(1, 16, pipe.unet.config.cross_attention_dim)
+    flops = {
+        "unet_per_latent": megaflops(pipe.unet, latent_in, torch.tensor([500]), text),
+        **{head.name: megaflops(head.network, latent_in, torch.tensor([500.0])) for head in latent},
+    }
+    lines += ["", "Forward MFLOP per latent: " + ", ".join(f"{k} {v:.1f}" for k, v in flops.items())]
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "dynamic-guidance.md").write_text(table + "\n")
-    figure(results, headline, errors_of, judged, out / "dynamic-guidance.png")
+    data = {
+        "rows": {
+            name: {
+                "errors": errors_of[name],
+                "nfe": trace.nfe,
+                "mean_scale": trace.scales_tensor().mean().item(),
+                "time_ratio": statistics.median(ratios[name]) if name in ratios else None,
+                "feedback_cost": feedback.get(name),
+            }
+            for name, (_, trace) in results.items()
+        },  # fmt: skip
+        "mean_schedule": mean_schedule,
+        "megaflops": flops,
+    }
+    write_results("dynamic-guidance", table, data, args.out, env)
+    Path(args.figures).mkdir(parents=True, exist_ok=True)
+    figure(results, headline, errors_of, judged, Path(args.figures) / "dynamic-guidance.png")
 
 
 def figure(results, headline, errors, judged, path):

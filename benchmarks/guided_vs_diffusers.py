@@ -22,6 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from results import environment, machine, write_results  # noqa: E402
+
 from guidance import ClassifierFreeGuidance  # noqa: E402
 from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline  # noqa: E402
 from pipelines.tiny import tiny_components  # noqa: E402
@@ -56,8 +58,9 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=7.5, help="CFG scale")
     parser.add_argument("--height", type=int, default=32, help="image size in pixels (square)")
     parser.add_argument("--batch", type=int, default=1, help="images per call")
-    parser.add_argument("--repeats", type=int, default=15, help="timed rounds (each runs every variant once)")
+    parser.add_argument("--repeats", type=int, default=40, help="timed rounds (each runs every variant once)")
     parser.add_argument("--output-type", default="np", help="pipeline output type ('latent' times denoising only)")
+    parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     args = parser.parse_args()
 
     diffusers.utils.logging.set_verbosity_error()
@@ -98,13 +101,27 @@ def main() -> None:
         for name, run in variants.items():
             times[name].append(timed(run))
     base = times["diffusers CFG"]
-    print(f"model={args.model} device={args.device} dtype={args.dtype} steps={args.steps} size={args.height}px")
-    print(f"batch={args.batch} repeats={args.repeats} output_type={args.output_type}")
-    print(f"{'variant':30s} {'median s':>9s} {'ratio':>7s} {'NFE':>5s} {'NFE ratio':>9s}")
+    env = environment(args.device)
+    lines = [
+        f"{args.model}, {args.steps} steps, {args.height}px, batch {args.batch}, {args.dtype}, "
+        f"output {args.output_type}, "
+        f"{machine(env)}; {args.repeats} alternated rounds: median seconds, median of the per-round ratios to "
+        "diffusers' own pipeline",
+        "",
+        "| variant | median s | time ratio | NFE | NFE ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rows = {}
     for name, values in times.items():
         ratio = statistics.median(value / b for value, b in zip(values, base, strict=True))
-        nfe_ratio = nfe[name] / nfe["diffusers CFG"]
-        print(f"{name:30s} {statistics.median(values):9.4f} {ratio:7.3f} {nfe[name]:5.0f} {nfe_ratio:9.3f}")
+        rows[name] = {"seconds": statistics.median(values), "time_ratio": ratio, "nfe": nfe[name]}
+        lines.append(
+            f"| {name} | {statistics.median(values):.4f} | {ratio:.3f} | {nfe[name]:g} | "
+            f"{nfe[name] / nfe['diffusers CFG']:.3f} |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    write_results(f"guided-vs-diffusers-{args.model}-{args.device.split(':')[0]}", table, rows, args.out, env)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from guidance.shapes.assets import load_scorer, load_world  # noqa: E402
 
 
-def heldout_set(num_seeds: int):
-    """(world, scorer, held-out captions, seeds, the scene of every generated image in `generate`'s order)."""
+def heldout_set(num_seeds: int, num_captions: int | None = None):
+    """(world, scorer, held-out captions, seeds, the scene of every generated image in `generate`'s order); the
+    first `num_captions` captions only when given (smoke runs)."""
     import diffusers
 
     diffusers.utils.logging.set_verbosity_error()
     world, scorer = load_world(), load_scorer()
-    heldout = world.heldout_scenes()
+    heldout = world.heldout_scenes()[:num_captions]
     seeds = list(range(num_seeds))
     return world, scorer, [world.caption(s) for s in heldout], seeds, heldout * num_seeds
 

@@ -24,12 +24,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from guided_vs_diffusers import build  # noqa: E402
+from results import environment, machine, write_results  # noqa: E402
 
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance  # noqa: E402
-from guidance.calibrate_linear_ag import calibrate  # noqa: E402
 from guidance.evaluators import RewardEvaluator  # noqa: E402
 from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
 from guidance.evaluators.networks import ConvEncoder  # noqa: E402
+from pipelines.commands.calibrate_linear_ag import calibrate  # noqa: E402
 
 
 def methods(pipe, steps: int, scale: float, device: str, dtype: torch.dtype) -> dict:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per method (alternated)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--dtype", default="float16", help="torch dtype of the models")
+    parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     _, pipe = build(args.model, args.device, dtype)  # the guided pipeline of guided_vs_diffusers.py
@@ -80,15 +82,24 @@ def main() -> None:
             seconds, nfes[name] = run(policy)
             times[name].append(seconds)
     cfg_time = statistics.median(times["CFG"])
-    print(f"{args.model}, batch {args.batch_size}, {args.steps} steps, {args.dtype}, {args.device}, "
-          f"median of {args.repeats}; latents out (no final decode)")  # fmt: skip
-    print("| method | NFE/image | NFE ratio | seconds | time ratio |")
-    print("| --- | --- | --- | --- | --- |")
+    env = environment(args.device)
+    lines = [
+        f"{args.model}, batch {args.batch_size}, {args.steps} steps, {args.dtype}, {machine(env)}, median of "
+        f"{args.repeats} alternated repeats; latents out (no final decode)",
+        "",
+        "| method | NFE/image | NFE ratio | seconds | time ratio |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    rows = {}
     for name in policies:
         median = statistics.median(times[name])
-        print(
+        rows[name] = {"nfe": nfes[name], "seconds": median, "time_ratio": median / cfg_time}
+        lines.append(
             f"| {name} | {nfes[name]:.1f} | {nfes[name] / nfes['CFG']:.3f} | {median:.3f} | {median / cfg_time:.3f} |"
         )
+    table = "\n".join(lines)
+    print(table)
+    write_results(f"methods-at-scale-{args.model}-{args.device.split(':')[0]}", table, rows, args.out, env)
 
 
 if __name__ == "__main__":

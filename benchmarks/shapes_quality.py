@@ -3,8 +3,8 @@
 For each model (shapes-sd, shapes-sd3) and guidance scale, generate every held-out caption (attribute
 combinations never seen in training) for several seeds, and judge the images with the attribute scorer.
 Also: the scorer's own accuracy and the open_clip model's caption-retrieval top-1 on real held-out images, and
-the wall time of 8 images at 20 steps with CFG. Writes a table (stdout and assets/shapes-quality.md), an
-accuracy-vs-scale plot and an image grid.
+the wall time of 8 images at 20 steps with CFG. Writes the table and data (benchmarks/results/shapes-quality.md/.json),
+an accuracy-vs-scale plot and an image grid (assets/).
 
     python benchmarks/shapes_quality.py [--seeds 2] [--steps 20]
 """
@@ -12,7 +12,6 @@ accuracy-vs-scale plot and an image grid.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,13 +20,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from heldout import generate, heldout_set  # noqa: E402
+from results import environment, machine, write_results  # noqa: E402
 
 from guidance import ClassifierFreeGuidance  # noqa: E402
-from guidance.shapes.assets import ASSETS, asset_path, load_pipeline  # noqa: E402
-from guidance.shapes.train import SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
+from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH, asset_path  # noqa: E402
+from pipelines.loading import load_shapes_pipeline  # noqa: E402
 
 SCALES = [1.0, 3.0, 5.0, 7.5, 10.0]
-MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SD3_MAX_SEQUENCE_LENGTH}}
+MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH}}
 REPORTED = ("color", "shape", "position", "size", "background")
 GRID = [k * 6 + k % 6 for k in range(8)]  # one caption per held-out triple, sizes and backgrounds varied
 
@@ -55,9 +55,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=2, help="seeds per held-out caption")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
-    parser.add_argument("--out", default=str(ASSETS), help="folder for the table, plot and grid")
+    parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
+    parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
+    parser.add_argument("--figures", default=str(ASSETS), help="folder for the plot and the grid")
     args = parser.parse_args()
-    world, scorer, captions, seeds, truth = heldout_set(args.seeds)
+    env = environment()
+    world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
 
     real = world.render(truth, torch.Generator().manual_seed(7))
     results = {
@@ -66,13 +69,13 @@ def main() -> None:
     }
     grids = {}
     for name, extra in MODELS.items():
-        pipe = load_pipeline(name)
+        pipe = load_shapes_pipeline(name)
         pipe.set_progress_bar_config(disable=True)
         results[name] = {}
         for scale in SCALES:
             images = generate(pipe, captions, seeds, args.steps, ClassifierFreeGuidance(scale), **extra)[0] * 2 - 1
             results[name][scale] = scorer.accuracy(images, truth, world)
-            grids.setdefault(name, []).append(images[GRID])
+            grids.setdefault(name, []).append(images[[i for i in GRID if i < len(captions)]])
         generate(pipe, captions[:8], [0], args.steps, ClassifierFreeGuidance(7.5), **extra)  # warm-up
         seconds = generate(pipe, captions[:8], [0], args.steps, ClassifierFreeGuidance(7.5), **extra)[2]
         results[name]["seconds_8_images"] = seconds
@@ -94,16 +97,16 @@ def main() -> None:
         "Scorer on real held-out images: " + ", ".join(f"{k} {100 * real_row[k]:.1f}%" for k in REPORTED),
         f"open_clip caption retrieval top-1 on real held-out images (among all {len(world.all_scenes())} captions): "
         f"{100 * results['clip_top1']:.1f}%",
-        "8 images, 20 steps, CFG 7.5, 2 CPU cores: "
+        f"{min(8, len(captions))} images, {args.steps} steps, CFG 7.5, {machine(env)}: "
         + ", ".join(f"{name} {results[name]['seconds_8_images']:.2f} s" for name in MODELS),
     ]
     table = "\n".join(lines)
     print(table)
-    out = Path(args.out)
-    (out / "shapes-quality.md").write_text(table + "\n")
-    (out / "shapes-quality.json").write_text(json.dumps(results, indent=1, default=str))
-    plot(results, out / "shapes-accuracy.png")
-    grid(grids, [captions[i] for i in GRID], out / "shapes-grid.png")
+    write_results("shapes-quality", table, results, args.out, env)
+    figures = Path(args.figures)
+    figures.mkdir(parents=True, exist_ok=True)
+    plot(results, figures / "shapes-accuracy.png")
+    grid(grids, [captions[i] for i in GRID if i < len(captions)], figures / "shapes-grid.png")
 
 
 def plot(results, path):

@@ -1,22 +1,55 @@
-"""Guidance schedulers: per-step decisions about classifier-free guidance for diffusers pipelines."""
+"""Guidance schedulers: per-step decisions about classifier-free guidance for diffusers pipelines.
 
-from .adaptive import AdaptiveGuidance
-from .cfg import ClassifierFreeGuidance
-from .dynamic import DynamicGuidance
-from .linear_ag import LinearAdaptiveGuidance
+A policy is composed of parts: which rows run the unconditional pass (a guidance interval, `AdaptiveSkip`,
+`LinearAGSkip`), which scale each guided row gets (a number, `ScheduledScale`, `DynamicScale`, `GuiderScale`) and
+which weights compute the unconditional branch (`SeparateModel`, `SwitchedModel`). The classes named after a
+method are shorthands for common compositions.
+"""
+
+from .adaptive import AdaptiveGuidance, AdaptiveSkip
+from .cfg import ClassifierFreeGuidance, ComposedGuidance, UnconditionalSkip
+from .diffusers_guider import GuiderScale
+from .dynamic import DynamicGuidance, DynamicScale
+from .linear_ag import LinearAdaptiveGuidance, LinearAGSkip
+from .scales import ConstantScale, GuidanceScale, ScheduledScale
 from .scheduled import ScheduledGuidance
-from .scheduler import BRANCH_NAMES, BranchRequest, GuidanceScheduler, GuidanceStep
+from .scheduler import (
+    BRANCH_NAMES,
+    BranchRequest,
+    GuidancePart,
+    GuidanceRun,
+    GuidanceScheduler,
+    GuidanceStep,
+    GuidedPrediction,
+)
 from .trace import GuidanceTrace
+from .unconditional import BaseModel, SeparateModel, SwitchedModel, UnconditionalModel
 
 __all__ = [
     "AdaptiveGuidance",
+    "AdaptiveSkip",
     "BRANCH_NAMES",
+    "BaseModel",
     "BranchRequest",
     "ClassifierFreeGuidance",
+    "ComposedGuidance",
+    "ConstantScale",
     "DynamicGuidance",
+    "DynamicScale",
+    "GuidanceRun",
+    "GuidancePart",
+    "GuidanceScale",
     "GuidanceScheduler",
     "GuidanceStep",
     "GuidanceTrace",
+    "GuidedPrediction",
+    "GuiderScale",
+    "LinearAGSkip",
     "LinearAdaptiveGuidance",
     "ScheduledGuidance",
+    "ScheduledScale",
+    "SeparateModel",
+    "SwitchedModel",
+    "UnconditionalModel",
+    "UnconditionalSkip",
 ]

@@ -1,65 +1,184 @@
-"""Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, eq. 6) with a guidance interval."""
+"""Classifier-free guidance (Ho & Salimans, arXiv 2207.12598, eq. 6), composed of independent parts.
+
+`eps = eps_u + w (eps_c - eps_u)`, where three questions are answered by three parts:
+- which rows run the unconditional pass at a step: inside the guidance interval [start, stop] (Kynkäänniemi et al.,
+  arXiv 2404.07724), minus what a skipping rule (`skip`) removes: AG's converged rows, LinearAG's synthesised steps;
+- which scale `w` each guided row gets (`guidance_scale`): a number, a schedule, or a dynamic per-step choice;
+- which weights compute `eps_u` (`unconditional`): the base model, another model, or switched weights (an adapter).
+Every shipped method is this class with some parts set; any combination of parts is a policy.
+"""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .scheduler import BranchRequest, GuidanceScheduler, GuidanceStep, check_fraction, check_scale
+from .scales import GuidanceScale, as_scale
+from .scheduler import (
+    BranchRequest,
+    GuidancePart,
+    GuidanceRun,
+    GuidanceScheduler,
+    GuidanceStep,
+    GuidedPrediction,
+    check_fraction,
+    coverage,
+)
+from .unconditional import BASE_MODEL, UnconditionalModel
 
 
-class ClassifierFreeGuidance(GuidanceScheduler):
+class UnconditionalSkip(GuidancePart):
+    """A skipping rule: which rows run the unconditional pass, and what stands in for the passes that did not run
+    (nothing, so the row goes unguided; or an estimate of `eps_u`)."""
+
+    def check_interval(self, start: float, stop: float) -> None:
+        """Raise when the rule cannot work inside the guidance interval [start, stop]."""
+
+    def rows(self, step: GuidanceStep, needed: bool) -> torch.Tensor:
+        """Bool mask (batch,) of the rows whose unconditional pass runs; `needed` says whether the step is guided."""
+        raise NotImplementedError
+
+    def complete(
+        self, step: GuidanceStep, request: BranchRequest, cond: torch.Tensor, uncond: torch.Tensor | None, needed: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor, dict]:
+        """(unconditional prediction to use, bool mask of the rows to guide, trace extras) after the passes ran."""
+        raise NotImplementedError
+
+
+def classifier_free(
+    pred_cond: torch.Tensor, pred_uncond: torch.Tensor, w: float | torch.Tensor, guidance_rescale: float = 0.0
+) -> torch.Tensor:
+    """`pred_u + w (pred_c - pred_u)`, as diffusers writes it, then the std rescaling of Lin et al. (arXiv 2305.08891,
+    sec. 3.4) per row when `guidance_rescale > 0`; `w` a number or one value per row."""
+    guided = pred_uncond + w * (pred_cond - pred_uncond)
+    if guidance_rescale > 0:
+        from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+        guided = rescale_noise_cfg(guided, pred_cond, guidance_rescale=guidance_rescale)
+    return guided
+
+
+class ComposedGuidance(GuidanceScheduler):
+    """The mechanics shared by every CFG policy: interval, scale rule, skipping rule and unconditional model.
+
+    Subclasses call `_compose` from their constructor with the parts their arguments describe.
+    """
+
+    ignore_for_config = ["unconditional", "evaluators", "decoder"]
+
+    def _compose(
+        self,
+        scale: float | GuidanceScale,
+        guidance_rescale: float = 0.0,
+        start: float = 0.0,
+        stop: float = 1.0,
+        skip: UnconditionalSkip | None = None,
+        unconditional: UnconditionalModel | None = None,
+    ) -> None:
+        self.scale = as_scale(scale)
+        self.guidance_rescale = check_fraction("guidance_rescale", guidance_rescale)
+        self.start, self.stop = check_fraction("start", start), check_fraction("stop", stop)
+        if start > stop:
+            raise ValueError(f"`start` must be <= `stop` (a guidance interval [start, stop]), got {start} > {stop}")
+        if skip is not None and not isinstance(skip, UnconditionalSkip):
+            raise TypeError(
+                f"`skip` must be an UnconditionalSkip (e.g. AdaptiveSkip) or None, got {type(skip).__name__}"
+            )
+        self.skip = skip
+        if skip is not None:
+            skip.check_interval(self.start, self.stop)
+        if unconditional is not None and not isinstance(unconditional, UnconditionalModel):
+            raise TypeError(
+                f"`unconditional` must be an UnconditionalModel (e.g. SeparateModel) or None, got "
+                f"{type(unconditional).__name__}"
+            )
+        self.unconditional = unconditional or BASE_MODEL
+
+    @property
+    def parts(self) -> list[GuidancePart]:
+        return [self.scale] if self.skip is None else [self.scale, self.skip]
+
+    def reset(self, run: GuidanceRun) -> None:
+        for part in self.parts:
+            part.reset(run)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """The config (parts included) and whatever the parts keep besides (LinearAG's coefficients)."""
+        super().save_pretrained(save_directory, **kwargs)
+        for part in self.parts:
+            part.save_tensors(save_directory)
+
+    def load_tensors(self, folder: str | os.PathLike) -> None:
+        for part in self.parts:
+            part.load_tensors(folder)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **objects):
+        policy = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **objects)
+        policy.load_tensors(Path(pretrained_model_name_or_path) / (subfolder or ""))
+        return policy
+
+    def inside(self, step: GuidanceStep) -> bool:
+        """Whether this step lies in the guidance interval."""
+        return self.start <= step.progress <= self.stop
+
+    def needs_uncond(self, step: GuidanceStep) -> bool:
+        """Whether the step is guided: inside the interval, at a scale that needs the unconditional prediction."""
+        return self.inside(step) and self.scale.needs_uncond(step)
+
+    def branches(self, step: GuidanceStep) -> BranchRequest:
+        needed = self.needs_uncond(step)
+        rows = needed if self.skip is None else self.skip.rows(step, needed)
+        return BranchRequest.full(step.batch_size, uncond=rows)
+
+    def combine(self, step, request, predictions) -> GuidedPrediction:
+        cond, uncond = predictions["cond"], predictions.get("uncond")
+        if self.skip is None:
+            rows, extras = request.uncond, {}
+        else:
+            uncond, rows, extras = self.skip.complete(step, request, cond, uncond, self.needs_uncond(step))
+        covered = request.coverage("uncond") if rows is request.uncond else coverage(rows)
+        if uncond is None or covered == "none":
+            return GuidedPrediction(cond, torch.ones(step.batch_size), extras)
+        rows = None if covered == "all" else rows
+        guided, scales, scale_extras = self.scale.apply(step, cond, uncond, rows, self.classifier_free)
+        return GuidedPrediction(guided, scales, {**extras, **scale_extras})
+
+    def classifier_free(self, pred_cond, pred_uncond, w) -> torch.Tensor:
+        """This policy's combination of the two predictions at scale `w` (with its `guidance_rescale`)."""
+        return classifier_free(pred_cond, pred_uncond, w, self.guidance_rescale)
+
+    def __repr__(self) -> str:
+        text = super().__repr__()
+        if self.unconditional is not BASE_MODEL:
+            text = f"{text[:-1]}, unconditional={self.unconditional!r})"
+        return text
+
+
+class ClassifierFreeGuidance(ComposedGuidance):
     """`eps = eps_u + w (eps_c - eps_u)` inside a guidance interval, conditional pass only outside it.
 
     Args:
-        guidance_scale: `w`, a finite number >= 0. At `w == 1` only the conditional branch runs (as in diffusers).
+        guidance_scale: `w`, a finite number >= 0 (at `w == 1` only the conditional branch runs, as in diffusers),
+            or a scale rule: `ScheduledScale`, `DynamicScale`.
         guidance_rescale: std rescaling of the guided prediction (0 disables it), as diffusers' argument.
-        start, stop: the guidance interval, as fractions of sampling progress (0 = first step, 1 = last step),
-            in the spirit of Kynkäänniemi et al. (arXiv 2404.07724). Outside it the unconditional pass is not run.
+        start, stop: the guidance interval, as fractions of the run's timesteps (0 = first evaluation, 1 = last).
+            Outside it the unconditional pass is not run.
+        skip: a skipping rule (`AdaptiveSkip`, `LinearAGSkip`) or None (every guided step runs the pass).
+        unconditional: the model of the unconditional branch (`SeparateModel`, `SwitchedModel`); None: the base.
     """
 
     @register_to_config
     def __init__(
-        self, guidance_scale: float = 7.5, guidance_rescale: float = 0.0, start: float = 0.0, stop: float = 1.0
+        self,
+        guidance_scale: float | GuidanceScale = 7.5,
+        guidance_rescale: float = 0.0,
+        start: float = 0.0,
+        stop: float = 1.0,
+        skip: UnconditionalSkip | None = None,
+        unconditional: UnconditionalModel | None = None,
     ):
-        check_scale("guidance_scale", guidance_scale)
-        check_fraction("guidance_rescale", guidance_rescale)
-        check_fraction("start", start)
-        check_fraction("stop", stop)
-        if start > stop:
-            raise ValueError(f"`start` must be <= `stop` (a guidance interval [start, stop]), got {start} > {stop}")
-
-    def scale_at(self, step: GuidanceStep) -> float:
-        """The guidance scale `w` at this step; subclasses schedule it."""
-        return self.config.guidance_scale
-
-    def guided_at(self, step: GuidanceStep) -> bool:
-        """Whether this step lies in the guidance interval and its scale needs the unconditional pass."""
-        inside = self.config.start <= step.progress <= self.config.stop
-        return inside and self.scale_at(step) != 1.0
-
-    def branches(self, step: GuidanceStep) -> BranchRequest:
-        return BranchRequest.full(step.latents.shape[0], uncond=self.guided_at(step))
-
-    def combine(
-        self, step: GuidanceStep, request: BranchRequest, predictions: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        pred_cond = predictions["cond"]
-        if not request.uncond.any():
-            return pred_cond, torch.ones(pred_cond.shape[0])
-        w = self.scale_at(step)
-        guided = self.guide(pred_cond, predictions["uncond"], w)
-        if not request.uncond.all():
-            rows = request.uncond.to(guided.device).view(-1, *([1] * (guided.ndim - 1)))
-            guided = torch.where(rows, guided, pred_cond)
-        return guided, torch.where(request.uncond, w, 1.0)
-
-    def guide(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, w: float | torch.Tensor) -> torch.Tensor:
-        """`pred_u + w (pred_c - pred_u)` with the configured std rescaling; `w` a number or one per row."""
-        guided = pred_uncond + w * (pred_cond - pred_uncond)
-        if self.config.guidance_rescale > 0:
-            from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
-
-            # std rescaling of Lin et al. (arXiv 2305.08891, sec. 3.4), as diffusers applies it, per row
-            guided = rescale_noise_cfg(guided, pred_cond, guidance_rescale=self.config.guidance_rescale)
-        return guided
+        self._compose(guidance_scale, guidance_rescale, start, stop, skip, unconditional)

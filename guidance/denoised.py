@@ -1,31 +1,86 @@
-"""One-step estimates from a model prediction: the denoised latent x0 a policy can look at or score."""
+"""The forward process and its one-step inverse, for every diffusers scheduler family: noised latents for
+training, and the denoised estimate x0 a policy can compare or score.
+
+Three parameterisations of a noisy latent `x` at noise level `sigma`:
+- flow matching (SD3, Flux; FlowMatch schedulers, `use_flow_sigmas`): `x = (1 - sigma) x0 + sigma eps`, the model
+  predicts the velocity `v = eps - x0`;
+- sigma-scaled (Euler, Heun, LMS, ...: `init_noise_sigma > 1`): `x = x0 + sigma eps` (Karras et al. 2022), which is
+  `sqrt(1 + sigma^2)` times a variance-preserving latent with `alpha_t = 1 / sqrt(1 + sigma^2)`;
+- variance-preserving (DDIM, PNDM, DPM-Solver, UniPC, DEIS): `x = alpha_t x0 + sigma_t eps`, `alpha_t^2 =
+  alpha_bar_t`; schedulers that keep `sigmas` store `sigma_t / alpha_t` there, used as is (Karras spacing rounds
+  the timesteps, not the sigmas).
+"""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 
 from .scheduler import GuidanceStep
 
 
-def predict_x0(step: GuidanceStep, prediction: torch.Tensor) -> torch.Tensor:
-    """x0 estimate at this step for the pipeline's scheduler and prediction type.
+def copy_scheduler(scheduler):
+    """A diffusers scheduler to step without touching `scheduler`: its state containers (multistep histories, counters)
+    are copied; tensors and other objects are shared, since schedulers replace them rather than change them in place
+    (a Brownian-tree noise sampler, DPM-Solver SDE's, cannot be copied and answers the same query with the same
+    noise). Much cheaper than `copy.deepcopy`, which copies every schedule tensor and the config."""
+    fresh = copy.copy(scheduler)
+    for name, value in vars(scheduler).items():
+        if isinstance(value, (list, dict)) and name != "_internal_dict":
+            setattr(fresh, name, copy.copy(value))
+    return fresh
 
-    Flow matching (SD3, Flux): `x_t = (1 - sigma) x0 + sigma eps`, the model predicts `v = eps - x0`.
-    Sigma-scaled schedulers (Euler, `init_noise_sigma > 1`): `x_t = x0 + sigma eps` (Karras et al. 2022).
-    Variance-preserving schedulers (DDIM, DDPM, PNDM, DPM-Solver): `x_t = sqrt(a) x0 + sqrt(1 - a) eps`.
-    """
-    scheduler, x = step.scheduler, step.latents
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if "FlowMatch" in type(scheduler).__name__:
-        return x - step.sigma.to(x) * prediction
+
+def is_flow_matching(scheduler) -> bool:
+    config = scheduler.config
+    return (
+        "FlowMatch" in type(scheduler).__name__
+        or config.get("prediction_type") == "flow_prediction"
+        or bool(config.get("use_flow_sigmas", False))
+    )
+
+
+def variance_preserving_coefficients(step: GuidanceStep, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(input scale, alpha_t, sigma_t): `input scale * x` is the variance-preserving `alpha_t x0 + sigma_t eps`."""
+    scheduler, sigma = step.scheduler, step.sigma
+    if sigma is not None:
+        sigma = sigma.to(like.device, like.dtype)
+        alpha = (1 + sigma**2).rsqrt()
+        scale = alpha if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 else torch.ones_like(alpha)
+        return scale, alpha, sigma * alpha
+    alpha_bar = scheduler.alphas_cumprod.to(like.device)[int(step.timestep)].to(like.dtype)
+    return torch.ones_like(alpha_bar), alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+
+def predict_x0(step: GuidanceStep, prediction: torch.Tensor) -> torch.Tensor:
+    """The x0 estimate of `prediction` at this step, for the run's scheduler and its prediction type."""
+    x = step.latents
+    if is_flow_matching(step.scheduler):
+        return x - step.sigma.to(x.device, x.dtype) * prediction
+    prediction_type = step.scheduler.config.get("prediction_type", "epsilon")
     if prediction_type in ("sample", "original_sample"):
         return prediction
-    if getattr(scheduler, "init_noise_sigma", 1.0) != 1.0 and step.sigma is not None:
-        sigma = step.sigma.to(x)
-        if prediction_type == "v_prediction":
-            return prediction * (-sigma / (sigma**2 + 1) ** 0.5) + x / (sigma**2 + 1)
-        return x - sigma * prediction
-    alpha = scheduler.alphas_cumprod.to(x.device)[int(step.timestep)].to(x.dtype)
+    scale, alpha, sigma = variance_preserving_coefficients(step, x)
     if prediction_type == "v_prediction":
-        return alpha.sqrt() * x - (1 - alpha).sqrt() * prediction
-    return (x - (1 - alpha).sqrt() * prediction) / alpha.sqrt()
+        return alpha * scale * x - sigma * prediction
+    return (scale * x - sigma * prediction) / alpha
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """`x0` noised to training `timesteps` (one per row) as the model was trained: `(1 - s) x0 + s eps` with
+    `s = t / num_train_timesteps` for flow matching, `sqrt(a) x0 + sqrt(1 - a) eps` with `a = alpha_bar_t` else."""
+    view = (-1, *[1] * (x0.ndim - 1))
+    if is_flow_matching(scheduler):
+        sigma = (timesteps.float() / scheduler.config.num_train_timesteps).to(x0.device, x0.dtype).view(view)
+        return (1 - sigma) * x0 + sigma * noise
+    alpha_bar = scheduler.alphas_cumprod.to(x0.device)[timesteps.long().to(x0.device)].to(x0.dtype).view(view)
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
+def signal_power(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
+    """`alpha_bar_t` (variance-preserving) or `(1 - sigma)^2` (flow matching) at training `timesteps`: near zero at
+    high noise, so a loss weighted by it ignores what cannot be seen."""
+    if is_flow_matching(scheduler):
+        return (1 - timesteps.float() / scheduler.config.num_train_timesteps) ** 2
+    return scheduler.alphas_cumprod[timesteps.long().cpu()].float()

@@ -5,8 +5,6 @@ so no extra model pass runs: the NFEs equal constant CFG's."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import inspect
 import math
 from collections.abc import Sequence
@@ -15,44 +13,20 @@ from typing import Literal
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .cfg import ClassifierFreeGuidance
-from .denoised import predict_x0
+from .cfg import ComposedGuidance, UnconditionalSkip
+from .denoised import copy_scheduler, predict_x0
 from .evaluators.base import Candidates, Evaluator
-from .scheduler import BranchRequest, GuidanceStep
+from .scales import GuidanceScale
+from .scheduler import GuidanceRun, GuidanceStep
+from .unconditional import UnconditionalModel
 
 WEIGHTINGS = ("adaptive", "fixed")
 LOOKAHEADS = ("auto", "x0", "next_latent")
 
 
-class DynamicGuidance(ClassifierFreeGuidance):
-    """Per step and sample, the candidate scale whose look-ahead the evaluators score best.
-
-    For each candidate `s`: `eps_s = eps_u + s (eps_c - eps_u)`; its look-ahead is scored by every evaluator;
-    each evaluator's scores are standardised across the candidates of a sample (so that evaluators of different
-    units weigh alike), combined as `e_hat = sum_e alpha_e * z_e`, and the argmax candidate is applied.
-
-    Args:
-        candidates: the scales to choose from; the paper's {1, 3, 7.5, 11, 15} by default.
-        evaluators: `guidance.evaluators.Evaluator`s (CLIP, discriminator, reward, latent heads); default: the
-            shapes-world CLIP (`ClipEvaluator()`).
-        weighting: "adaptive" (the paper's `alpha_{e,t} = (e_t - e_{t+1}) / e_{t+1}`) or "fixed" (`weights`).
-            Adaptive, as defined here: `e_t` is the evaluator's mean score over the candidates at step t, and
-            `e_{t+1}` the same at the previous step (the denominator taken in absolute value, since logit scores
-            may be negative); the first step weighs every evaluator 1; an evaluator whose score fell gets
-            weight 0 (it is not what this step improves), and when all weights are 0 they are all 1.
-        weights: the fixed weights, one per evaluator (default all 1); used by "fixed".
-        lookahead: "x0" (the one-step denoised estimate, scored as clean, `timestep` 0), "next_latent" (the
-            latent after the pipeline scheduler's step, at the next timestep) or "auto" (default): "next_latent"
-            when every evaluator reads latents, else "x0". Pixel evaluators can only judge a clean image (the
-            decoded next latent is noise at early steps); timestep-aware latent heads are distilled on noisy
-            latents, which the next latent is, while a blurry early x0 estimate is outside what they saw.
-        decoder: a VAE decoding x0 latents for pixel evaluators instead of the pipeline's (e.g. AutoencoderTiny).
-        guidance_rescale, start, stop: as in `ClassifierFreeGuidance` (outside [start, stop], no CFG at all).
-
-    Per step the trace's extras hold `candidates`, `candidate_scores` (evaluator -> [sample][candidate]),
-    `weights` (evaluator -> per sample) and `lookahead`; `trace.scales` holds the chosen scale.
-    `guidance.plot.plot_dynamic_trace` draws them.
-    """
+class DynamicScale(GuidanceScale):
+    """Per step and guided row, the candidate scale whose look-ahead the evaluators score best (the paper's greedy
+    choice, sec. 3). Arguments as in `DynamicGuidance`; usable as any policy's `guidance_scale`."""
 
     ignore_for_config = ["evaluators", "decoder"]
 
@@ -65,13 +39,8 @@ class DynamicGuidance(ClassifierFreeGuidance):
         weights: Sequence[float] | None = None,
         lookahead: Literal["auto", "x0", "next_latent"] = "auto",
         decoder: torch.nn.Module | None = None,
-        guidance_rescale: float = 0.0,
-        start: float = 0.0,
-        stop: float = 1.0,
     ):
-        candidates = check_candidates(candidates)
-        super().__init__(guidance_scale=max(candidates), guidance_rescale=guidance_rescale, start=start, stop=stop)
-        self.register_to_config(candidates=candidates)
+        self.register_to_config(candidates=check_candidates(candidates))
         if evaluators is None:
             from .evaluators.clip import ClipEvaluator
 
@@ -85,66 +54,6 @@ class DynamicGuidance(ClassifierFreeGuidance):
         self.register_to_config(weights=self.fixed_weights.tolist())
         self.decoder = decoder
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, evaluators=None, decoder=None, **kwargs):
-        """Load the config saved by `save_pretrained`; evaluators and decoder are objects, passed again here."""
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        return cls(**own_config(config), evaluators=evaluators, decoder=decoder)
-
-    def new(self, **overrides) -> DynamicGuidance:
-        """A fresh scheduler with this config, some values replaced; keeps the evaluators and decoder."""
-        objects = {
-            "evaluators": overrides.pop("evaluators", self.evaluators),
-            "decoder": overrides.pop("decoder", self.decoder),
-        }
-        config = own_config(self.config)
-        unknown = sorted(set(overrides) - set(config))
-        if unknown:
-            raise ValueError(f"`DynamicGuidance.new` got unknown config keys {unknown}; valid: {sorted(config)}")
-        return type(self)(**{**config, **overrides}, **objects)
-
-    def scale_at(self, step: GuidanceStep) -> float:
-        return max(self.config.candidates)
-
-    def reset(self, batch_size: int, num_inference_steps: int) -> None:
-        super().reset(batch_size, num_inference_steps)
-        self.previous_scores: torch.Tensor | None = None  # (evaluators, batch): mean over candidates, last step
-
-    def combine(self, step: GuidanceStep, request: BranchRequest, predictions: dict[str, torch.Tensor]):
-        if not request.uncond.any():
-            return predictions["cond"], torch.ones(predictions["cond"].shape[0])
-        eps_c, eps_u = predictions["cond"], predictions["uncond"]
-        scales = torch.tensor(self.config.candidates, dtype=eps_c.dtype, device=eps_c.device)
-        k, b, ones = len(scales), eps_c.shape[0], [1] * (eps_c.ndim - 1)
-        # one row per (candidate, sample), candidate-major
-        w = scales.repeat_interleave(b).view(-1, *ones)
-        guided = self.guide(eps_c.repeat(k, *ones), eps_u.repeat(k, *ones), w)
-        candidates = self.lookahead(step, guided, k)
-        scores = torch.stack([e.score(candidates).view(k, b) for e in self.evaluators])  # (evaluators, k, b)
-        weights = self.evaluator_weights(scores.mean(1))
-        spread = scores.std(1, keepdim=True) if k > 1 else torch.ones_like(scores)
-        standardized = (scores - scores.mean(1, keepdim=True)) / spread.clamp_min(1e-8)
-        choice = (weights[:, None, :] * standardized).sum(0).argmax(0)  # (b,)
-        rows = torch.arange(b)
-        self.record_extra(
-            candidates=self.config.candidates,
-            candidate_scores={e.name: scores[i].T.tolist() for i, e in enumerate(self.evaluators)},
-            weights={e.name: weights[i].tolist() for i, e in enumerate(self.evaluators)},
-            lookahead=self.lookahead_kind,
-        )
-        chosen = guided.view(k, b, *guided.shape[1:])[choice.to(guided.device), rows.to(guided.device)]
-        return chosen, scales.cpu()[choice].float()
-
-    def evaluator_weights(self, current: torch.Tensor) -> torch.Tensor:
-        """(evaluators, batch) weights from this step's mean scores `current`, per the configured weighting."""
-        if self.config.weighting == "fixed":
-            return self.fixed_weights[:, None].expand_as(current)
-        previous, self.previous_scores = self.previous_scores, current
-        if previous is None:
-            return torch.ones_like(current)
-        alpha = ((current - previous) / previous.abs().clamp_min(1e-8)).clamp_min(0.0)
-        return torch.where((alpha == 0).all(0, keepdim=True), torch.ones_like(alpha), alpha)
-
     @property
     def lookahead_kind(self) -> Literal["x0", "next_latent"]:
         """The look-ahead scored: the configured one, or for "auto" the one that suits the evaluators."""
@@ -152,34 +61,146 @@ class DynamicGuidance(ClassifierFreeGuidance):
             return self.config.lookahead
         return "next_latent" if all(e.space == "latent" for e in self.evaluators) else "x0"
 
-    def lookahead(self, step: GuidanceStep, guided: torch.Tensor, k: int) -> Candidates:
-        """The look-ahead latents of `guided` (k candidates x batch rows) and their noise level."""
-        latents = step.latents.repeat(k, *[1] * (step.latents.ndim - 1))
-        pipeline = step.pipeline
+    def reset(self, run: GuidanceRun) -> None:
+        # (evaluators, batch): each row's mean score over the candidates at the last step it was scored
+        self.previous_scores = torch.full((len(self.evaluators), run.batch_size), math.nan)
+
+    def apply(self, step, cond, uncond, rows, combine):
+        rows = torch.ones(step.batch_size, dtype=torch.bool) if rows is None else rows
+        scales = self.config.candidates
+        view = (-1, *[1] * (cond.ndim - 1))
+        mask = rows.to(cond.device).view(view)
+        # eps_s = eps_u + s (eps_c - eps_u) for every candidate s; rows outside `rows` keep eps_c
+        guided = torch.stack([torch.where(mask, combine(cond, uncond, s), cond) for s in scales])
+        index = rows.nonzero().squeeze(1)
+        ahead, timestep = self.look_ahead(step, guided)
+        k, g = len(scales), len(index)
+        latents = ahead[:, index.to(ahead.device)].flatten(0, 1)  # candidate-major rows
+        unpacked = step.unpack(latents) if step.unpack is not None else latents
+        prompts = None if step.prompts is None else [step.prompts[i] for i in index.tolist()] * k
+        decode = None if step.decode is None else (lambda x: step.decode(x, self.decoder))
+        candidates = Candidates(unpacked, torch.full((k * g,), float(timestep)), prompts, decode)
+        scores = torch.stack([e.score(candidates).view(k, g) for e in self.evaluators])  # (evaluators, k, g)
+        weights = self.evaluator_weights(scores.mean(1), index)
+        spread = scores.std(1, keepdim=True) if k > 1 else torch.ones_like(scores)
+        standardized = (scores - scores.mean(1, keepdim=True)) / spread.clamp_min(1e-8)
+        choice = (weights[:, None, :] * standardized).sum(0).argmax(0)  # (g,)
+        prediction = cond.clone()
+        prediction[index.to(cond.device)] = guided[choice.to(cond.device), index.to(cond.device)]
+        applied = torch.ones(step.batch_size)
+        applied[index] = torch.tensor(scales)[choice]
+        return prediction, applied, self.trace_extras(step.batch_size, index, scores, weights)
+
+    def trace_extras(self, batch_size: int, index: torch.Tensor, scores: torch.Tensor, weights: torch.Tensor) -> dict:
+        """Per evaluator and row: the candidates' scores and the weight (None for rows not guided this step)."""
+        per_row_scores = {e.name: [None] * batch_size for e in self.evaluators}
+        per_row_weights = {e.name: [None] * batch_size for e in self.evaluators}
+        for j, row in enumerate(index.tolist()):
+            for i, e in enumerate(self.evaluators):
+                per_row_scores[e.name][row] = scores[i, :, j].tolist()
+                per_row_weights[e.name][row] = float(weights[i, j])
+        return {
+            "candidates": self.config.candidates,
+            "candidate_scores": per_row_scores,
+            "weights": per_row_weights,
+            "lookahead": self.lookahead_kind,
+        }
+
+    def evaluator_weights(self, current: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """(evaluators, len(rows)) weights from this step's mean scores `current` of batch rows `rows`."""
+        if self.config.weighting == "fixed":
+            return self.fixed_weights[:, None].expand_as(current)
+        previous = self.previous_scores[:, rows]
+        self.previous_scores[:, rows] = current
+        alpha = ((current - previous) / previous.abs().clamp_min(1e-8)).clamp_min(0.0)
+        uninformative = (alpha == 0).all(0, keepdim=True) | previous.isnan().any(0, keepdim=True)
+        return torch.where(uninformative, torch.ones_like(alpha), alpha)
+
+    def look_ahead(self, step: GuidanceStep, guided: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """(look-ahead latents of every candidate's guided prediction, shape (k, batch, ...), their timestep)."""
         if self.lookahead_kind == "x0":
-            ahead = predict_x0(dataclasses.replace(step, latents=latents), guided)
-            timestep = torch.zeros(len(ahead))
-        else:
-            scheduler = copy.deepcopy(step.scheduler)  # stepping must not advance the pipeline's own scheduler
+            return torch.stack([predict_x0(step, prediction) for prediction in guided]), 0.0
+        ahead = []
+        for prediction in guided:  # the full batch on a copy per candidate: multistep history has `batch` rows
+            scheduler = copy_scheduler(step.scheduler)
             kwargs = {}
-            if "generator" in inspect.signature(scheduler.step).parameters:
-                kwargs["generator"] = torch.Generator(latents.device).manual_seed(0)  # stochastic samplers
-            ahead = scheduler.step(guided, step.timestep, latents, **kwargs, return_dict=False)[0]
-            timesteps = step.scheduler.timesteps
-            following = timesteps[step.step_index + 1] if step.step_index + 1 < len(timesteps) else 0
-            timestep = torch.full((len(ahead),), float(following))
-        unpacked = pipeline.unpack_for_guidance(ahead) if pipeline is not None else ahead
-        decode = None
-        if pipeline is not None and hasattr(pipeline, "decode_for_guidance"):
-            decode = lambda x: pipeline.decode_for_guidance(x, self.decoder)  # noqa: E731
-        prompts = None if step.prompts is None else list(step.prompts) * k
-        return Candidates(latents=unpacked, timestep=timestep, prompts=prompts, decode=decode)
+            if "generator" in inspect.signature(scheduler.step).parameters:  # stochastic samplers: fixed noise
+                kwargs["generator"] = torch.Generator(step.latents.device).manual_seed(0)
+            ahead.append(scheduler.step(prediction, step.timestep, step.latents, **kwargs, return_dict=False)[0])
+        timesteps = step.scheduler.timesteps
+        following = timesteps[step.step_index + 1] if step.step_index + 1 < len(timesteps) else 0
+        return torch.stack(ahead), float(following)
 
 
-def own_config(config) -> dict:
-    """The config values DynamicGuidance's constructor takes (not the parent's derived `guidance_scale`)."""
-    names = set(inspect.signature(DynamicGuidance.__init__).parameters) - {"self", "evaluators", "decoder"}
-    return {key: value for key, value in config.items() if key in names}
+class DynamicGuidance(ComposedGuidance):
+    """Per step and sample, the candidate scale whose look-ahead the evaluators score best.
+
+    For each candidate `s`: `eps_s = eps_u + s (eps_c - eps_u)`; its look-ahead is scored by every evaluator;
+    each evaluator's scores are standardised across the candidates of a sample (so that evaluators of different
+    units weigh alike), combined as `e_hat = sum_e alpha_e * z_e`, and the argmax candidate is applied.
+    Shorthand for `ClassifierFreeGuidance(DynamicScale(...), ...)`.
+
+    Args:
+        candidates: the scales to choose from; the paper's {1, 3, 7.5, 11, 15} by default.
+        evaluators: `guidance.evaluators.Evaluator`s (CLIP, discriminator, reward, latent heads); default: the
+            shapes-world CLIP (`ClipEvaluator()`).
+        weighting: "adaptive" (the paper's `alpha_{e,t} = (e_t - e_{t+1}) / e_{t+1}`) or "fixed" (`weights`).
+            Adaptive, as defined here: `e_t` is the evaluator's mean score over the candidates at step t, and
+            `e_{t+1}` the same at the previous step (the denominator taken in absolute value, since logit scores
+            may be negative); the first step weighs every evaluator 1; an evaluator whose score fell gets
+            weight 0 (it is not what this step improves), and when all weights are 0 they are all 1.
+        weights: the fixed weights, one per evaluator (default all 1); used by "fixed".
+        lookahead: "x0" (the one-step denoised estimate, scored as clean, `timestep` 0), "next_latent" (the
+            latent after the run scheduler's step, at the next timestep) or "auto" (default): "next_latent"
+            when every evaluator reads latents, else "x0". Pixel evaluators can only judge a clean image (the
+            decoded next latent is noise at early steps); timestep-aware latent heads are distilled on noisy
+            latents, which the next latent is, while a blurry early x0 estimate is outside what they saw.
+        decoder: a VAE decoding x0 latents for pixel evaluators instead of the pipeline's (e.g. AutoencoderTiny).
+        guidance_rescale, start, stop, skip, unconditional: as in `ClassifierFreeGuidance` (outside [start, stop],
+            no CFG at all; with `skip=AdaptiveSkip(...)` converged rows stop being guided).
+
+    Per step the trace's extras hold `candidates`, `candidate_scores` (evaluator -> [sample][candidate]),
+    `weights` (evaluator -> per sample) and `lookahead`; `trace.scales` holds the chosen scale.
+    `guidance.plot.plot_dynamic_trace` draws them.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        candidates: Sequence[float] = (1.0, 3.0, 7.5, 11.0, 15.0),
+        evaluators: Sequence[Evaluator] | None = None,
+        weighting: Literal["adaptive", "fixed"] = "adaptive",
+        weights: Sequence[float] | None = None,
+        lookahead: Literal["auto", "x0", "next_latent"] = "auto",
+        decoder: torch.nn.Module | None = None,
+        guidance_rescale: float = 0.0,
+        start: float = 0.0,
+        stop: float = 1.0,
+        skip: UnconditionalSkip | None = None,
+        unconditional: UnconditionalModel | None = None,
+    ):
+        scale = DynamicScale(
+            candidates=candidates,
+            evaluators=evaluators,
+            weighting=weighting,
+            weights=weights,
+            lookahead=lookahead,
+            decoder=decoder,
+        )
+        self.register_to_config(candidates=scale.config.candidates, weights=scale.config.weights)
+        self._compose(scale, guidance_rescale, start, stop, skip, unconditional)
+
+    @property
+    def evaluators(self) -> list[Evaluator]:
+        return self.scale.evaluators
+
+    @property
+    def decoder(self) -> torch.nn.Module | None:
+        return self.scale.decoder
+
+    @property
+    def lookahead_kind(self) -> Literal["x0", "next_latent"]:
+        return self.scale.lookahead_kind
 
 
 def check_candidates(candidates) -> list[float]:

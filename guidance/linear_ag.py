@@ -3,12 +3,12 @@ by an affine combination of past predictions, with coefficients fitted offline b
 
 At a synthesised step i: `eps_u_hat_i = b_0 eps_c_i + sum_{k=1..W} (b_k^c eps_c_{i-k} + b_k^u eps_u_{i-k}) + b_1`,
 where `eps_u_{i-k}` is the unconditional prediction used at step i-k (exact or itself synthesised). The
-unconditional pass runs only at `exact_steps` (by default the first 20% of steps, where the paths diverge most).
+unconditional pass runs only at `exact_steps` (by default the first 20% of the evaluations). Steps are indices of
+the run's timesteps: one model evaluation each (PNDM and Heun evaluate more often than `num_inference_steps`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -16,14 +16,17 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from safetensors.torch import load_file, save_file
 
-from .cfg import ClassifierFreeGuidance
-from .scheduler import BranchRequest, GuidanceStep
+from .cfg import ComposedGuidance, UnconditionalSkip
+from .scales import GuidanceScale
+from .scheduler import GuidanceRun, GuidanceStep
+from .unconditional import UnconditionalModel
 
 COEFFICIENTS_FILE = "linear_ag_coefficients.safetensors"
+CALIBRATE = "`guided-calibrate-linear-ag` (python -m pipelines.commands.calibrate_linear_ag)"
 
 
-def default_exact_steps(num_inference_steps: int) -> list[int]:
-    return list(range(max(1, round(0.2 * num_inference_steps))))
+def default_exact_steps(num_timesteps: int) -> list[int]:
+    return list(range(max(1, round(0.2 * num_timesteps))))
 
 
 def regressors(cond: list[torch.Tensor], uncond: list[torch.Tensor], i: int, window: int) -> torch.Tensor:
@@ -36,19 +39,155 @@ def regressors(cond: list[torch.Tensor], uncond: list[torch.Tensor], i: int, win
     return torch.stack(features, dim=-1)
 
 
-class LinearAdaptiveGuidance(ClassifierFreeGuidance):
-    """CFG whose unconditional prediction is exact at `exact_steps` and synthesised elsewhere (LinearAG).
+class LinearAGSkip(UnconditionalSkip):
+    """LinearAG's rule: the unconditional pass runs at `exact_steps` only, and is synthesised elsewhere from the
+    coefficients fitted for one scheduler class, step count and latent shape. Trace extras: `uncond` ("exact",
+    "synthesised" or "none")."""
 
-    Build it with `LinearAdaptiveGuidance.from_pretrained(folder)` on coefficients written by the calibration
-    command (`python -m guidance.calibrate_linear_ag`); they are tied to the step count, the diffusers scheduler
-    class and the latent shape they were fitted for, and using them elsewhere is an error.
-    """
+    ignore_for_config = ["coefficients"]
 
     @register_to_config
     def __init__(
         self,
-        guidance_scale: float = 7.5,
         num_inference_steps: int = 20,
+        num_timesteps: int | None = None,
+        exact_steps: list[int] | None = None,
+        window: int = 2,
+        scheduler_class: str | None = None,
+        latent_shape: list[int] | None = None,
+        coefficients: torch.Tensor | None = None,
+    ):
+        if (
+            isinstance(num_inference_steps, bool)
+            or not isinstance(num_inference_steps, int)
+            or num_inference_steps < 1
+        ):
+            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}")
+        total = num_inference_steps if num_timesteps is None else num_timesteps
+        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
+            raise ValueError(f"`num_timesteps` must be an int >= 1 or None, got {num_timesteps!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ValueError(f"`window` must be an int >= 0, got {window!r}")
+        exact = default_exact_steps(total) if exact_steps is None else list(exact_steps)
+        if not exact or any(not 0 <= s < total for s in exact):
+            raise ValueError(f"`exact_steps` must be step indices in [0, {total}), got {exact_steps!r}")
+        self.register_to_config(num_timesteps=total, exact_steps=sorted(set(exact)))
+        self.coefficients = None
+        if coefficients is not None:
+            self.set_coefficients(coefficients)
+
+    @property
+    def num_features(self) -> int:
+        return 2 + 2 * self.config.window
+
+    def set_coefficients(self, coefficients: torch.Tensor, source: str = "`coefficients`") -> None:
+        expected = (self.config.num_timesteps, self.num_features)
+        if not isinstance(coefficients, torch.Tensor) or tuple(coefficients.shape) != expected:
+            shape = (
+                tuple(coefficients.shape) if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
+            )
+            raise ValueError(f"LinearAG coefficients in {source} have shape {shape}, the config implies {expected}")
+        self.coefficients = coefficients.float()
+
+    def describe(self) -> str:
+        config = self.config
+        return (
+            f"{config.scheduler_class or 'any scheduler'} with {config.num_inference_steps} inference steps "
+            f"({config.num_timesteps} timesteps)"
+        )
+
+    def check_interval(self, start: float, stop: float) -> None:
+        """The interval must not guide a synthesised step whose history never ran (it would come from nothing)."""
+        total, window, exact = self.config.num_timesteps, self.config.window, set(self.config.exact_steps)
+        guided = [i for i in range(total) if start <= i / max(total - 1, 1) <= stop]
+        if not guided or guided[0] == 0:
+            return
+        first = guided[0]
+        for i in range(first, min(first + window, guided[-1] + 1)):
+            if i not in exact:
+                raise ValueError(
+                    f"LinearAG's guidance interval [{start}, {stop}] guides steps {first}-{guided[-1]} of {total}, "
+                    f"but step {i} would be synthesised from the unconditional predictions of steps "
+                    f"{max(i - window, 0)}-{i - 1}, and those before step {first} never run (exact steps: "
+                    f"{sorted(exact)}): start the interval at 0, or calibrate with exact steps "
+                    f"{list(range(first, first + window))}"
+                )
+
+    def reset(self, run: GuidanceRun) -> None:
+        if self.coefficients is None:
+            raise ValueError(f"LinearAG has no coefficients: load a calibration folder written by {CALIBRATE}")
+        config = self.config
+        scheduler_class = type(run.scheduler).__name__ if run.scheduler is not None else None
+        fitted = (config.scheduler_class or scheduler_class, config.num_inference_steps, config.num_timesteps)
+        if fitted != (scheduler_class, run.num_inference_steps, run.num_timesteps):
+            raise ValueError(
+                f"LinearAG coefficients were fitted for {self.describe()}, this run uses {scheduler_class} with "
+                f"{run.num_inference_steps} inference steps ({run.num_timesteps} timesteps): calibrate for it "
+                f"with {CALIBRATE}"
+            )
+        if config.latent_shape not in (None, list(run.latent_shape)):
+            raise ValueError(
+                f"LinearAG coefficients were fitted for latents of shape {config.latent_shape}, this run has "
+                f"{list(run.latent_shape)}: calibrate at this resolution"
+            )
+        if run.start_index != 0:
+            raise ValueError(
+                f"LinearAG synthesises from the predictions of the first steps, so a run must start at step 0, "
+                f"got a run starting at step {run.start_index}"
+            )
+        self.used_cond: list[torch.Tensor] = []
+        self.used_uncond: list[torch.Tensor] = []
+
+    def rows(self, step: GuidanceStep, needed: bool) -> torch.Tensor:
+        exact = step.step_index in self.config.exact_steps
+        return torch.full((step.batch_size,), needed and exact, dtype=torch.bool)
+
+    def complete(self, step, request, cond, uncond, needed):
+        if request.uncond.all():
+            used, kind = uncond, "exact"
+        else:
+            features = regressors(
+                self.used_cond + [cond], self.used_uncond + [cond], step.step_index, self.config.window
+            )
+            weights = self.coefficients[step.step_index].to(cond.device)
+            used = (features.float() @ weights).to(cond.dtype)
+            kind = "synthesised" if needed else "none"
+        self.used_cond.append(cond)
+        self.used_uncond.append(used)
+        return used, torch.full((step.batch_size,), needed, dtype=torch.bool), {"uncond": kind}
+
+    def save_tensors(self, folder: str | os.PathLike) -> None:
+        if self.coefficients is not None:
+            save_file({"coefficients": self.coefficients.contiguous()}, Path(folder) / COEFFICIENTS_FILE)
+
+    def load_tensors(self, folder: str | os.PathLike) -> None:
+        path = Path(folder) / COEFFICIENTS_FILE
+        if not path.is_file():
+            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} lacks {path.name}: run {CALIBRATE}")
+        try:
+            coefficients = load_file(path)["coefficients"]
+        except (KeyError, OSError, RuntimeError) as error:
+            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt: {error}") from error
+        self.set_coefficients(coefficients, repr(str(folder)))
+
+
+class LinearAdaptiveGuidance(ComposedGuidance):
+    """CFG whose unconditional prediction is exact at `exact_steps` and synthesised elsewhere (LinearAG).
+
+    Build it with `LinearAdaptiveGuidance.from_pretrained(folder)` on coefficients written by the calibration
+    command; they are tied to the scheduler class, the step count (and the timesteps it makes) and the latent shape
+    they were fitted for, and using them elsewhere is an error. Shorthand for
+    `ClassifierFreeGuidance(guidance_scale, skip=LinearAGSkip(...), ...)`.
+    """
+
+    ignore_for_config = [*ComposedGuidance.ignore_for_config, "coefficients"]
+
+    @register_to_config
+    def __init__(
+        self,
+        guidance_scale: float | GuidanceScale = 7.5,
+        num_inference_steps: int = 20,
+        num_timesteps: int | None = None,
         exact_steps: list[int] | None = None,
         window: int = 2,
         scheduler_class: str | None = None,
@@ -56,102 +195,37 @@ class LinearAdaptiveGuidance(ClassifierFreeGuidance):
         guidance_rescale: float = 0.0,
         start: float = 0.0,
         stop: float = 1.0,
+        unconditional: UnconditionalModel | None = None,
+        coefficients: torch.Tensor | None = None,
     ):
-        super().__init__(guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, start=start, stop=stop)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}")
-        if not isinstance(window, int) or window < 0:
-            raise ValueError(f"`window` must be an int >= 0, got {window!r}")
-        exact = default_exact_steps(num_inference_steps) if exact_steps is None else list(exact_steps)
-        if not exact or any(not 0 <= s < num_inference_steps for s in exact):
-            raise ValueError(f"`exact_steps` must be step indices in [0, {num_inference_steps}), got {exact_steps!r}")
-        self.register_to_config(exact_steps=sorted(set(exact)))
-        self.coefficients: torch.Tensor | None = None
+        skip = LinearAGSkip(
+            num_inference_steps=num_inference_steps,
+            num_timesteps=num_timesteps,
+            exact_steps=exact_steps,
+            window=window,
+            scheduler_class=scheduler_class,
+            latent_shape=latent_shape,
+            coefficients=coefficients,
+        )
+        self.register_to_config(num_timesteps=skip.config.num_timesteps, exact_steps=skip.config.exact_steps)
+        self._compose(guidance_scale, guidance_rescale, start, stop, skip, unconditional)
 
     @property
-    def num_features(self) -> int:
-        return 2 + 2 * self.config.window
-
-    def reset(self, batch_size: int, num_inference_steps: int) -> None:
-        super().reset(batch_size, num_inference_steps)
-        if self.coefficients is None:
-            raise ValueError("LinearAdaptiveGuidance has no coefficients: load them with `from_pretrained(folder)`")
-        if num_inference_steps != self.config.num_inference_steps:
-            raise ValueError(
-                f"LinearAG coefficients were fitted for {self.config.num_inference_steps} steps, this generation "
-                f"has {num_inference_steps}: calibrate for {num_inference_steps} steps"
-            )
-        self.used_cond: list[torch.Tensor] = []
-        self.used_uncond: list[torch.Tensor] = []
-
-    def branches(self, step: GuidanceStep) -> BranchRequest:
-        if step.step_index == 0:
-            self._check_setup(step)
-        exact = step.step_index in self.config.exact_steps
-        return BranchRequest.full(step.latents.shape[0], uncond=exact and self.guided_at(step))
-
-    def _check_setup(self, step: GuidanceStep) -> None:
-        scheduler_class, shape = type(step.scheduler).__name__, list(step.latents.shape[1:])
-        if self.config.scheduler_class not in (None, scheduler_class):
-            raise ValueError(
-                f"LinearAG coefficients were fitted with {self.config.scheduler_class}, the pipeline uses "
-                f"{scheduler_class}: calibrate with this scheduler"
-            )
-        if self.config.latent_shape not in (None, shape):
-            raise ValueError(
-                f"LinearAG coefficients were fitted for latents of shape {self.config.latent_shape}, this generation "
-                f"has {shape}: calibrate at this resolution"
-            )
-
-    def combine(self, step, request, predictions):
-        cond, i = predictions["cond"], step.step_index
-        synthesised = not request.uncond.any() and self.guided_at(step)
-        if request.uncond.any():
-            uncond = predictions["uncond"]
-        else:
-            features = regressors(self.used_cond + [cond], self.used_uncond + [cond], i, self.config.window)
-            uncond = features @ self.coefficients[i].to(features)
-        self.used_cond.append(cond)
-        self.used_uncond.append(uncond)
-        self.record_extra(uncond="synthesised" if synthesised else "exact" if request.uncond.any() else "none")
-        if not self.guided_at(step):
-            return cond, torch.ones(cond.shape[0])
-        full = BranchRequest.full(cond.shape[0], uncond=True)
-        return super().combine(step, full, {"cond": cond, "uncond": uncond})
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        super().save_pretrained(save_directory, **kwargs)
-        save_file({"coefficients": self.coefficients.contiguous()}, Path(save_directory) / COEFFICIENTS_FILE)
+    def coefficients(self) -> torch.Tensor | None:
+        return self.skip.coefficients
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **overrides) -> LinearAdaptiveGuidance:
-        """Coefficients and config from a calibration folder; `overrides` may change guidance_scale/start/stop."""
+        """Coefficients and config from a calibration folder; `overrides` may change guidance_scale, start, stop,
+        exact_steps or set `unconditional`."""
         folder = Path(pretrained_model_name_or_path)
-        config_path, weights_path = folder / cls.config_name, folder / COEFFICIENTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise ValueError(
-                    f"LinearAG coefficients folder {str(folder)!r} lacks {path.name}: run the calibration command "
-                    "`python -m guidance.calibrate_linear_ag`"
-                )
+        if not (folder / cls.config_name).is_file():
+            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} lacks {cls.config_name}: run {CALIBRATE}")
         try:
-            config = {k: v for k, v in json.loads(config_path.read_text()).items() if not k.startswith("_")}
-            policy = cls(**{**config, **overrides})
-            coefficients = load_file(weights_path)["coefficients"]
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as error:
+            policy = cls.from_config_dict(cls.load_config(folder), **overrides)
+        except (ValueError, TypeError, OSError) as error:  # diffusers reports an unreadable JSON as OSError
             raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt: {error}") from error
-        expected = (policy.config.num_inference_steps, policy.num_features)
-        if tuple(coefficients.shape) != expected:
-            raise ValueError(
-                f"LinearAG coefficients in {str(folder)!r} have shape {tuple(coefficients.shape)}, the config "
-                f"implies {expected}"
-            )
-        policy.coefficients = coefficients
-        return policy
-
-    def new(self, **overrides) -> LinearAdaptiveGuidance:
-        policy = super().new(**overrides)
-        policy.coefficients = self.coefficients
+        policy.load_tensors(folder)
         return policy
 
 
@@ -161,12 +235,14 @@ def fit_coefficients(
     """Least-squares coefficients per step from full-CFG calibration predictions of shape (steps, samples, ...).
 
     Fitted in order, feeding each synthesised step's own estimate to the later steps (as at inference), so errors
-    that accumulate are fitted too. Returns the coefficients (steps, features) and each step's relative residual
+    that accumulate are fitted too. Solved in float64 on the CPU whatever the device (MPS has no float64).
+    Returns the coefficients (steps, features) in float32 and each step's relative residual
     `||eps_u_hat - eps_u|| / ||eps_u||` (0 at exact steps).
     """
     steps = cond.shape[0]
-    cond_steps = [c.double() for c in cond]
-    used = [u.double() for u in uncond]
+    cond_steps = [c.detach().cpu().double() for c in cond]
+    target_steps = [u.detach().cpu().double() for u in uncond]
+    used = list(target_steps)
     coefficients = torch.zeros(steps, 2 + 2 * window, dtype=torch.float64)
     residuals = []
     for i in range(steps):
@@ -174,9 +250,9 @@ def fit_coefficients(
             residuals.append(0.0)
             continue
         features = regressors(cond_steps, used, i, window)
-        design, target = features.reshape(-1, features.shape[-1]), uncond[i].double().reshape(-1)
+        design, target = features.reshape(-1, features.shape[-1]), target_steps[i].reshape(-1)
         solution = torch.linalg.lstsq(design, target.unsqueeze(1)).solution.squeeze(1)
         coefficients[i] = solution
         used[i] = features @ solution
-        residuals.append(float((used[i] - uncond[i].double()).norm() / uncond[i].double().norm()))
+        residuals.append(float((used[i] - target_steps[i]).norm() / target_steps[i].norm()))
     return coefficients.float(), residuals

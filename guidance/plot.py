@@ -55,14 +55,15 @@ def plot_dynamic_trace(trace: GuidanceTrace, path: str | os.PathLike | None = No
     axes[0].set_title(f"dynamic guidance (NFE per image: {trace.nfe:g})")
     if trace.batch_size > 1:
         axes[0].legend(fontsize=7, ncol=min(trace.batch_size, 4))
+    mine = [i for i in scored if trace.extras[i]["candidate_scores"][names[0]][sample] is not None]  # guided steps
     for axis, name in zip(axes[1:-1], names, strict=True):
-        per_step = [trace.extras[i]["candidate_scores"][name][sample] for i in scored]
+        per_step = [trace.extras[i]["candidate_scores"][name][sample] for i in mine]
         for k, scale in enumerate(trace.extras[scored[0]]["candidates"]):
-            axis.plot(scored, [scores[k] for scores in per_step], label=f"w={scale:g}")
+            axis.plot(mine, [scores[k] for scores in per_step], label=f"w={scale:g}")
         axis.set_ylabel(f"{name} score")
         axis.legend(fontsize=6, ncol=3)
     for name in names:
-        axes[-1].plot(scored, [trace.extras[i]["weights"][name][sample] for i in scored], marker=".", label=name)
+        axes[-1].plot(mine, [trace.extras[i]["weights"][name][sample] for i in mine], marker=".", label=name)
     axes[-1].set_ylabel(f"weights (image {sample})")
     axes[-1].set_xlabel("denoising step")
     axes[-1].legend(fontsize=7)

@@ -1,149 +1,313 @@
 """The one abstraction of this project: a guidance scheduler.
 
 A guidance scheduler is to classifier-free guidance what a diffusers scheduler is to sampling: a small,
-configurable, stateful policy that never runs the model. At each denoising step the pipeline asks it which
-branches to evaluate for which samples (`branches`), runs exactly those model passes batched together, and hands
-the predictions back (`combine`) to get one guided prediction, which the pipeline's diffusers scheduler steps.
+configurable, stateful policy that never runs the model. At each model evaluation of a sampling run the sampler
+asks it which branches to evaluate for which rows (`branches`), runs exactly those passes, and hands the
+predictions back (`combine`) to get one guided prediction, which the diffusers scheduler steps.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
+import inspect
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, ClassVar
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
-from diffusers.configuration_utils import ConfigMixin
+from diffusers.configuration_utils import ConfigMixin, register_to_config
 
-BRANCH_NAMES = ("uncond", "cond", "negative")
+from .unconditional import BASE_MODEL, UnconditionalModel
+
+BRANCH_NAMES = ("uncond", "cond")
+
+
+@dataclass
+class GuidanceRun:
+    """What a policy learns when a sampling run starts (`GuidanceScheduler.reset`)."""
+
+    batch_size: int
+    num_timesteps: int
+    """Model evaluations per row and branch of a whole run: `len(timesteps)`."""
+    num_inference_steps: int
+    """The step count the caller asked for; PNDM, Heun and other multi-stage schedulers evaluate more often."""
+    scheduler: Any = None
+    """The run's diffusers scheduler (read it, copy it to look ahead; never step it)."""
+    latent_shape: tuple[int, ...] = ()
+    """Shape of one row of latents, in the denoiser's layout."""
+    start_index: int = 0
+    """The first timestep index this run evaluates (0 for generation; later for editing and partial solves)."""
 
 
 @dataclass
 class GuidanceStep:
-    """Everything a policy may look at before and after the model passes of one denoising step."""
+    """Everything a policy may look at around one model evaluation (one entry of the timesteps)."""
 
     step_index: int
-    num_inference_steps: int
+    """Index into the run's timesteps: one model evaluation per row and branch."""
+    num_timesteps: int
     timestep: torch.Tensor
     latents: torch.Tensor
     scheduler: Any
-    """The pipeline's diffusers scheduler, to form an x0 prediction or a look-ahead latent."""
-    pipeline: Any = None
+    """The run's diffusers scheduler: copy it to look ahead, never step it."""
+    num_inference_steps: int | None = None
     prompts: list[str] | None = None
     """The prompt of every batch row (None when the pipeline was given embeddings only)."""
+    unpack: Callable[[torch.Tensor], torch.Tensor] | None = None
+    """Denoiser latents -> the VAE's (batch, channels, height, width) layout (Flux unpacks its tokens)."""
+    decode: Callable[..., torch.Tensor] | None = None
+    """`decode(latents, decoder=None)`: VAE-layout latents -> images in [-1, 1], for evaluators that read pixels
+    (`decoder` replaces the pipeline's VAE)."""
 
     @property
     def progress(self) -> float:
-        """Fraction of sampling done: 0.0 at the first step, 1.0 at the last."""
-        return self.step_index / max(self.num_inference_steps - 1, 1)
+        """Fraction of the run's timesteps done: 0.0 at the first evaluation, 1.0 at the last."""
+        return self.step_index / max(self.num_timesteps - 1, 1)
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
 
     @property
     def sigma(self) -> torch.Tensor | None:
-        """The noise level of this step for sigma-parameterised schedulers (Euler, flow matching), else None."""
+        """The noise level of this step for schedulers that keep `sigmas` aligned with their timesteps, else None."""
         sigmas = getattr(self.scheduler, "sigmas", None)
         if sigmas is None or self.step_index >= len(sigmas):
             return None
         return sigmas[self.step_index]
 
 
+def coverage(mask: torch.Tensor) -> Literal["all", "some", "none"]:
+    """Whether a bool mask selects every row, some or none."""
+    return "all" if bool(mask.all()) else "some" if bool(mask.any()) else "none"
+
+
 @dataclass
 class BranchRequest:
-    """Which branches to evaluate, as one bool mask of shape (batch,) per branch.
+    """Which branches to evaluate, as one bool mask of shape (batch,) per branch (on the CPU).
 
-    A sample whose mask is False for a branch gets no forward pass for it: the batch really shrinks.
-    "negative" runs the negative-preference model (the unconditional inputs under `branch_context`).
+    A row whose mask is False for a branch gets no forward pass for it: the batch really shrinks.
     """
 
     cond: torch.Tensor
     uncond: torch.Tensor
-    negative: torch.Tensor
 
     @classmethod
-    def full(cls, batch_size: int, uncond: bool | torch.Tensor = True, negative: bool = False) -> BranchRequest:
-        """Conditional pass for every sample; unconditional where `uncond` says (a bool or a mask)."""
+    def full(cls, batch_size: int, uncond: bool | torch.Tensor = True) -> BranchRequest:
+        """Conditional pass for every row; unconditional where `uncond` says (a bool or a mask)."""
         ones = torch.ones(batch_size, dtype=torch.bool)
-        uncond_mask = uncond.to(torch.bool).cpu() if isinstance(uncond, torch.Tensor) else ones & uncond
-        return cls(cond=ones, uncond=uncond_mask, negative=ones & negative)
+        if isinstance(uncond, torch.Tensor):
+            return cls(cond=ones, uncond=uncond.to(torch.bool).cpu())
+        request = cls(cond=ones, uncond=torch.full((batch_size,), bool(uncond)))
+        request._coverage = {"cond": "all", "uncond": "all" if uncond else "none"}  # known: no reduction needed
+        return request
+
+    def coverage(self, name: str) -> Literal["all", "some", "none"]:
+        """Whether branch `name` runs for every row, some or none (computed once per request)."""
+        cache = self.__dict__.setdefault("_coverage", {})
+        if name not in cache:
+            cache[name] = coverage(getattr(self, name))
+        return cache[name]
 
     def as_dict(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in BRANCH_NAMES}
+
+    def as_lists(self) -> dict[str, list[bool]]:
+        """The masks as lists of bools (what the trace keeps)."""
+        coverage = {name: self.coverage(name) for name in BRANCH_NAMES}
+        size = len(self.cond)
+        return {
+            name: [coverage[name] == "all"] * size if coverage[name] != "some" else getattr(self, name).tolist()
+            for name in BRANCH_NAMES
+        }
+
+
+@dataclass
+class GuidedPrediction:
+    """What `combine` returns: the guided prediction, the scale applied per row, and what the method records."""
+
+    prediction: torch.Tensor
+    scales: torch.Tensor
+    """Shape (batch,): the scale applied to each row (1.0 where the row ran unguided)."""
+    extras: dict = field(default_factory=dict)
+    """Method-specific values for this step's trace entry (similarities, candidate scores, ...)."""
 
 
 class GuidanceScheduler(ConfigMixin):
     """Base class of every guidance method: subclasses implement `branches` and `combine`.
 
     The constructor's arguments are the config (decorate `__init__` with `@register_to_config`), so every policy
-    has `save_pretrained`, `from_pretrained` and `new(**overrides)`. `reset` is called by the pipeline at the start
-    of each generation; afterwards `trace` records what was done, and `history` (when `keeps_history`) holds the
-    predictions of past steps as handed to `combine`, one dict per step.
+    has `save_pretrained`, `from_pretrained` and `new(**overrides)`. The sampler calls `reset` when a run starts,
+    then `branches` and `combine` at every model evaluation. `unconditional` says which weights compute the
+    unconditional branch (the base model unless a policy says otherwise). A policy object serves one run at a
+    time, as a diffusers scheduler does; give each thread its own (`policy.new()`).
     """
 
     config_name = "guidance_config.json"
-    keeps_history: ClassVar[bool] = False
+    unconditional: UnconditionalModel = BASE_MODEL
 
-    def reset(self, batch_size: int, num_inference_steps: int) -> None:
-        """Forget the previous generation; called once per pipeline call before the first step."""
-        from .trace import GuidanceTrace
+    def __init_subclass__(cls, **kwargs):
+        """Record each policy's constructor arguments (objects included), so that `new` can rebuild it."""
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__dict__["__init__"])
 
-        self.batch_size = batch_size
-        self.num_inference_steps = num_inference_steps
-        self.trace = GuidanceTrace(batch_size=batch_size)
-        self.history: list[dict[str, torch.Tensor]] = []
-        self._step_extras: dict = {}
-
-    def record_extra(self, **values) -> None:
-        """Add method-specific values (similarities, scores, ...) to this step's trace entry."""
-        self._step_extras = {**getattr(self, "_step_extras", {}), **values}
-
-    def take_extras(self) -> dict:
-        """This step's extra values, handed to the trace by the pipeline after `combine`."""
-        extras, self._step_extras = getattr(self, "_step_extras", {}), {}
-        return extras
+    def reset(self, run: GuidanceRun) -> None:
+        """Forget the previous run; called once per sampling run before the first evaluation."""
 
     def branches(self, step: GuidanceStep) -> BranchRequest:
-        """Which model branches to evaluate, per sample, at this step."""
+        """Which model branches to evaluate, per row, at this step."""
         raise NotImplementedError
 
     def combine(
         self, step: GuidanceStep, request: BranchRequest, predictions: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Combine the branch predictions into (guided prediction, scale applied per sample).
+    ) -> GuidedPrediction:
+        """Combine the branch predictions into one guided prediction.
 
-        `predictions[name]` has the full batch size, NaN in the rows of samples for which the branch did not run;
-        a branch that ran for no sample is absent.
+        `predictions[name]` has the full batch size, NaN in the rows for which the branch did not run; a branch
+        that ran for no row is absent.
         """
         raise NotImplementedError
-
-    def branch_context(self, branch: str, pipeline: Any) -> contextlib.AbstractContextManager:
-        """A context the pipeline enters around the forward pass of `branch` (an adapter for "negative").
-
-        It must leave the model as it found it on exit.
-        """
-        return contextlib.nullcontext()
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Write the config (`guidance_config.json`) to `save_directory`, as diffusers schedulers do."""
         self.save_config(save_directory, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
-        """Load a scheduler saved with `save_pretrained` (a local folder or a hub id)."""
-        config = cls.load_config(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
-        return cls.from_config(config)
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **objects
+    ):
+        """Load a policy saved with `save_pretrained` (a local folder or a hub id).
+
+        `objects` are constructor arguments a config cannot hold (evaluators, a decoder, an unconditional model)
+        or values to override.
+        """
+        return cls.from_config_dict(cls.load_config(pretrained_model_name_or_path, subfolder=subfolder), **objects)
+
+    @classmethod
+    def from_config_dict(cls, config: dict, **objects) -> GuidanceScheduler:
+        """The policy a saved config describes (keys the constructor does not take are left out)."""
+        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        return cls(**{**{key: value for key, value in config.items() if key in names}, **objects})
 
     def new(self, **overrides) -> GuidanceScheduler:
-        """A fresh scheduler of the same class with this config, some values replaced (diffusers' `.new`)."""
-        config = {key: value for key, value in self.config.items() if not key.startswith("_")}
-        unknown = sorted(set(overrides) - set(config))
+        """A fresh policy of the same class and arguments, some replaced (diffusers' `.new`); no run state."""
+        arguments = getattr(self, "_arguments", None)
+        if arguments is None:  # a subclass without its own __init__: rebuild from the config
+            arguments = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        unknown = sorted(set(overrides) - set(arguments))
         if unknown:
-            raise ValueError(f"`{type(self).__name__}.new` got unknown config keys {unknown}; valid: {sorted(config)}")
-        return type(self).from_config({**config, **overrides})
+            raise ValueError(
+                f"`{type(self).__name__}.new` got unknown config keys {unknown}; valid: {sorted(arguments)}"
+            )
+        fresh = {key: value.new() if isinstance(value, GuidancePart) else value for key, value in arguments.items()}
+        return type(self)(**{**fresh, **overrides})
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
+
+
+class GuidancePart(ConfigMixin):
+    """A piece a policy is composed of (a scale rule, a skipping rule): configurable and reset per run.
+
+    Its config is saved inside the policy's (`to_dict`, with `_class_name`) and rebuilt from it (`part_from_config`).
+    """
+
+    config_name = "guidance_part.json"
+
+    @register_to_config
+    def __init__(self):
+        pass
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _recording_init(cls.__dict__["__init__"])
+
+    def reset(self, run: GuidanceRun) -> None:
+        """Forget the previous run."""
+
+    def save_tensors(self, folder: str | os.PathLike) -> None:
+        """Write what the config cannot hold (fitted coefficients) next to the policy's config."""
+
+    def load_tensors(self, folder: str | os.PathLike) -> None:
+        """Read what `save_tensors` wrote."""
+
+    def to_dict(self) -> dict:
+        return {"_class_name": type(self).__name__, **{k: v for k, v in self.config.items() if not k.startswith("_")}}
+
+    def new(self, **overrides) -> GuidancePart:
+        """A fresh part with the same arguments (objects shared), some replaced."""
+        return type(self)(**{**self._arguments, **overrides})
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+def part_classes() -> dict[str, type[GuidancePart]]:
+    """Every `GuidancePart` subclass imported so far, by name (what a saved config may name)."""
+    found, pending = {}, [GuidancePart]
+    while pending:
+        for subclass in pending.pop().__subclasses__():
+            found[subclass.__name__] = subclass
+            pending.append(subclass)
+    return found
+
+
+def part_from_config(value: Any) -> Any:
+    """A part rebuilt from its saved dict (`{"_class_name": ..., ...}`); any other value as it is."""
+    if not isinstance(value, dict) or "_class_name" not in value:
+        return value
+    classes = part_classes()
+    name = value["_class_name"]
+    if name not in classes:
+        raise ValueError(f"saved guidance part {name!r} is unknown; known parts: {sorted(classes)}")
+    return classes[name](**{k: v for k, v in value.items() if k != "_class_name"})
+
+
+_recording = threading.local()
+
+
+def _recording_init(init):
+    """Wrap `__init__`: parts saved as dicts become parts again, the outermost call's arguments are kept in
+    `_arguments` (for `new`), and parts in the config are stored as their dicts (JSON)."""
+    signature = inspect.signature(init)
+
+    def named(bound: inspect.BoundArguments) -> dict:
+        arguments = {k: part_from_config(v) for k, v in bound.arguments.items() if k != "self"}
+        for name, parameter in signature.parameters.items():
+            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+                arguments.update(arguments.pop(name, {}))
+        return arguments
+
+    @functools.wraps(init)
+    def wrapper(self, *args, **kwargs):
+        # keyword arguments only: diffusers' `register_to_config` pairs positional ones with the parameters that
+        # are not in `ignore_for_config`, which shifts them when an ignored parameter comes first
+        bound = signature.bind(self, *args, **kwargs)
+        arguments = named(bound)
+        if getattr(_recording, "active", set()) & {id(self)}:  # a constructor called from the outermost one
+            return init(self, **arguments)
+        _recording.active = getattr(_recording, "active", set()) | {id(self)}
+        try:
+            init(self, **arguments)
+        finally:
+            _recording.active = _recording.active - {id(self)}
+        bound.apply_defaults()
+        object.__setattr__(self, "_arguments", {**named(bound), **arguments})
+        parts = {k: v.to_dict() for k, v in self.config.items() if isinstance(v, GuidancePart)}
+        if parts:
+            self.register_to_config(**parts)
+
+    return wrapper
+
+
+GuidancePart.__init__ = _recording_init(GuidancePart.__init__)  # parts without a constructor of their own
 
 
 def check_scale(name: str, value: Any) -> float:

@@ -22,10 +22,16 @@ class GuidanceTrace:
     branches: list[dict[str, list[bool]]] = field(default_factory=list)
     extras: list[dict] = field(default_factory=list)
 
-    def record(self, scales: torch.Tensor, branches: dict[str, torch.Tensor], **extras) -> None:
-        """Append one step: `scales` of shape (batch,), `branches` name -> bool mask of shape (batch,)."""
+    def record(self, scales: torch.Tensor, branches: dict[str, torch.Tensor | list[bool]], **extras) -> None:
+        """Append one step: `scales` of shape (batch,), `branches` name -> bool mask of shape (batch,) (a tensor or a
+        list)."""
         self.scales.append([float(s) for s in scales.tolist()])
-        self.branches.append({name: [bool(v) for v in mask.tolist()] for name, mask in branches.items()})
+        self.branches.append(
+            {
+                name: [bool(v) for v in (m.tolist() if isinstance(m, torch.Tensor) else m)]
+                for name, m in branches.items()
+            }
+        )
         self.extras.append(extras)
 
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,16 +10,34 @@ import torch
 from diffusers import FluxPipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
-from diffusers.utils.torch_utils import get_module_execution_device
+from diffusers.utils import logging
 
 from guidance import GuidanceTrace
+from guidance import vae as vae_latents
+from guidance.denoised import copy_scheduler
 
-from .guided_step import Conditioning, GuidedPipelineMixin
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin
+from .stable_diffusion import batch_size_of
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
 class GuidedFluxPipelineOutput(FluxPipelineOutput):
     trace: GuidanceTrace | None = None
+
+
+def own_schedule(scheduler, num_steps: int, device, sigmas) -> tuple[torch.Tensor, int]:
+    """Timesteps of a flow scheduler that cannot take Flux's resolution-dependent sigmas (FlowMatchHeun, which
+    diffusers' FluxPipeline refuses): its own schedule, with a warning; custom `sigmas` are an error."""
+    name = type(scheduler).__name__
+    if sigmas is not None:
+        raise ValueError(f"`sigmas`: {name}.set_timesteps takes no custom sigmas; leave `sigmas` unset")
+    logger.warning(
+        f"{name} cannot take Flux's resolution-dependent sigmas: using its own schedule "
+        f"(shift={scheduler.config.get('shift')})"
+    )
+    return retrieve_timesteps(scheduler, num_steps, device)
 
 
 class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
@@ -38,18 +57,19 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
     )
     _callback_conditioning = {"prompt_embeds": ("cond", "encoder_hidden_states")}
 
-    def unpack_for_guidance(self, latents):
-        height, width = self._guidance_image_size
+    def unpack_latents(self, latents, height, width):
         return self._unpack_latents(latents, height, width, self.vae_scale_factor)
 
-    def _predict(self, latents, t, inputs, shared):
-        timestep = t.expand(latents.shape[0]).to(latents.dtype)
-        return self.transformer(
-            hidden_states=latents, timestep=timestep / 1000, **inputs, **shared, return_dict=False
-        )[0]
+    def pack_latents(self, latents):
+        batch_size, channels, height, width = latents.shape
+        return self._pack_latents(latents, batch_size, channels, height, width)
 
-    def _guided_call(self, guidance, **a):
-        # Mirrors diffusers' FluxPipeline.__call__, with the guided loop in place of its loop.
+    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+        timestep = t.expand(latents.shape[0]).to(latents.dtype)
+        return denoiser(hidden_states=latents, timestep=timestep / 1000, **inputs, **shared, return_dict=False)[0]
+
+    def _prepare(self, a: dict) -> GuidedInputs:
+        # Mirrors diffusers' FluxPipeline.__call__ up to its loop, on a copy of the scheduler.
         height = a["height"] or self.default_sample_size * self.vae_scale_factor
         width = a["width"] or self.default_sample_size * self.vae_scale_factor
 
@@ -67,23 +87,19 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
             negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
             max_sequence_length=a["max_sequence_length"],
         )
-        self._guidance_scale = a["guidance_scale"]
-        self._joint_attention_kwargs = a["joint_attention_kwargs"] or {}
-        self._current_timestep = None
-        self._interrupt = False
 
         # 2. Define call parameters
         prompt = a["prompt"]
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(a["prompt_embeds"])
+        batch_size = batch_size_of(prompt, a["prompt_embeds"])
         device = self._execution_device
+        joint_attention_kwargs = a["joint_attention_kwargs"] or {}
 
         # 3. Encode the prompt and the negative prompt ("" when none is given: any step may need it)
-        lora_scale = self.joint_attention_kwargs.get("scale", None)
         encode = dict(
             device=device,
             num_images_per_prompt=a["num_images_per_prompt"],
             max_sequence_length=a["max_sequence_length"],
-            lora_scale=lora_scale,
+            lora_scale=joint_attention_kwargs.get("scale", None),
         )
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,
@@ -121,18 +137,22 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         )
 
         # 5. Prepare timesteps
+        scheduler = copy_scheduler(self.scheduler)
         num_steps = a["num_inference_steps"]
-        sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if a["sigmas"] is None else a["sigmas"]
-        if getattr(self.scheduler.config, "use_flow_sigmas", False):
-            sigmas = None
-        mu = calculate_shift(
-            latents.shape[1],
-            self.scheduler.config.get("base_image_seq_len", 256),
-            self.scheduler.config.get("max_image_seq_len", 4096),
-            self.scheduler.config.get("base_shift", 0.5),
-            self.scheduler.config.get("max_shift", 1.15),
-        )
-        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_steps, device, sigmas=sigmas, mu=mu)
+        if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
+            timesteps, num_inference_steps = own_schedule(scheduler, num_steps, device, a["sigmas"])
+        else:
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if a["sigmas"] is None else a["sigmas"]
+            if getattr(scheduler.config, "use_flow_sigmas", False):
+                sigmas = None
+            mu = calculate_shift(
+                latents.shape[1],
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.15),
+            )
+            timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_steps, device, sigmas=sigmas, mu=mu)
 
         # 6. The distilled guidance embedding, identical for every branch
         embedded_guidance = None
@@ -152,30 +172,14 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
             shared={
                 "txt_ids": text_ids,
                 "img_ids": latent_image_ids,
-                "joint_attention_kwargs": self.joint_attention_kwargs,
+                "joint_attention_kwargs": joint_attention_kwargs,
             },
         )
+        return self._inputs(a, latents, timesteps, num_inference_steps, scheduler, conditioning, height, width)
 
-        # 7. Guided denoising loop
-        self._guidance_image_size = (height, width)  # for unpack_for_guidance
-        self.scheduler.set_begin_index(0)
-        latents = self._guided_denoise(
-            guidance,
-            latents,
-            timesteps,
-            num_inference_steps,
-            conditioning,
-            {},
-            a["callback_on_step_end"],
-            a["callback_on_step_end_tensor_inputs"],
-        )
-
-        # 8. Unpack, decode and post-process
-        if a["output_type"] == "latent":
-            image = latents
-        else:
-            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
-            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-            image = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=a["output_type"])
-        return self._guided_output(guidance.trace, a["return_dict"], images=image)
+    def _decode(self, latents, inputs, output_type):
+        # 8. Unpack, decode and post-process (diffusers' FluxPipeline.__call__)
+        if output_type == "latent":
+            return self._output_class(images=latents)
+        image = vae_latents.decode(self.vae, self.unpack_latents(latents, inputs.height, inputs.width))
+        return self._output_class(images=self.image_processor.postprocess(image, output_type=output_type))

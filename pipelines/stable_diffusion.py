@@ -1,4 +1,4 @@
-"""Guided Stable Diffusion 1.x/2.x: diffusers' `StableDiffusionPipeline` with `guidance=`."""
+"""Guided Stable Diffusion 1.x/2.x: diffusers' `StableDiffusionPipeline` with `guidance=` and the sampler's stages."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import retrieve_timesteps
 
 from guidance import GuidanceTrace
+from guidance import vae as vae_latents
+from guidance.denoised import copy_scheduler
 
-from .guided_step import Conditioning, GuidedPipelineMixin
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, noise_latents
 
 
 @dataclass
@@ -19,11 +21,11 @@ class GuidedStableDiffusionPipelineOutput(StableDiffusionPipelineOutput):
     trace: GuidanceTrace | None = None
 
 
-def unet_prediction(pipe, latents: torch.Tensor, t: torch.Tensor, inputs: dict, shared: dict) -> torch.Tensor:
+def unet_prediction(unet, scheduler, latents: torch.Tensor, t: torch.Tensor, inputs: dict, shared: dict):
     """The UNet call of diffusers' SD and SDXL denoising loops, on a batch of rows."""
-    if hasattr(pipe.scheduler, "scale_model_input"):
-        latents = pipe.scheduler.scale_model_input(latents, t)
-    return pipe.unet(latents, t, **inputs, **shared, return_dict=False)[0]
+    if hasattr(scheduler, "scale_model_input"):
+        latents = scheduler.scale_model_input(latents, t)
+    return unet(latents, t, **inputs, **shared, return_dict=False)[0]
 
 
 def check_no_guidance_embedding(unet) -> None:
@@ -33,6 +35,10 @@ def check_no_guidance_embedding(unet) -> None:
             "`guidance` needs a UNet without a guidance embedding; this one has "
             f"time_cond_proj_dim={unet.config.time_cond_proj_dim} (guidance-distilled): use `guidance_scale`"
         )
+
+
+def batch_size_of(prompt, prompt_embeds) -> int:
+    return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(prompt_embeds)
 
 
 class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
@@ -46,11 +52,11 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
     }
 
-    def _predict(self, latents, t, inputs, shared):
-        return unet_prediction(self, latents, t, inputs, shared)
+    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+        return unet_prediction(denoiser, scheduler, latents, t, inputs, shared)
 
-    def _guided_call(self, guidance, **a):
-        # Mirrors diffusers' StableDiffusionPipeline.__call__, with the guided loop in place of its loop.
+    def _prepare(self, a: dict) -> GuidedInputs:
+        # Mirrors diffusers' StableDiffusionPipeline.__call__ up to its loop, on a copy of the scheduler.
         check_no_guidance_embedding(self.unet)
         # 0. Default height and width to unet
         sample_size = self.unet.config.sample_size
@@ -62,22 +68,16 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         self.check_inputs(
             a["prompt"], height, width, None, a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"]
         )
-        self._guidance_scale = guidance.config.get("guidance_scale", 1.0)
-        self._guidance_rescale = guidance.config.get("guidance_rescale", 0.0)
-        self._clip_skip = a["clip_skip"]
-        self._cross_attention_kwargs = a["cross_attention_kwargs"]
-        self._interrupt = False
 
         # 2. Define call parameters
-        prompt = a["prompt"]
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(a["prompt_embeds"])
+        batch_size = batch_size_of(a["prompt"], a["prompt_embeds"])
         device = self._execution_device
 
         # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
-        cross_attention_kwargs = self.cross_attention_kwargs
+        cross_attention_kwargs = a["cross_attention_kwargs"]
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt,
+            a["prompt"],
             device,
             a["num_images_per_prompt"],
             True,
@@ -85,56 +85,52 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             prompt_embeds=a["prompt_embeds"],
             negative_prompt_embeds=a["negative_prompt_embeds"],
             lora_scale=lora_scale,
-            clip_skip=self.clip_skip,
+            clip_skip=a["clip_skip"],
         )
 
         # 4. Prepare timesteps
+        scheduler = copy_scheduler(self.scheduler)
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
+            scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
         )
 
         # 5. Prepare latent variables
-        latents = self.prepare_latents(
+        latent_shape = (
             batch_size * a["num_images_per_prompt"],
             self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            a["generator"],
-            a["latents"],
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
+        )
+        latents = noise_latents(
+            latent_shape, a["generator"], device, prompt_embeds.dtype, a["latents"], scheduler.init_noise_sigma
         )
 
         # 6. Prepare extra step kwargs and the denoiser's conditioning
-        step_kwargs = self.prepare_extra_step_kwargs(a["generator"], a["eta"])
         conditioning = Conditioning(
             cond={"encoder_hidden_states": prompt_embeds},
             uncond={"encoder_hidden_states": negative_prompt_embeds},
             shared={"timestep_cond": None, "cross_attention_kwargs": cross_attention_kwargs},
         )
-
-        # 7. Guided denoising loop
-        latents = self._guided_denoise(
-            guidance,
+        return self._inputs(
+            a,
             latents,
             timesteps,
             num_inference_steps,
+            scheduler,
             conditioning,
-            step_kwargs,
-            a["callback_on_step_end"],
-            a["callback_on_step_end_tensor_inputs"],
+            height,
+            width,
+            self.prepare_extra_step_kwargs(a["generator"], a["eta"]),
         )
 
-        # 8. Decode, safety check, post-process
+    def _decode(self, latents, inputs, output_type):
+        # 8. Decode, safety check, post-process (diffusers' StableDiffusionPipeline.__call__)
         has_nsfw_concept = None
-        if a["output_type"] == "latent":
+        if output_type == "latent":
             image = latents
         else:
-            scaled = latents / self.vae.config.scaling_factor
-            image = self.vae.decode(scaled, return_dict=False, generator=a["generator"])[0]
-            image, has_nsfw_concept = self.run_safety_checker(image, device, prompt_embeds.dtype)
+            image = vae_latents.decode(self.vae, latents, inputs.generator)
+            image, has_nsfw_concept = self.run_safety_checker(image, latents.device, latents.dtype)
         denormalize = [True] * image.shape[0] if has_nsfw_concept is None else [not n for n in has_nsfw_concept]
-        image = self.image_processor.postprocess(image, output_type=a["output_type"], do_denormalize=denormalize)
-        return self._guided_output(
-            guidance.trace, a["return_dict"], images=image, nsfw_content_detected=has_nsfw_concept
-        )
+        image = self.image_processor.postprocess(image, output_type=output_type, do_denormalize=denormalize)
+        return self._output_class(images=image, nsfw_content_detected=has_nsfw_concept)

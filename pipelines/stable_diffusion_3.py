@@ -1,4 +1,4 @@
-"""Guided Stable Diffusion 3: diffusers' `StableDiffusion3Pipeline` with `guidance=`."""
+"""Guided Stable Diffusion 3: diffusers' `StableDiffusion3Pipeline` with `guidance=` and the sampler's stages."""
 
 from __future__ import annotations
 
@@ -12,8 +12,11 @@ from diffusers.pipelines.stable_diffusion_3 import StableDiffusion3PipelineOutpu
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from guidance import GuidanceTrace
+from guidance import vae as vae_latents
+from guidance.denoised import copy_scheduler
 
-from .guided_step import Conditioning, GuidedPipelineMixin
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin
+from .stable_diffusion import batch_size_of
 
 
 @dataclass
@@ -48,12 +51,12 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                     kwargs.setdefault(name, None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
-    def _predict(self, latents, t, inputs, shared):
+    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0])
-        return self.transformer(hidden_states=latents, timestep=timestep, **inputs, **shared, return_dict=False)[0]
+        return denoiser(hidden_states=latents, timestep=timestep, **inputs, **shared, return_dict=False)[0]
 
-    def _guided_call(self, guidance, **a):
-        # Mirrors diffusers' StableDiffusion3Pipeline.__call__, with the guided loop in place of its loop.
+    def _prepare(self, a: dict) -> GuidedInputs:
+        # Mirrors diffusers' StableDiffusion3Pipeline.__call__ up to its loop, on a copy of the scheduler.
         height = a["height"] or self.default_sample_size * self.vae_scale_factor
         width = a["width"] or self.default_sample_size * self.vae_scale_factor
 
@@ -73,22 +76,17 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
             negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
             max_sequence_length=a["max_sequence_length"],
         )
-        self._guidance_scale = guidance.config.get("guidance_scale", 1.0)
-        self._clip_skip = a["clip_skip"]
-        self._joint_attention_kwargs = a["joint_attention_kwargs"]
-        self._interrupt = False
 
         # 2. Define call parameters
-        prompt = a["prompt"]
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(a["prompt_embeds"])
+        batch_size = batch_size_of(a["prompt"], a["prompt_embeds"])
         device = self._execution_device
 
         # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
-        joint_attention_kwargs = self.joint_attention_kwargs
+        joint_attention_kwargs = a["joint_attention_kwargs"]
         lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
             self.encode_prompt(
-                prompt=prompt,
+                prompt=a["prompt"],
                 prompt_2=a["prompt_2"],
                 prompt_3=a["prompt_3"],
                 negative_prompt=a["negative_prompt"],
@@ -100,7 +98,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                 pooled_prompt_embeds=a["pooled_prompt_embeds"],
                 negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
                 device=device,
-                clip_skip=self.clip_skip,
+                clip_skip=a["clip_skip"],
                 num_images_per_prompt=a["num_images_per_prompt"],
                 max_sequence_length=a["max_sequence_length"],
                 lora_scale=lora_scale,
@@ -120,20 +118,21 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         )
 
         # 5. Prepare timesteps (resolution-dependent shift when the scheduler asks for it)
+        scheduler = copy_scheduler(self.scheduler)
         mu = a["mu"]
-        if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
+        if scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             patch_size = self.transformer.config.patch_size
             image_seq_len = (latents.shape[2] // patch_size) * (latents.shape[3] // patch_size)
             mu = calculate_shift(
                 image_seq_len,
-                self.scheduler.config.get("base_image_seq_len", 256),
-                self.scheduler.config.get("max_image_seq_len", 4096),
-                self.scheduler.config.get("base_shift", 0.5),
-                self.scheduler.config.get("max_shift", 1.16),
+                scheduler.config.get("base_image_seq_len", 256),
+                scheduler.config.get("max_image_seq_len", 4096),
+                scheduler.config.get("base_shift", 0.5),
+                scheduler.config.get("max_shift", 1.16),
             )
         scheduler_kwargs = {} if mu is None else {"mu": mu}
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
+            scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
         )
         conditioning = Conditioning(
             cond={"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds},
@@ -143,24 +142,11 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
             },
             shared={"joint_attention_kwargs": joint_attention_kwargs},
         )
+        return self._inputs(a, latents, timesteps, num_inference_steps, scheduler, conditioning, height, width)
 
-        # 7. Guided denoising loop
-        latents = self._guided_denoise(
-            guidance,
-            latents,
-            timesteps,
-            num_inference_steps,
-            conditioning,
-            {},
-            a["callback_on_step_end"],
-            a["callback_on_step_end_tensor_inputs"],
-        )
-
-        # 8. Decode and post-process
-        if a["output_type"] == "latent":
-            image = latents
-        else:
-            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
-            image = self.vae.decode(latents, return_dict=False)[0]
-            image = self.image_processor.postprocess(image, output_type=a["output_type"])
-        return self._guided_output(guidance.trace, a["return_dict"], images=image)
+    def _decode(self, latents, inputs, output_type):
+        # 8. Decode and post-process (diffusers' StableDiffusion3Pipeline.__call__)
+        if output_type == "latent":
+            return self._output_class(images=latents)
+        image = vae_latents.decode(self.vae, latents)
+        return self._output_class(images=self.image_processor.postprocess(image, output_type=output_type))

@@ -1,19 +1,19 @@
-"""Guided Stable Diffusion XL: diffusers' `StableDiffusionXLPipeline` with `guidance=`."""
+"""Guided Stable Diffusion XL: diffusers' `StableDiffusionXLPipeline` with `guidance=` and the sampler's stages."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from diffusers import StableDiffusionXLPipeline
 from diffusers.pipelines.stable_diffusion_xl import StableDiffusionXLPipelineOutput
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
-from diffusers.utils.torch_utils import get_module_execution_device
 
 from guidance import GuidanceTrace
+from guidance import vae as vae_latents
+from guidance.denoised import copy_scheduler
 
-from .guided_step import Conditioning, GuidedPipelineMixin
-from .stable_diffusion import check_no_guidance_embedding, unet_prediction
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, noise_latents
+from .stable_diffusion import batch_size_of, check_no_guidance_embedding, unet_prediction
 
 
 @dataclass
@@ -32,11 +32,11 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
     }
 
-    def _predict(self, latents, t, inputs, shared):
-        return unet_prediction(self, latents, t, inputs, shared)
+    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+        return unet_prediction(denoiser, scheduler, latents, t, inputs, shared)
 
-    def _guided_call(self, guidance, **a):
-        # Mirrors diffusers' StableDiffusionXLPipeline.__call__, with the guided loop in place of its loop.
+    def _prepare(self, a: dict) -> GuidedInputs:
+        # Mirrors diffusers' StableDiffusionXLPipeline.__call__ up to its loop, on a copy of the scheduler.
         check_no_guidance_embedding(self.unet)
         # 0. Default height and width to unet
         height = a["height"] or self.default_sample_size * self.vae_scale_factor
@@ -58,25 +58,17 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
             a["pooled_prompt_embeds"],
             a["negative_pooled_prompt_embeds"],
         )
-        self._guidance_scale = guidance.config.get("guidance_scale", 1.0)
-        self._guidance_rescale = guidance.config.get("guidance_rescale", 0.0)
-        self._clip_skip = a["clip_skip"]
-        self._cross_attention_kwargs = a["cross_attention_kwargs"]
-        self._denoising_end = a["denoising_end"]
-        self._interrupt = False
 
         # 2. Define call parameters
-        prompt = a["prompt"]
-        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(a["prompt_embeds"])
-        num_images = batch_size * a["num_images_per_prompt"]
+        num_images = batch_size_of(a["prompt"], a["prompt_embeds"]) * a["num_images_per_prompt"]
         device = self._execution_device
 
         # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
-        cross_attention_kwargs = self.cross_attention_kwargs
+        cross_attention_kwargs = a["cross_attention_kwargs"]
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
             self.encode_prompt(
-                prompt=prompt,
+                prompt=a["prompt"],
                 prompt_2=a["prompt_2"],
                 device=device,
                 num_images_per_prompt=a["num_images_per_prompt"],
@@ -88,29 +80,26 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
                 pooled_prompt_embeds=a["pooled_prompt_embeds"],
                 negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
                 lora_scale=lora_scale,
-                clip_skip=self.clip_skip,
+                clip_skip=a["clip_skip"],
             )
         )
 
         # 4. Prepare timesteps
+        scheduler = copy_scheduler(self.scheduler)
         timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
+            scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
         )
 
         # 5. Prepare latent variables
-        latents = self.prepare_latents(
+        latent_shape = (
             num_images,
             self.unet.config.in_channels,
-            height,
-            width,
-            prompt_embeds.dtype,
-            device,
-            a["generator"],
-            a["latents"],
+            int(height) // self.vae_scale_factor,
+            int(width) // self.vae_scale_factor,
         )
-
-        # 6. Prepare extra step kwargs
-        step_kwargs = self.prepare_extra_step_kwargs(a["generator"], a["eta"])
+        latents = noise_latents(
+            latent_shape, a["generator"], device, prompt_embeds.dtype, a["latents"], scheduler.init_noise_sigma
+        )
 
         # 7. Prepare added time ids & embeddings, one row per image and branch
         if self.text_encoder_2 is None:
@@ -152,46 +141,30 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         )
 
         # 8.1 Apply denoising_end
-        denoising_end = self.denoising_end
+        denoising_end = a["denoising_end"]
         if isinstance(denoising_end, float) and 0 < denoising_end < 1:
-            num_train_timesteps = self.scheduler.config.num_train_timesteps
+            num_train_timesteps = scheduler.config.num_train_timesteps
             cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
             num_inference_steps = len([t for t in timesteps if t >= cutoff])
             timesteps = timesteps[:num_inference_steps]
 
-        # 8. Guided denoising loop
-        if hasattr(self.scheduler, "set_begin_index"):
-            self.scheduler.set_begin_index(0)
-        latents = self._guided_denoise(
-            guidance,
+        return self._inputs(
+            a,
             latents,
             timesteps,
             num_inference_steps,
+            scheduler,
             conditioning,
-            step_kwargs,
-            a["callback_on_step_end"],
-            a["callback_on_step_end_tensor_inputs"],
+            height,
+            width,
+            self.prepare_extra_step_kwargs(a["generator"], a["eta"]),
         )
 
-        # 9. Decode (upcasting a float16 VAE as diffusers does), watermark, post-process
-        if a["output_type"] == "latent":
-            return self._guided_output(guidance.trace, a["return_dict"], images=latents)
-        needs_upcasting = self.vae.dtype == torch.float16 and self.vae.config.force_upcast
-        if needs_upcasting:
-            self.upcast_vae()
-            latents = latents.to(next(iter(self.vae.post_quant_conv.parameters())).dtype)
-        latents_mean = getattr(self.vae.config, "latents_mean", None)
-        latents_std = getattr(self.vae.config, "latents_std", None)
-        if latents_mean is not None and latents_std is not None:
-            mean = torch.tensor(latents_mean).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            std = torch.tensor(latents_std).view(1, 4, 1, 1).to(latents.device, latents.dtype)
-            latents = latents * std / self.vae.config.scaling_factor + mean
-        else:
-            latents = latents / self.vae.config.scaling_factor
-        image = self.vae.decode(latents.to(get_module_execution_device(self.vae)), return_dict=False)[0]
-        if needs_upcasting:
-            self.vae.to(dtype=torch.float16)
+    def _decode(self, latents, inputs, output_type):
+        # 9. Decode (float16 VAEs with force_upcast in float32, latents_mean/std), watermark, post-process
+        if output_type == "latent":
+            return self._output_class(images=latents)
+        image = vae_latents.decode(self.vae, latents)
         if self.watermark is not None:
             image = self.watermark.apply_watermark(image)
-        image = self.image_processor.postprocess(image, output_type=a["output_type"])
-        return self._guided_output(guidance.trace, a["return_dict"], images=image)
+        return self._output_class(images=self.image_processor.postprocess(image, output_type=output_type))

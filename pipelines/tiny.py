@@ -12,17 +12,10 @@ from typing import Literal
 
 import torch
 
+from guidance.shapes.tokenizer import clip_byte_vocabulary
+
 Family = Literal["sd", "sdxl", "sd3", "flux"]
 FAMILIES: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux")
-
-
-def clip_byte_vocabulary() -> dict[str, int]:
-    """CLIP's byte-to-unicode alphabet, each symbol alone and word-final, plus the two special tokens."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    symbols = [chr(b) for b in printable] + [chr(256 + n) for n in range(len(others))]
-    tokens = symbols + [s + "</w>" for s in symbols] + ["<|startoftext|>", "<|endoftext|>"]
-    return {token: index for index, token in enumerate(tokens)}
 
 
 def tiny_clip_tokenizer():

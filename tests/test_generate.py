@@ -1,10 +1,11 @@
 import json
 import re
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from pipelines.generate import build_parser, main, make_guidance
+from pipelines.commands.generate import build_parser, main, make_guidance
 
 
 def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
@@ -79,9 +80,9 @@ def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
 
 
 def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
-    from pipelines.generate import model_family
+    from pipelines.loading import model_family
 
-    with pytest.raises(ValueError, match="has no model_index.json; pass a diffusers pipeline folder"):
+    with pytest.raises(ValueError, match="no readable model_index.json in this folder"):
         model_family(str(tmp_path))
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyPipeline"}')
     with pytest.raises(ValueError, match=r"is a KandinskyPipeline; supported: \['FluxPipeline'"):
@@ -112,3 +113,27 @@ def test_dynamic_guidance_defaults_to_the_shipped_latent_heads_for_shapes_sd(tmp
     assert policy.config.candidates == [1.0, 3.0, 7.5, 11.0, 15.0]
     other = make_guidance(build_parser().parse_args(["--guidance", "dynamic", "--model", str(tmp_path)]))
     assert [type(e) for e in other.evaluators] == [ClipEvaluator] and other.lookahead_kind == "x0"
+
+
+def test_a_hub_id_is_loaded_as_the_family_its_model_index_names(tmp_path):
+    """Failure 4 of the core v2 issue: a hub id was always read as SD 1.x. Offline, from a local hub cache that holds
+    a tiny SDXL pipeline under a made-up id (no network)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import build
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repository = tmp_path / "cache" / "models--local--tiny-sdxl"
+    build("sdxl", guided=False).save_pretrained(repository / "snapshots" / revision)
+    (repository / "refs").mkdir()
+    (repository / "refs" / "main").write_text(revision)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
+    argv = ["--model", "local/tiny-sdxl", "--prompt", "a red circle", "--num-inference-steps", "2", "--height", "16",
+            "--width", "16", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "pipelines.commands.generate", *argv], env=env, capture_output=True,
+                          text=True, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "NFE per image: 4 (2 steps)" in done.stdout
+    assert Image.open(tmp_path / "out" / "00000.png").size == (16, 16)

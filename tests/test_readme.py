@@ -1,8 +1,10 @@
-"""The README's guidance-scheduler example is real code: extract it, run it, check what it claims."""
+"""The README's examples are real code: extract them, run them, check what they claim."""
 
 import re
 from pathlib import Path
 
+import numpy as np
+import torch
 from conftest import call_kwargs
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -24,8 +26,35 @@ def test_readme_scheduler_example_guides_the_first_half(sd_pipe):
     assert result.trace.nfe == 6.0
 
 
+def test_readme_stages_example_runs_again_and_edits():
+    from guidance.shapes.assets import load_scorer, load_world
+
+    example = readme_example("pipe.prepare(")
+    assert torch.equal(example["again"].latents, example["result"].latents)
+    assert example["edited"].trace.num_steps == 10
+    edited = example["pipe"].decode(example["edited"].latents, example["target"], output_type="pt").images * 2 - 1
+    world, logits = load_world(), load_scorer()(edited)
+    assert world.values["color"][int(logits["color"].argmax())] == "blue"  # the target prompt's colour
+    assert world.values["shape"][int(logits["shape"].argmax())] == "circle"  # the source image's shape
+
+
+def test_readme_composition_example_composes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    example = readme_example("same_thing = ")
+    first, second = example["out"], example["again"]
+    assert np.array_equal(np.asarray(first.images[0]), np.asarray(second.images[0]))
+    assert first.trace.scales[0] == [2.0] and first.trace.nfe < 40
+    assert (tmp_path / "my-policy" / "guidance_config.json").is_file()
+    assert example["dynamic_in_interval"].config.start == 0.2
+
+
 def test_readme_dynamic_guidance_example_chooses_among_its_candidates():
     example = readme_example("DynamicGuidance(candidates=(5, 7.5, 10, 15)")
     scales = example["out"].trace.scales
     assert len(scales) == 20 and {row[0] for row in scales} <= {5.0, 7.5, 10.0, 15.0}
     assert example["out"].trace.extras[0]["lookahead"] == "next_latent" and example["pixel"].lookahead_kind == "x0"
+
+
+def test_readme_guider_bridge_example_builds():
+    example = readme_example("GuiderScale(apg)")
+    assert type(example["policy"].scale.guider).__name__ == "AdaptiveProjectedGuidance"

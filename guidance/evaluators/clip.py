@@ -8,9 +8,8 @@ import torch
 
 from .base import Candidates, Evaluator, prepare_images
 
-SHAPES_CLIP = "local-dir:" + os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "assets", "shapes-clip"
-)
+SHAPES_CLIP = "shapes-clip"
+"""The name of the shapes-world CLIP shipped in the assets folder (resolved by `guidance.shapes.assets`)."""
 
 
 def load_open_clip(model: str, pretrained: str | None = None):
@@ -22,6 +21,10 @@ def load_open_clip(model: str, pretrained: str | None = None):
         import open_clip
     except ImportError as error:
         raise ImportError("ClipEvaluator needs open_clip: pip install open_clip_torch") from error
+    if model == SHAPES_CLIP:
+        from ..shapes.assets import shapes_clip
+
+        model = shapes_clip()
     if not isinstance(model, str) or not model:
         raise TypeError(f"`model` must be an open_clip model name or 'local-dir:<folder>', got {model!r}")
     if model.startswith("local-dir:"):
@@ -56,8 +59,8 @@ class ClipEvaluator(Evaluator):
     """`100 * cos(image, text)` of each decoded candidate with its prompt (a pixel evaluator).
 
     Args:
-        model: an open_clip model name (with `pretrained`) or "local-dir:<folder>"; default: the shapes-world
-            CLIP shipped in assets/shapes-clip.
+        model: an open_clip model name (with `pretrained`), "local-dir:<folder>", or "shapes-clip" (default): the
+            shapes-world CLIP shipped in the assets folder.
         pretrained: open_clip pretrained tag or weights file, for named models.
     """
 

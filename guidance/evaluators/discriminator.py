@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from .base import Candidates, Evaluator
 from .networks import ConvEncoder, load_network, save_network
 
-REBUILD = "rebuild it with `python -m guidance.evaluators.train discriminator`"
+REBUILD = "rebuild it with `guided-train-evaluator discriminator`"
 
 
 class FidelityDiscriminator(Evaluator):

@@ -9,10 +9,10 @@ from typing import Literal
 import torch
 
 from .base import Candidates, Evaluator
-from .clip import SHAPES_CLIP, ClipEvaluator
+from .clip import ClipEvaluator
 from .networks import ConvEncoder, load_network, save_network
 
-REBUILD = "rebuild it with `python -m guidance.evaluators.train latent`"
+REBUILD = "rebuild it with `guided-train-evaluator latent`"
 KINDS = ("clip", "score")
 
 
@@ -40,7 +40,7 @@ class LatentEvaluator(Evaluator):
             raise ValueError("`teacher` (the CLIP whose text tower scores the predicted embedding) is required")
         super().__init__(name or f"latent-{kind}")
         self.network, self.kind, self.teacher = network, kind, teacher
-        self.clip = ClipEvaluator(SHAPES_CLIP if teacher == "shapes-clip" else teacher) if kind == "clip" else None
+        self.clip = ClipEvaluator(teacher) if kind == "clip" else None
 
     def forward(self, candidates: Candidates) -> torch.Tensor:
         config = self.network.config

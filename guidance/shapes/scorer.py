@@ -16,7 +16,7 @@ from torch import nn
 
 from .world import ATTRIBUTES, Scene, ShapesWorld
 
-REBUILD_HINT = "rebuild it with `python -m guidance.shapes.train scorer`"
+REBUILD_HINT = "rebuild it with `guided-train-shapes scorer`"
 
 
 class AttributeScorer(nn.Module):

@@ -23,7 +23,7 @@ def test_low_threshold_stops_the_unconditional_pass_after_the_first_step(sd_pipe
     assert result.trace.nfe == 6.0
     assert result.trace.scales == [[5.0, 5.0]] + [[1.0, 1.0]] * 4
     assert result.trace.extras[1]["similarity"] == [None, None]
-    assert policy.converged.tolist() == [True, True]
+    assert policy.skip.converged.tolist() == [True, True]
 
 
 def test_state_resets_between_generations(sd_pipe):

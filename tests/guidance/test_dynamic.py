@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import REFERENCE, build, call_kwargs, seeded
 
-from guidance import ClassifierFreeGuidance, DynamicGuidance
+from guidance import ClassifierFreeGuidance, DynamicGuidance, DynamicScale, GuidanceRun
 from guidance.evaluators import Candidates, Evaluator, RewardEvaluator
 
 
@@ -89,19 +89,34 @@ def test_pixel_evaluators_read_decoded_images_and_prompts(sd_pipe):
 
 
 def test_adaptive_weights_follow_each_evaluators_relative_change():
-    policy = DynamicGuidance(candidates=[1.0, 2.0], evaluators=[Spread(2, name="a"), Spread(2, name="b")])
-    policy.reset(batch_size=2, num_inference_steps=3)
-    assert policy.evaluator_weights(torch.tensor([[2.0, 1.0], [-4.0, 1.0]])).tolist() == [[1, 1], [1, 1]]
-    weights = policy.evaluator_weights(torch.tensor([[3.0, 0.5], [-2.0, 0.5]]))
+    scale = DynamicScale(candidates=[1.0, 2.0], evaluators=[Spread(2, name="a"), Spread(2, name="b")])
+    scale.reset(GuidanceRun(batch_size=2, num_timesteps=3, num_inference_steps=3))
+    rows = torch.tensor([0, 1])
+    assert scale.evaluator_weights(torch.tensor([[2.0, 1.0], [-4.0, 1.0]]), rows).tolist() == [[1, 1], [1, 1]]
+    weights = scale.evaluator_weights(torch.tensor([[3.0, 0.5], [-2.0, 0.5]]), rows)
     # a: (3 - 2) / 2 = 0.5 ; b: (-2 - -4) / |-4| = 0.5 ; sample 1: both fell -> all weights 1
     assert weights.tolist() == [[0.5, 1.0], [0.5, 1.0]]
-    weights = policy.evaluator_weights(torch.tensor([[3.0, 1.0], [-3.0, 0.6]]))
+    weights = scale.evaluator_weights(torch.tensor([[3.0, 1.0], [-3.0, 0.6]]), rows)
     # sample 0: a unchanged, b fell -> all weights 1; sample 1: a +100%, b +20%
     torch.testing.assert_close(weights, torch.tensor([[1.0, 1.0], [1.0, 0.2]]))
+    # a row scored for the first time (its neighbour was skipped until now) weighs every evaluator 1
+    fresh = DynamicScale(candidates=[1.0], evaluators=[Spread(1, name="a"), Spread(1, name="b")])
+    fresh.reset(GuidanceRun(batch_size=2, num_timesteps=3, num_inference_steps=3))
+    fresh.evaluator_weights(torch.tensor([[1.0], [1.0]]), torch.tensor([0]))
+    both = fresh.evaluator_weights(torch.tensor([[2.0, 5.0], [1.5, 5.0]]), rows)
+    assert both.tolist() == [[1.0, 1.0], [0.5, 1.0]]
     fixed = DynamicGuidance(
         candidates=[1.0], evaluators=[Spread(1, name="a"), Spread(1, name="b")], weighting="fixed", weights=[0.25, 2]
     )
-    assert fixed.evaluator_weights(torch.zeros(2, 3)).tolist() == [[0.25] * 3, [2.0] * 3]
+    assert fixed.scale.evaluator_weights(torch.zeros(2, 3), torch.arange(3)).tolist() == [[0.25] * 3, [2.0] * 3]
+
+
+def test_positional_arguments_land_in_their_own_config_keys(tmp_path):
+    """diffusers' `register_to_config` shifts positional arguments past an ignored one (`evaluators`)."""
+    policy = DynamicGuidance([1.0, 4.0], [Spread(2)], "fixed", [2.0])
+    assert policy.config.weighting == "fixed" and policy.config.weights == [2.0] and policy.config.candidates == [1, 4]
+    policy.save_pretrained(tmp_path)
+    assert DynamicGuidance.from_pretrained(tmp_path, evaluators=[Spread(2)]).config.weighting == "fixed"
 
 
 def test_config_round_trip_keeps_candidates_and_weights(tmp_path):

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE, build, call_kwargs, seeded, size_kwargs
-from diffusers import EulerDiscreteScheduler
+from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
 
 from guidance import ClassifierFreeGuidance, LinearAdaptiveGuidance
-from guidance.calibrate_linear_ag import calibrate, main
 from guidance.linear_ag import fit_coefficients
+from guidance.shapes.assets import ASSETS
+from pipelines.commands.calibrate_linear_ag import calibrate, main
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow circle", "a large square", "red"]
 
@@ -64,19 +65,69 @@ def test_coefficients_for_another_setup_are_refused(fitted):
     folder, _ = fitted
     pipe = build("sd")
     policy = LinearAdaptiveGuidance.from_pretrained(folder)
-    with pytest.raises(ValueError, match="fitted for 5 steps, this generation has 6"):
-        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=6), guidance=policy)
     with pytest.raises(
-        ValueError, match=r"fitted for latents of shape \[4, 8, 8\], this generation has \[4, 16, 16\]"
+        ValueError,
+        match=r"fitted for DDIMScheduler with 5 inference steps \(5 timesteps\), this run uses DDIMScheduler with 6 "
+        r"inference steps \(6 timesteps\): calibrate for it with `guided-calibrate-linear-ag`",
     ):
+        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=6), guidance=policy)
+    with pytest.raises(ValueError, match=r"fitted for latents of shape \[4, 8, 8\], this run has \[4, 16, 16\]"):
         pipe(**call_kwargs("sd", prompt="x", num_inference_steps=5, height=32, width=32), guidance=policy)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="fitted with DDIMScheduler, the pipeline uses EulerDiscreteScheduler"):
+    with pytest.raises(
+        ValueError, match=r"fitted for DDIMScheduler with 5 .*, this run uses EulerDiscreteScheduler with 5 inference"
+    ):
+        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=5), guidance=policy)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(
+        ValueError, match=r"this run uses HeunDiscreteScheduler with 5 inference steps \(9 timesteps\)"
+    ):
         pipe(**call_kwargs("sd", prompt="x", num_inference_steps=5), guidance=policy)
 
 
+@pytest.mark.parametrize("scheduler_class", [PNDMScheduler, HeunDiscreteScheduler])
+def test_calibrated_for_a_multistage_scheduler_it_runs_there(scheduler_class):
+    """Failure 2 of the core v2 issue: PNDM and Heun evaluate the model more often than the step count."""
+    pipe = build("sd")
+    pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
+    policy, residuals = calibrate(pipe, PROMPTS, 4, 5.0, batch_size=3, **size_kwargs("sd"))
+    timesteps = len(residuals)
+    assert timesteps > 4 and policy.config.num_timesteps == timesteps and policy.config.num_inference_steps == 4
+    result = pipe(**call_kwargs("sd", prompt=PROMPTS[:2], num_inference_steps=4), guidance=policy)
+    exact = len(policy.config.exact_steps)
+    assert result.trace.num_steps == timesteps and result.trace.nfe == timesteps + exact
+    assert np.isfinite(result.images).all()
+
+
+def test_an_interval_that_leaves_out_the_exact_steps_is_refused():
+    """Failure 3: synthesising from predictions that never ran must raise, not guide with zeros."""
+    shipped = LinearAdaptiveGuidance.from_pretrained(ASSETS / "linear-ag" / "shapes-sd-20")
+    message = (
+        r"LinearAG's guidance interval \[0.3, 1.0\] guides steps 6-19 of 20, but step 6 would be synthesised from "
+        r"the unconditional predictions of steps 4-5, and those before step 6 never run "
+        r"\(exact steps: \[0, 1, 2, 3\]\)"
+        r": start the interval at 0, or calibrate with exact steps \[6, 7\]"
+    )
+    with pytest.raises(ValueError, match=message):
+        shipped.new(start=0.3)
+    with pytest.raises(ValueError, match=r"guides steps 6-19 of 20"):
+        LinearAdaptiveGuidance.from_pretrained(ASSETS / "linear-ag" / "shapes-sd-20", start=0.3)
+    assert shipped.new(stop=0.5).config.stop == 0.5  # guiding the first half only needs nothing that never ran
+    later = shipped.new(exact_steps=[6, 7], start=0.3)  # exact where the interval starts: allowed
+    assert later.config.exact_steps == [6, 7]
+
+
+def test_an_interval_runs_exact_steps_inside_it_and_synthesises_after(fitted):
+    folder, _ = fitted
+    policy = LinearAdaptiveGuidance.from_pretrained(folder, stop=0.5)  # steps 0-2 guided, exact 0-1
+    pipe = build("sd")
+    result = pipe(**call_kwargs("sd", prompt=PROMPTS[:2], num_inference_steps=5), guidance=policy)
+    assert [e["uncond"] for e in result.trace.extras] == ["exact", "exact", "synthesised", "none", "none"]
+    assert result.trace.nfe == 7.0 and result.trace.scales == [[5.0, 5.0]] * 3 + [[1.0, 1.0]] * 2
+
+
 def test_missing_or_corrupt_coefficients_folder(tmp_path, fitted):
-    with pytest.raises(ValueError, match="lacks guidance_config.json: run the calibration command"):
+    with pytest.raises(ValueError, match="lacks guidance_config.json: run `guided-calibrate-linear-ag`"):
         LinearAdaptiveGuidance.from_pretrained(tmp_path / "nothing")
     folder, _ = fitted
     broken = tmp_path / "broken"
@@ -92,8 +143,19 @@ def test_missing_or_corrupt_coefficients_folder(tmp_path, fitted):
     )
     with pytest.raises(ValueError, match=r"have shape \(5, 6\), the config implies \(5, 8\)"):
         LinearAdaptiveGuidance.from_pretrained(broken)
-    with pytest.raises(ValueError, match="has no coefficients"):
+    (broken / "linear_ag_coefficients.safetensors").unlink()
+    with pytest.raises(ValueError, match="lacks linear_ag_coefficients.safetensors: run `guided-calibrate-linear-ag`"):
+        LinearAdaptiveGuidance.from_pretrained(broken)
+    with pytest.raises(ValueError, match="LinearAG has no coefficients: load a calibration folder"):
         build("sd")(**call_kwargs("sd", prompt="x"), guidance=LinearAdaptiveGuidance(num_inference_steps=3))
+
+
+def test_the_fit_runs_in_float64_on_the_cpu_and_returns_float32():
+    """Failure 5: MPS has no float64, so the fit never asks the device for it."""
+    torch.manual_seed(0)
+    cond, uncond = torch.randn(3, 4, 2, 5).half(), torch.randn(3, 4, 2, 5).half()
+    coefficients, residuals = fit_coefficients(cond, uncond, exact_steps=[0], window=1)
+    assert coefficients.dtype == torch.float32 and coefficients.shape == (3, 4) and residuals[0] == 0.0
 
 
 def test_calibration_needs_prompts(tmp_path, capsys):
@@ -112,7 +174,9 @@ def test_calibration_command_writes_a_loadable_folder(tmp_path, capsys):
     out = tmp_path / "coefficients"
     args = ["--model", "tiny:sd", "--prompts-file", str(prompts), "--num-inference-steps", "4", "--output", str(out)]
     assert main(args + ["--exact-steps", "0", "--guidance-scale", "3"]) == 0
-    assert "relative residual per step: 0:0.000 1:" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "trajectories of DDIMScheduler with 4 inference steps (4 timesteps)" in printed
+    assert "relative residual per step: 0:0.000 1:" in printed
     assert LinearAdaptiveGuidance.from_pretrained(out).config.exact_steps == [0]
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from guidance import GuidanceStep, ScheduledGuidance
+from guidance import GuidanceStep, ScheduledGuidance, ScheduledScale
 
 
 def scales(policy, n=5):
-    return [policy.scale_at(GuidanceStep(i, n, torch.tensor(0), torch.zeros(1, 1), None)) for i in range(n)]
+    return [policy.scale.value(GuidanceStep(i, n, torch.tensor(0), torch.zeros(1, 1), None)) for i in range(n)]
 
 
 def test_linear_schedule_interpolates_first_to_last():
@@ -37,7 +37,7 @@ def test_round_trip_keeps_the_schedule(tmp_path):
     )
     loaded = ScheduledGuidance.from_pretrained(tmp_path)
     assert loaded.config.schedule == "cosine" and loaded.config.final_guidance_scale == 6.0
-    assert loaded.config.stop == 0.5
+    assert loaded.config.stop == 0.5 and isinstance(loaded.scale, ScheduledScale)
 
 
 @pytest.mark.parametrize(
@@ -54,3 +54,5 @@ def test_round_trip_keeps_the_schedule(tmp_path):
 def test_bad_schedule_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScheduledGuidance(**kwargs)
+    with pytest.raises(ValueError, match=message):
+        ScheduledScale(**kwargs)

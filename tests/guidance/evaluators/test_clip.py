@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from guidance.evaluators import Candidates, ClipEvaluator
-from guidance.evaluators.clip import SHAPES_CLIP
-from guidance.shapes.assets import load_world
+from guidance.shapes.assets import load_world, shapes_clip
 
 
 def test_shapes_clip_prefers_the_true_caption_of_real_images():
@@ -13,7 +12,7 @@ def test_shapes_clip_prefers_the_true_caption_of_real_images():
     true = [world.caption(s) for s in scenes]
     other = true[1:] + true[:1]
     evaluator = ClipEvaluator()
-    assert SHAPES_CLIP.endswith("assets/shapes-clip")
+    assert shapes_clip().endswith("assets/shapes-clip")
 
     def score(prompts):
         n = len(prompts)

@@ -11,7 +11,7 @@ from guidance.evaluators import Candidates
 from guidance.evaluators.discriminator import FidelityDiscriminator
 from guidance.evaluators.latent import LatentEvaluator
 from guidance.evaluators.networks import ConvEncoder
-from guidance.evaluators.train import main
+from pipelines.commands.train_evaluators import main
 
 TINY = ["--model", "tiny:sd", "--num-generated", "8", "--num-real", "16", "--num-inference-steps", "2",
         "--batch-size", "8"]  # fmt: skip
@@ -82,7 +82,7 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
     with pytest.raises(
         FileNotFoundError,
         match=r"fidelity discriminator file .*config.json' is missing; rebuild it "
-        r"with `python -m guidance.evaluators.train discriminator`",
+        r"with `guided-train-evaluator discriminator`",
     ):
         FidelityDiscriminator.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text('{"in_channels": 4, "size": 8, "out_dim": 1, "width": 4}')
@@ -90,7 +90,7 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
     with pytest.raises(
         ValueError,
         match=r"latent evaluator in .* is corrupt \(.*\); rebuild it with "
-        r"`python -m guidance.evaluators.train latent`",
+        r"`guided-train-evaluator latent`",
     ):
         LatentEvaluator.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"is corrupt \(no latent evaluator config\)"):

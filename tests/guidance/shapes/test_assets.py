@@ -12,8 +12,9 @@ import torch
 from conftest import seeded
 
 from guidance import ClassifierFreeGuidance
-from guidance.shapes.assets import asset_path, load_pipeline, load_scorer, load_world
-from guidance.shapes.train import main
+from guidance.shapes.assets import asset_path, load_scorer, load_world
+from pipelines.commands.train_shapes import main
+from pipelines.loading import load_shapes_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def test_shapes_sd_loads_with_diffusers_and_matches_the_guided_pipeline(root):
     from diffusers import StableDiffusionPipeline
 
     reference = StableDiffusionPipeline.from_pretrained(asset_path("shapes-sd", root))
-    guided = load_pipeline("shapes-sd", root)
+    guided = load_shapes_pipeline("shapes-sd", root)
     assert reference.unet.config.addition_embed_type == "text" and reference.tokenizer.model_max_length == 16
     for pipe in (reference, guided):
         pipe.set_progress_bar_config(disable=True)
@@ -43,7 +44,7 @@ def test_shapes_sd3_loads_with_diffusers_without_t5(root):
 
     folder = asset_path("shapes-sd3", root)
     reference = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    guided = load_pipeline("shapes-sd3", root)  # fills in the absent T5 by itself
+    guided = load_shapes_pipeline("shapes-sd3", root)  # fills in the absent T5 by itself
     assert guided.text_encoder_3 is None and guided.transformer.config.patch_size == 2
     assert guided.vae.config.shift_factor is not None
     for pipe in (reference, guided):
@@ -91,20 +92,18 @@ def test_scorer_loads_and_scores_every_attribute(root):
 def test_missing_asset_file_names_it_and_the_rebuild_command(root, tmp_path, name, relative, command):
     shutil.copytree(asset_path(name, root), tmp_path / name)
     (tmp_path / name / relative).unlink()
-    with pytest.raises(
-        FileNotFoundError, match=rf"{relative}' is missing; .*`python -m guidance.shapes.train {command}`"
-    ):
+    with pytest.raises(FileNotFoundError, match=rf"{relative}' is missing; .*`guided-train-shapes {command}`"):
         asset_path(name, tmp_path)
 
 
 def test_corrupt_assets_name_the_rebuild_command(root, tmp_path):
     shutil.copytree(asset_path("shapes-sd", root), tmp_path / "shapes-sd")
     (tmp_path / "shapes-sd" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(ValueError, match=r"could not be loaded .*`python -m guidance.shapes.train sd`"):
-        load_pipeline("shapes-sd", tmp_path)
+    with pytest.raises(ValueError, match=r"could not be loaded .*`guided-train-shapes sd`"):
+        load_shapes_pipeline("shapes-sd", tmp_path)
     shutil.copytree(asset_path("shapes-scorer", root), tmp_path / "shapes-scorer")
     (tmp_path / "shapes-scorer" / "config.json").write_text('{"classes": {"color": 9}, "width": 32}')
-    with pytest.raises(ValueError, match=r"is corrupt .*`python -m guidance.shapes.train scorer`"):
+    with pytest.raises(ValueError, match=r"is corrupt .*`guided-train-shapes scorer`"):
         load_scorer(tmp_path)
     with pytest.raises(ValueError, match=r"unknown asset 'shapes-xl'"):
         asset_path("shapes-xl")

@@ -11,7 +11,8 @@ import torch
 from conftest import seeded
 
 from guidance import ClassifierFreeGuidance
-from guidance.shapes.assets import asset_path, load_pipeline, load_scorer, load_world
+from guidance.shapes.assets import asset_path, load_scorer, load_world
+from pipelines.loading import load_shapes_pipeline
 
 # benchmarks/shapes_quality.py, 2 seeds: shapes-sd at 7.5 reaches color 99.0 / shape 95.8 (69.8 / 79.2 at scale 1)
 MIN_SD_COLOR, MIN_SD_SHAPE = 0.9, 0.85
@@ -37,7 +38,7 @@ def test_shapes_sd_equals_plain_diffusers_at_constant_cfg():
     from diffusers import StableDiffusionPipeline
 
     reference = StableDiffusionPipeline.from_pretrained(asset_path("shapes-sd"))
-    guided = load_pipeline("shapes-sd")
+    guided = load_shapes_pipeline("shapes-sd")
     for pipe in (reference, guided):
         pipe.set_progress_bar_config(disable=True)
     kwargs = dict(prompt=["a large red circle at the left on white", "a small blue square at the top on black"],
@@ -48,7 +49,7 @@ def test_shapes_sd_equals_plain_diffusers_at_constant_cfg():
 
 
 def test_guidance_makes_shapes_sd_follow_held_out_captions(heldout):
-    pipe = load_pipeline("shapes-sd")
+    pipe = load_shapes_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
     unguided, guided = accuracy(pipe, heldout, 1.0), accuracy(pipe, heldout, 7.5)
     assert guided["color"] >= MIN_SD_COLOR and guided["shape"] >= MIN_SD_SHAPE
@@ -60,7 +61,7 @@ def test_shapes_sd3_follows_held_out_captions_and_loads_in_diffusers(heldout):
 
     folder = asset_path("shapes-sd3")
     assert StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None).vae is not None
-    pipe = load_pipeline("shapes-sd3")
+    pipe = load_shapes_pipeline("shapes-sd3")
     pipe.set_progress_bar_config(disable=True)
     result = accuracy(pipe, heldout, 5.0, max_sequence_length=16)
     assert result["color"] >= 0.9 and result["position"] >= 0.9 and result["shape"] >= MIN_SD3_SHAPE
@@ -92,7 +93,7 @@ def test_adaptive_guidance_and_shipped_linear_ag_save_passes_and_keep_accuracy(h
     from guidance import AdaptiveGuidance, LinearAdaptiveGuidance
     from guidance.shapes.assets import ASSETS
 
-    pipe = load_pipeline(name)
+    pipe = load_shapes_pipeline(name)
     pipe.set_progress_bar_config(disable=True)
     world, scorer, scenes, captions = heldout
     extra = {"max_sequence_length": 16} if name == "shapes-sd3" else {}
@@ -109,7 +110,7 @@ def test_adaptive_guidance_and_shipped_linear_ag_save_passes_and_keep_accuracy(h
     for method in ("ag", "linear"):
         for attribute in ("color", "shape"):
             assert results[method][1][attribute] >= results["cfg"][1][attribute] - tolerance, (method, attribute)
-    with pytest.raises(ValueError, match=r"fitted for 20 steps"):
+    with pytest.raises(ValueError, match=r"fitted for \w+Scheduler with 20 inference steps \(20 timesteps\)"):
         pipe(captions[:1], num_inference_steps=10, guidance=linear, **extra)
 
 
@@ -127,7 +128,7 @@ def test_shipped_dynamic_guidance_evaluators_load_and_score_in_the_pipeline():
     world = load_world()
     real = world.render(world.sample(32, seeded(4)), seeded(4))
     assert (evaluators[0].logits(real) > 0).float().mean() >= 0.9  # real images look real to it
-    pipe = load_pipeline("shapes-sd")
+    pipe = load_shapes_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
     result = pipe(["a large blue square at the top on gray"] * 2, num_inference_steps=4,
                   guidance=DynamicGuidance(evaluators=evaluators))  # fmt: skip
@@ -142,11 +143,11 @@ def test_shipped_latent_clip_head_prefers_the_true_caption_of_noisy_real_latents
     from guidance.evaluators import Candidates
     from guidance.evaluators.latent import LatentEvaluator
     from guidance.shapes.assets import ASSETS
-    from guidance.shapes.train import encode_latents
+    from guidance.vae import encode
 
     world, _, scenes, captions = heldout
-    pipe = load_pipeline("shapes-sd")
-    latents = encode_latents(pipe.vae, world.render(scenes, seeded(1)))
+    pipe = load_shapes_pipeline("shapes-sd")
+    latents = encode(pipe.vae, world.render(scenes, seeded(1)))
     alpha = pipe.scheduler.alphas_cumprod[timestep]
     noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * torch.randn(latents.shape, generator=seeded(2))
     colors = world.values["color"]
@@ -166,7 +167,7 @@ def test_dynamic_guidance_with_the_shipped_latent_heads_follows_held_out_caption
     world, scorer, scenes, captions = heldout
     heads = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
     policy = DynamicGuidance(candidates=[5.0, 7.5, 10.0, 15.0], evaluators=heads)
-    pipe = load_pipeline("shapes-sd")
+    pipe = load_shapes_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
     generators = [torch.Generator().manual_seed(0) for _ in captions]
     result = pipe(captions, num_inference_steps=20, generator=generators, output_type="pt", guidance=policy)

@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from guidance.shapes.scorer import AttributeScorer
-from guidance.shapes.train import main
+from pipelines.commands.train_shapes import main
 
 
 def train(tmp_path, name, steps):

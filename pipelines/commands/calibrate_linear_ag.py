@@ -1,7 +1,10 @@
 """Calibrate LinearAG: run full-CFG trajectories, fit per-step coefficients, save them for `from_pretrained`.
 
-    python -m guidance.calibrate_linear_ag --model shapes:sd --num-inference-steps 20 --guidance-scale 7.5 \\
+    guided-calibrate-linear-ag --model shapes:sd --num-inference-steps 20 --guidance-scale 7.5 \\
         --prompts-file assets/shapes-calibration-prompts.txt --output assets/linear-ag/shapes-sd-20
+
+The coefficients hold for the pipeline's scheduler class, this step count (and the timesteps it makes: PNDM and
+Heun evaluate the model more often than `--num-inference-steps`) and the latent size of the trajectories.
 """
 
 from __future__ import annotations
@@ -13,14 +16,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .cfg import ClassifierFreeGuidance
-from .linear_ag import LinearAdaptiveGuidance, default_exact_steps, fit_coefficients
+from guidance import ClassifierFreeGuidance, GuidanceRun, LinearAdaptiveGuidance
+from guidance.linear_ag import default_exact_steps, fit_coefficients
+
+from ..loading import call_defaults, load_pipeline
+from ..schedulers import SCHEDULERS
+from .common import check_at_least_one, read_prompt_file
 
 
-class RecordingGuidance(ClassifierFreeGuidance):
-    """Constant CFG that keeps every step's conditional and unconditional predictions."""
+class RecordPredictions(ClassifierFreeGuidance):
+    """Constant CFG that keeps every step's conditional and unconditional predictions (the calibration data)."""
 
-    keeps_history = True
+    def reset(self, run: GuidanceRun) -> None:
+        super().reset(run)
+        self.history: list[dict[str, torch.Tensor]] = []
+
+    def combine(self, step, request, predictions):
+        self.history.append(predictions)
+        return super().combine(step, request, predictions)
 
 
 def calibrate(
@@ -34,10 +47,11 @@ def calibrate(
     seed: int = 0,
     **call_kwargs,
 ) -> tuple[LinearAdaptiveGuidance, list[float]]:
-    """Fit LinearAG coefficients for `pipe` on full-CFG trajectories of `prompts` (one image each)."""
+    """Fit LinearAG coefficients for `pipe` on full-CFG trajectories of `prompts` (one image each); `exact_steps`
+    are indices of the run's timesteps (default: the first 20%)."""
     if not prompts:
         raise ValueError("calibration needs at least one prompt, got none")
-    recorder = RecordingGuidance(guidance_scale=guidance_scale)
+    recorder = RecordPredictions(guidance_scale=guidance_scale)
     cond, uncond = [], []
     for start in tqdm(range(0, len(prompts), batch_size), desc="calibration trajectories"):
         batch = prompts[start : start + batch_size]
@@ -47,39 +61,60 @@ def calibrate(
         cond.append(torch.stack([step["cond"] for step in recorder.history]))
         uncond.append(torch.stack([step["uncond"] for step in recorder.history]))
     cond, uncond = torch.cat(cond, dim=1), torch.cat(uncond, dim=1)
-    exact = default_exact_steps(num_inference_steps) if exact_steps is None else exact_steps
+    num_timesteps = cond.shape[0]
+    exact = default_exact_steps(num_timesteps) if exact_steps is None else list(exact_steps)
+    if not exact or any(not 0 <= s < num_timesteps for s in exact):
+        raise ValueError(
+            f"`exact_steps` must be indices of the run's {num_timesteps} timesteps, in [0, {num_timesteps}), got "
+            f"{exact}"
+        )
     coefficients, residuals = fit_coefficients(cond, uncond, exact, window)
     policy = LinearAdaptiveGuidance(
         guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps,
+        num_timesteps=num_timesteps,
         exact_steps=exact,
         window=window,
         scheduler_class=type(pipe.scheduler).__name__,
         latent_shape=list(cond.shape[2:]),
+        coefficients=coefficients,
     )
-    policy.coefficients = coefficients
     return policy, residuals
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.generate import call_defaults, load_pipeline, read_prompts
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="guided-calibrate-linear-ag", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="shapes:sd", help="as guided-generate's --model (folder, shapes:sd, ...)")
     parser.add_argument("--prompts-file", required=True, help="calibration prompts, one per line (~200)")
     parser.add_argument("--prompt", action="append", help="extra prompts (repeatable)")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="scheduler to calibrate for (default: the model's)",
+    )
     parser.add_argument("--num-inference-steps", type=int, default=20, help="steps the coefficients are for")
     parser.add_argument("--guidance-scale", type=float, default=7.5, help="CFG scale of the trajectories")
-    parser.add_argument("--exact-steps", default=None, help="comma-separated steps keeping the exact pass")
+    parser.add_argument(
+        "--exact-steps", default=None, help="comma-separated timestep indices keeping the exact pass (default: 20%%)"
+    )
     parser.add_argument("--window", type=int, default=2, help="past steps in the affine combination")
     parser.add_argument("--batch-size", type=int, default=16, help="trajectories per pipeline call")
     parser.add_argument("--seed", type=int, default=0, help="trajectory k uses seed + k")
     parser.add_argument("--output", required=True, help="folder for the config and coefficients")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        prompts = read_prompts(args)
+        prompts = list(args.prompt or []) + read_prompt_file(args.prompts_file)
+        check_at_least_one(args, "num_inference_steps", "batch_size")
         exact = None if args.exact_steps is None else [int(s) for s in args.exact_steps.split(",") if s.strip()]
-        pipe, family = load_pipeline(args.model)
+        pipe, family = load_pipeline(args.model, scheduler=args.scheduler)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     pipe.set_progress_bar_config(disable=True)
@@ -88,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         args.seed, **call_defaults(args.model, family),
     )  # fmt: skip
     policy.save_pretrained(args.output)
-    print(f"fitted on {len(prompts)} trajectories; exact steps {policy.config.exact_steps}")
+    print(
+        f"fitted on {len(prompts)} trajectories of {policy.skip.describe()}; exact steps {policy.config.exact_steps}"
+    )
     print("relative residual per step: " + " ".join(f"{i}:{r:.3f}" for i, r in enumerate(residuals)))
     print(f"saved to {Path(args.output).resolve()}")
     return 0

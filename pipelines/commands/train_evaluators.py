@@ -5,8 +5,8 @@
                  "clip" (the shapes-world CLIP), "clip:<open_clip model or local-dir:folder>", or
                  "discriminator:<folder>"
 
-    python -m guidance.evaluators.train discriminator --model shapes:sd --output assets/shapes-sd-fidelity
-    python -m guidance.evaluators.train latent --model shapes:sd --teacher clip --output assets/shapes-sd-latent-clip
+    guided-train-evaluator discriminator --model shapes:sd --output assets/shapes-sd-fidelity
+    guided-train-evaluator latent --model shapes:sd --teacher clip --output assets/shapes-sd-latent-clip
 
 Generated images come from the model itself (CFG at every scale of `--scales`, `--num-inference-steps` steps);
 real ones from the shapes-world generator (`--real shapes-world`; new ones at every discriminator step) or a
@@ -22,9 +22,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .discriminator import FidelityDiscriminator
-from .latent import LatentEvaluator
-from .networks import ConvEncoder
+from guidance import vae as vae_latents
+from guidance.denoised import add_noise, signal_power
+from guidance.evaluators.clip import SHAPES_CLIP, ClipEvaluator
+from guidance.evaluators.discriminator import FidelityDiscriminator
+from guidance.evaluators.latent import LatentEvaluator
+from guidance.evaluators.networks import ConvEncoder
+from guidance.shapes.assets import load_world
+from guidance.shapes.training import Trainer
+
+from ..loading import call_defaults, load_pipeline
+from .common import check_at_least_one, read_prompt_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_STEPS = {"discriminator": 600, "latent": 1500}
@@ -32,7 +40,9 @@ DEFAULT_WIDTHS = {"discriminator": 32, "latent": 16}  # latent heads run on ever
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="guided-train-evaluator", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=["discriminator", "latent"], help="what to train")
     parser.add_argument("--model", default="shapes:sd", help="the generator: shapes:sd, shapes:sd3 or a folder")
     parser.add_argument("--output", required=True, help="folder the trained evaluator is saved to")
@@ -59,15 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompts(args, world) -> list[str]:
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ValueError(f"`--prompts-file` {str(path)!r} does not exist")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    else:
-        prompts = [world.caption(scene) for scene in world.training_scenes()]
-    if not prompts:
-        raise ValueError(f"`--prompts-file` {args.prompts_file!r} holds no prompts")
-    return prompts
+        return read_prompt_file(args.prompts_file)
+    return [world.caption(scene) for scene in world.training_scenes()]
 
 
 def generated_pool(args, pipe, prompts: list[str], extra: dict) -> torch.Tensor:
@@ -89,15 +92,14 @@ def generated_pool(args, pipe, prompts: list[str], extra: dict) -> torch.Tensor:
                 guidance=ClassifierFreeGuidance(scale),
                 **extra,
             )
-            latents += list(zip([i for i, _ in batch], pipe.unpack_for_guidance(out.images), strict=True))
+            unpacked = pipe.unpack_latents(out.images, *image_size(pipe))
+            latents += list(zip([i for i, _ in batch], unpacked, strict=True))
     return torch.stack([latent for _, latent in sorted(latents, key=lambda item: item[0])])
 
 
 def real_images(args, size: int) -> torch.Tensor:
     """`--num-real` real images in [-1, 1] at the model's size."""
     if args.real == "shapes-world":
-        from guidance.shapes.assets import load_world
-
         return fresh_world_images(load_world(), torch.Generator().manual_seed(args.seed + 1), args.num_real, size)
     import numpy as np
     from PIL import Image
@@ -118,38 +120,37 @@ def fresh_world_images(world, generator: torch.Generator, n: int, size: int) -> 
     return images
 
 
-def encode(pipe, images: torch.Tensor) -> torch.Tensor:
-    """Images -> latents scaled as the pipeline denoises them (inverse of `decode_for_guidance`), in chunks."""
-    from guidance.shapes.train import encode_latents
+def image_size(pipe) -> tuple[int, int]:
+    size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    return size, size
 
-    return torch.cat([encode_latents(pipe.vae, chunk) for chunk in images.split(64)])
+
+def encode(pipe, images: torch.Tensor) -> torch.Tensor:
+    """Images -> latents scaled as the pipeline denoises them (the posterior's mode), in chunks."""
+    return torch.cat([vae_latents.encode(pipe.vae, chunk) for chunk in images.split(64)])
 
 
 def noised(pipe, z0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(z_t, timestep, loss weight) for clean latents: a quarter clean (t = 0, the x0 look-ahead), the rest at a
     uniform training noise level; the weight (signal power) is near zero at high noise, as in the paper."""
-    n = len(z0)
+    n, scheduler = len(z0), pipe.scheduler
     noise = torch.randn(z0.shape, generator=generator)
     clean = torch.rand(n, generator=generator) < 0.25
-    scheduler = pipe.scheduler
-    if "FlowMatch" in type(scheduler).__name__:
-        sigma = torch.where(clean, 0.0, torch.rand(n, generator=generator)).view(-1, 1, 1, 1)
-        return (1 - sigma) * z0 + sigma * noise, sigma.flatten() * 1000, (1 - sigma.flatten()) ** 2
     steps = scheduler.config.num_train_timesteps
-    t = torch.where(clean, 0, torch.randint(0, steps, (n,), generator=generator))
-    alpha = torch.where(clean, 1.0, scheduler.alphas_cumprod[t].float())
-    z_t = alpha.sqrt().view(-1, 1, 1, 1) * z0 + (1 - alpha).sqrt().view(-1, 1, 1, 1) * noise
-    return z_t, t.float(), alpha
+    if "FlowMatch" in type(scheduler).__name__:  # a continuous noise level, in the scheduler's timestep units
+        t = torch.where(clean, 0.0, torch.rand(n, generator=generator) * steps)
+    else:
+        t = torch.where(clean, 0, torch.randint(0, steps, (n,), generator=generator)).float()
+    z_t = torch.where(clean.view(-1, 1, 1, 1), z0, add_noise(scheduler, z0, noise, t))
+    return z_t, t, torch.where(clean, 1.0, signal_power(scheduler, t))
 
 
 def teacher_targets(args, images: torch.Tensor) -> tuple[str, str | None, torch.Tensor]:
     """(kind, teacher name, targets): CLIP image embeddings or a discriminator's logits of the clean images."""
-    from .clip import SHAPES_CLIP, ClipEvaluator
-
     with torch.no_grad():
         if args.teacher == "clip" or args.teacher.startswith("clip:"):
-            teacher = "shapes-clip" if args.teacher == "clip" else args.teacher.removeprefix("clip:")
-            clip = ClipEvaluator(SHAPES_CLIP if teacher == "shapes-clip" else teacher)
+            teacher = SHAPES_CLIP if args.teacher == "clip" else args.teacher.removeprefix("clip:")
+            clip = ClipEvaluator(teacher)
             return "clip", teacher, torch.cat([clip.image_features(chunk) for chunk in images.split(128)])
         if args.teacher.startswith("discriminator:"):
             discriminator = FidelityDiscriminator.from_pretrained(args.teacher.removeprefix("discriminator:"))
@@ -159,23 +160,17 @@ def teacher_targets(args, images: torch.Tensor) -> tuple[str, str | None, torch.
 
 
 def main(argv: list[str] | None = None) -> int:
-    from guidance.shapes.assets import load_world
-    from guidance.shapes.training import Trainer
-    from pipelines.generate import call_defaults, load_pipeline
-
     args = build_parser().parse_args(argv)
     args.steps = DEFAULT_STEPS[args.command] if args.steps is None else args.steps
     args.width = DEFAULT_WIDTHS[args.command] if args.width is None else args.width
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("num_generated", "num_real", "num_inference_steps", "steps", "batch_size", "width"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+    check_at_least_one(args, "num_generated", "num_real", "num_inference_steps", "steps", "batch_size", "width")
     pipe, family = load_pipeline(args.model)
     if family == "flux":
         raise ValueError("`--model`: evaluators can be trained for SD, SDXL and SD3 models (Flux packs its latents)")
     pipe.set_progress_bar_config(disable=True)
-    size = (getattr(pipe, "default_sample_size", None) or pipe.unet.config.sample_size) * pipe.vae_scale_factor
+    size, _ = image_size(pipe)
     prompts = read_prompts(args, load_world())
     with torch.no_grad():
         print(f"generating {args.num_generated} images with {args.model} ...", flush=True)
@@ -234,9 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli() -> int:
+    """The console entry point: bad input is printed as an error (exit status 2), not as a traceback."""
     try:
-        raise SystemExit(main())
-    except ValueError as error:
+        return main()
+    except (ValueError, FileNotFoundError) as error:
         tqdm.write(f"error: {error}")
-        raise SystemExit(2) from error
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())

@@ -1,4 +1,4 @@
-"""Train every shapes-world model from the generator alone: `python -m guidance.shapes.train all`.
+"""Train every shapes-world model from the generator alone: `guided-train-shapes all`.
 
 Commands (each resumable from `--checkpoints`, reproducible from `--seed`, with a progress bar):
   vae     AutoencoderKL, 32x32 RGB <-> 4x16x16 latents (shared by the SD and SD3 models)
@@ -21,18 +21,20 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pipelines.tiny import clip_text_config
+from guidance import vae as vae_latents
+from guidance.denoised import add_noise
+from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH
+from guidance.shapes.scorer import AttributeScorer
+from guidance.shapes.tokenizer import MAX_LENGTH, world_tokenizer
+from guidance.shapes.training import Trainer, step_generator
+from guidance.shapes.world import ATTRIBUTES, WORLD_FILE, ShapesWorld
 
-from .scorer import AttributeScorer
-from .tokenizer import MAX_LENGTH, world_tokenizer
-from .training import Trainer, step_generator
-from .world import ATTRIBUTES, WORLD_FILE, ShapesWorld
+from ..tiny import clip_text_config
 
 CAPTION_DROPOUT = 0.1
 # The flow model learns colour within ~1000 steps and then follows captions closely at scale 1; a larger dropout
 # (measured: shape accuracy +14 points from scale 1 to 3 with 0.2, +9 with 0.1) keeps guidance meaningful.
 SD3_CAPTION_DROPOUT = 0.2
-SD3_MAX_SEQUENCE_LENGTH = 16  # zero "T5" tokens appended by the SD3 pipeline when T5 is absent
 DEFAULT_STEPS = {"vae": 800, "sd": 3000, "sd3": 4000, "clip": 1200, "scorer": 800}
 BATCH = {"vae": 32, "sd": 64, "sd3": 64, "clip": 128, "scorer": 128}
 
@@ -101,19 +103,11 @@ def trained_vae(args, shift: bool):
 
     folder = Path(args.checkpoints) / "vae"
     if not (folder / "latent_stats.json").is_file():
-        raise FileNotFoundError(f"{folder} has no trained VAE; run `python -m guidance.shapes.train vae` first")
+        raise FileNotFoundError(f"{folder} has no trained VAE; run `guided-train-shapes vae` first")
     stats = json.loads((folder / "latent_stats.json").read_text())
     vae = AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=1.0 / stats["std"], shift_factor=stats["mean"] if shift else None)
     return vae
-
-
-def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
-    """Images -> the latents the pipelines denoise (inverse of their decode step)."""
-    with torch.no_grad():
-        mean = vae.encode(images).latent_dist.mean
-    shift = vae.config.shift_factor or 0.0
-    return (mean - shift) * vae.config.scaling_factor
 
 
 def train_sd(args, world: ShapesWorld):
@@ -155,7 +149,7 @@ def train_sd(args, world: ShapesWorld):
 
     def loss_fn(generator, step):  # every random draw on the CPU generator: the same data on any device
         _, images, captions = training_batch(world, generator, BATCH["sd"])
-        latents = encode_latents(pipe.vae, images.to(device))
+        latents = vae_latents.encode(pipe.vae, images.to(device))  # frozen VAE: no graph
         noise = torch.randn(latents.shape, generator=generator).to(device)
         t = torch.randint(0, 1000, (len(captions),), generator=generator).to(device)
         embeds, _ = pipe.encode_prompt(captions, device, 1, False)  # the pipeline's own text path, with grads
@@ -204,7 +198,7 @@ def train_sd3(args, world: ShapesWorld):
 
     def loss_fn(generator, step):  # every random draw on the CPU generator: the same data on any device
         _, images, captions = training_batch(world, generator, BATCH["sd3"], SD3_CAPTION_DROPOUT)
-        x0 = encode_latents(pipe.vae, images.to(device))
+        x0 = vae_latents.encode(pipe.vae, images.to(device))  # frozen VAE: no graph
         noise = torch.randn(x0.shape, generator=generator).to(device)
         sigma = torch.sigmoid(torch.randn(len(captions), generator=generator)).view(-1, 1, 1, 1).to(device)
         embeds, _, pooled, _ = pipe.encode_prompt(  # logit-normal sigma above
@@ -213,11 +207,12 @@ def train_sd3(args, world: ShapesWorld):
             None,
             device=device,
             do_classifier_free_guidance=False,
-            max_sequence_length=SD3_MAX_SEQUENCE_LENGTH,
+            max_sequence_length=SHAPES_SD3_MAX_SEQUENCE_LENGTH,
         )
+        timesteps = sigma.flatten() * 1000
         velocity = transformer(
-            hidden_states=(1 - sigma) * x0 + sigma * noise,
-            timestep=sigma.flatten() * 1000,
+            hidden_states=add_noise(pipe.scheduler, x0, noise, timesteps),
+            timestep=timesteps,
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
         ).sample
@@ -315,7 +310,9 @@ COMMANDS = {"vae": train_vae, "sd": train_sd, "sd3": train_sd3, "clip": train_cl
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="guided-train-shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("command", choices=[*COMMANDS, "all"], help="what to train ('all': in dependency order)")
     parser.add_argument("--assets", default="assets", help="where the trained models are written")
     parser.add_argument("--checkpoints", default="checkpoints", help="resumable checkpoints (safetensors)")

@@ -1,13 +1,12 @@
 """Command line: generate images from prompts with a guided pipeline and a chosen guidance method.
 
-`guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.generate`).
+`guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.commands.generate`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -22,76 +21,11 @@ from guidance import (
     ScheduledGuidance,
 )
 
-from .tiny import FAMILIES, tiny_components
+from ..loading import DEFAULT_MODEL, SHAPES_MODELS, call_defaults, load_pipeline
+from ..schedulers import SCHEDULERS
+from .common import check_at_least_one, read_prompt_file
 
-DEFAULT_MODEL = "shapes:sd"  # the shapes-world SD model shipped in assets/
-SHAPES_MODELS = {"shapes:sd": "shapes-sd", "shapes:sd3": "shapes-sd3"}
-FAMILY_OF_CLASS = {
-    "StableDiffusionPipeline": "sd",
-    "StableDiffusionXLPipeline": "sdxl",
-    "StableDiffusion3Pipeline": "sd3",
-    "FluxPipeline": "flux",
-}
 METHODS = ("cfg", "scheduled", "ag", "linear-ag", "dynamic", "none")
-
-
-def pipeline_class(family: str):
-    from . import (
-        GuidedFluxPipeline,
-        GuidedStableDiffusion3Pipeline,
-        GuidedStableDiffusionPipeline,
-        GuidedStableDiffusionXLPipeline,
-    )
-
-    return {
-        "sd": GuidedStableDiffusionPipeline,
-        "sdxl": GuidedStableDiffusionXLPipeline,
-        "sd3": GuidedStableDiffusion3Pipeline,
-        "flux": GuidedFluxPipeline,
-    }[family]
-
-
-def model_family(model: str) -> str:
-    """The family of a local model folder, read from its `model_index.json`."""
-    index = Path(model) / "model_index.json"
-    if not index.is_file():
-        raise ValueError(f"`--model` {model!r} has no model_index.json; pass a diffusers pipeline folder")
-    class_name = json.loads(index.read_text())["_class_name"].removeprefix("Guided")
-    if class_name not in FAMILY_OF_CLASS:
-        raise ValueError(f"`--model` {model!r} is a {class_name}; supported: {sorted(FAMILY_OF_CLASS)}")
-    return FAMILY_OF_CLASS[class_name]
-
-
-def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A guided pipeline from a local folder, a hub id, `shapes:<sd|sd3>` (the shipped shapes-world models) or
-    `tiny:<family>` (tiny random components)."""
-    if model.startswith("shapes:"):
-        from guidance.shapes.assets import load_pipeline as load_shapes_pipeline
-
-        if model not in SHAPES_MODELS:
-            raise ValueError(f"`--model` shapes:<model> takes one of {sorted(SHAPES_MODELS)}, got {model!r}")
-        pipe = load_shapes_pipeline(SHAPES_MODELS[model], dtype=dtype)
-        family = "sd3" if model == "shapes:sd3" else "sd"
-    elif model.startswith("tiny:"):
-        family = model.removeprefix("tiny:")
-        if family not in FAMILIES:
-            raise ValueError(f"`--model` tiny:<family> takes a family in {list(FAMILIES)}, got {model!r}")
-        pipe = pipeline_class(family)(**tiny_components(family))
-    else:
-        family = model_family(model) if os.path.isdir(model) else "sd"
-        pipe = pipeline_class(family).from_pretrained(model, dtype=dtype)
-    return pipe.to(device), family
-
-
-def call_defaults(model: str, family: str, max_sequence_length: int | None = None) -> dict:
-    """Extra pipeline arguments a model needs: the text length shapes:sd3 was trained with."""
-    if family not in ("sd3", "flux"):
-        return {}
-    if max_sequence_length is None and model == "shapes:sd3":
-        from guidance.shapes.train import SD3_MAX_SEQUENCE_LENGTH
-
-        max_sequence_length = SD3_MAX_SEQUENCE_LENGTH
-    return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}
 
 
 def shipped_coefficients(args: argparse.Namespace) -> str | None:
@@ -149,10 +83,7 @@ def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = Path(args.prompts_file)
-        if not path.is_file():
-            raise ValueError(f"`--prompts-file` {str(path)!r} does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        prompts += read_prompt_file(args.prompts_file)
     if not prompts:
         raise ValueError("no prompts: give `--prompt` (repeatable) or `--prompts-file` (one prompt per line)")
     return prompts
@@ -207,6 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="linear-ag: folder of fitted coefficients (default for shapes:sd/sd3 at 20 steps: the shipped ones)",
     )
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="diffusers scheduler to sample with, built from the model's config (default: the model's own)",
+    )
     parser.add_argument("--num-inference-steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--num-images-per-prompt", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per pipeline call")
@@ -230,12 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         prompts = read_prompts(args)
-        for name in ("num_inference_steps", "num_images_per_prompt", "batch_size"):
-            if getattr(args, name) < 1:
-                raise ValueError(f"`--{name.replace('_', '-')}` must be >= 1, got {getattr(args, name)}")
+        check_at_least_one(args, "num_inference_steps", "num_images_per_prompt", "batch_size")
         guidance = make_guidance(args)
-        pipe, family = load_pipeline(args.model, getattr(torch, args.dtype), args.device)
-    except (ValueError, TypeError) as error:
+        pipe, family = load_pipeline(args.model, getattr(torch, args.dtype), args.device, args.scheduler)
+    except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
             records.append({"file": path.name, "prompt": prompt, "seed": args.seed + image_index, "scales": scales})
             image_index += 1
     nfe = sum(value * count for value, count in nfes) / image_index
-    summary = {"model": args.model, "guidance": repr(guidance), "nfe_per_image": nfe, "images": records}
+    summary = {
+        "model": args.model,
+        "scheduler": type(pipe.scheduler).__name__,
+        "guidance": repr(guidance),
+        "nfe_per_image": nfe,
+        "images": records,
+    }
     (out / "trace.json").write_text(json.dumps(summary, indent=1))
     print(f"wrote {image_index} images to {out.resolve()} (trace.json beside them)")
     print(f"guidance: {guidance!r}")

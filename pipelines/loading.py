@@ -1,0 +1,102 @@
+"""Guided pipelines from the model names the commands and the demo take: a diffusers folder or hub id of any
+supported family (read from its `model_index.json`), `shapes:<sd|sd3>` (the shipped shapes-world models) or
+`tiny:<family>` (tiny random components, for smoke runs)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH, asset_path, rebuild_hint
+
+from .sampler import check_model_path
+from .schedulers import set_scheduler
+from .tiny import FAMILIES, tiny_components
+
+DEFAULT_MODEL = "shapes:sd"  # the shapes-world SD model shipped in assets/
+SHAPES_MODELS = {"shapes:sd": "shapes-sd", "shapes:sd3": "shapes-sd3"}
+FAMILY_OF_CLASS = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
+}
+
+
+def pipeline_class(family: str):
+    from . import (
+        GuidedFluxPipeline,
+        GuidedStableDiffusion3Pipeline,
+        GuidedStableDiffusionPipeline,
+        GuidedStableDiffusionXLPipeline,
+    )
+
+    return {
+        "sd": GuidedStableDiffusionPipeline,
+        "sdxl": GuidedStableDiffusionXLPipeline,
+        "sd3": GuidedStableDiffusion3Pipeline,
+        "flux": GuidedFluxPipeline,
+    }[family]
+
+
+def model_family(model: str) -> str:
+    """The family of a diffusers pipeline folder or hub id (the hub's file, or the local cache offline), read from
+    the `_class_name` of its `model_index.json`."""
+    from diffusers import DiffusionPipeline
+
+    check_model_path(model)
+    try:
+        index = DiffusionPipeline.load_config(model)
+    except (OSError, ValueError) as error:
+        where = "folder" if os.path.isdir(model) else "hub id (reachable, or in the local cache when offline)"
+        raise ValueError(f"`--model` {model!r}: no readable model_index.json in this {where}: {error}") from error
+    class_name = str(index.get("_class_name", "")).removeprefix("Guided")
+    if class_name not in FAMILY_OF_CLASS:
+        raise ValueError(f"`--model` {model!r} is a {class_name or 'pipeline of unknown class'}; supported: "
+                         f"{sorted(FAMILY_OF_CLASS)}")  # fmt: skip
+    return FAMILY_OF_CLASS[class_name]
+
+
+def load_shapes_pipeline(name: str, root: str | Path | None = None, **kwargs):
+    """A guided pipeline of a shipped shapes-world model ("shapes-sd" or "shapes-sd3"), on the CPU."""
+    families = {"shapes-sd": "sd", "shapes-sd3": "sd3"}
+    if name not in families:
+        raise ValueError(f"`name` must be one of {sorted(families)}, got {name!r}")
+    folder = asset_path(name, root)
+    try:
+        return pipeline_class(families[name]).from_pretrained(folder, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise ValueError(f"asset {str(folder)!r} could not be loaded ({error}); {rebuild_hint(name)}") from error
+
+
+def load_pipeline(model: str, dtype: torch.dtype = torch.float32, device: str = "cpu", scheduler: str | None = None):
+    """(guided pipeline, family) of a model name (see the module docstring), with `scheduler` (a name of
+    `pipelines.schedulers.SCHEDULERS`) in place of its own when given."""
+    if model.startswith("shapes:"):
+        if model not in SHAPES_MODELS:
+            raise ValueError(f"`--model` shapes:<model> takes one of {sorted(SHAPES_MODELS)}, got {model!r}")
+        pipe = load_shapes_pipeline(SHAPES_MODELS[model], dtype=dtype)
+        family = "sd3" if model == "shapes:sd3" else "sd"
+    elif model.startswith("tiny:"):
+        family = model.removeprefix("tiny:")
+        if family not in FAMILIES:
+            raise ValueError(f"`--model` tiny:<family> takes a family in {list(FAMILIES)}, got {model!r}")
+        pipe = pipeline_class(family)(**tiny_components(family))
+        pipe.to(dtype=dtype)
+    else:
+        family = model_family(model)
+        pipe = pipeline_class(family).from_pretrained(model, dtype=dtype)
+    if scheduler is not None:
+        set_scheduler(pipe, scheduler)
+    return pipe.to(device), family
+
+
+def call_defaults(model: str, family: str, max_sequence_length: int | None = None) -> dict:
+    """Extra pipeline arguments a model needs: the text length shapes:sd3 was trained with."""
+    if family not in ("sd3", "flux"):
+        return {}
+    if max_sequence_length is None and model == "shapes:sd3":
+        max_sequence_length = SHAPES_SD3_MAX_SEQUENCE_LENGTH
+    return {} if max_sequence_length is None else {"max_sequence_length": max_sequence_length}

@@ -1,0 +1,457 @@
+"""The guided sampler, written once and shared by every pipeline family, in public stages:
+
+1. `prepare(**call arguments) -> GuidedInputs`: check inputs, encode prompts, set the timesteps of a private copy of
+   the pipeline's diffusers scheduler, draw the initial latents: everything a run needs, in one object.
+2. `denoise(inputs, guidance, latents=None, start_index=0) -> DenoiseOutput`: the guided loop from any timestep index
+   to the end, on a fresh copy of the prepared scheduler, so it can run any number of times on the same inputs.
+   At each step the guidance scheduler says which rows run which branch; exactly those rows go through the denoiser
+   (conditional and unconditional rows in one batch when the same weights compute both), the policy combines the
+   predictions and the diffusers scheduler steps.
+3. `decode(latents, inputs, output_type) -> the family's output`; and `encode_image(image) -> latents` for editing.
+
+A family implements `_prepare` (mirroring its diffusers `__call__` up to the loop), `_predict` (one denoiser call) and
+`_decode`. No per-call state lives on the pipeline: a run's scheduler, conditioning and trace belong to the run, and
+diffusers' `_interrupt`/`_current_timestep`/`_num_timesteps` are per thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import inspect
+import os
+import re
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from guidance import BranchRequest, GuidanceRun, GuidanceScheduler, GuidanceStep, GuidanceTrace, GuidedPrediction
+from guidance import vae as vae_latents
+from guidance.denoised import copy_scheduler
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class Conditioning:
+    """Denoiser keyword arguments: per-row tensors for each branch, and arguments shared by every row."""
+
+    cond: dict[str, Any]
+    uncond: dict[str, Any]
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self) -> Conditioning:
+        """A copy whose dicts a callback may change without touching the prepared inputs."""
+        return Conditioning(dict(self.cond), dict(self.uncond), dict(self.shared))
+
+
+@dataclass
+class GuidedInputs:
+    """Everything one guided run needs, prepared once (`prepare`), reusable by any number of `denoise` calls."""
+
+    latents: torch.Tensor
+    """The initial latents, in the denoiser's layout (Flux: packed tokens), scaled for the scheduler."""
+    timesteps: torch.Tensor
+    num_inference_steps: int
+    scheduler: Any
+    """A private copy of the pipeline's diffusers scheduler with these timesteps set; `denoise` steps copies of it."""
+    conditioning: Conditioning
+    height: int
+    width: int
+    prompts: list[str] | None = None
+    """The prompt of every latent row, in diffusers' order (None when given embeddings)."""
+    step_kwargs: dict = field(default_factory=dict)
+    """Extra arguments of `scheduler.step` (DDIM's `eta`, the generator of stochastic samplers)."""
+    generator: Any = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_timesteps(self) -> int:
+        """Model evaluations per row and branch of a full run (more than the steps for PNDM, Heun, ...)."""
+        return len(self.timesteps)
+
+
+@dataclass
+class DenoiseOutput(BaseOutput):
+    """The latents at the end of a `denoise` call and the trace of what guidance did."""
+
+    latents: torch.Tensor
+    trace: GuidanceTrace
+
+
+class PerThread:
+    """A pipeline attribute kept per thread: diffusers' loop flags, which callbacks read and set."""
+
+    _values = threading.local()
+
+    def __init__(self, default: Any):
+        self.default = default
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        return getattr(self._values, "table", {}).get((id(instance), self.name), self.default)
+
+    def __set__(self, instance, value):
+        if not hasattr(self._values, "table"):
+            self._values.table = {}
+        self._values.table[(id(instance), self.name)] = value
+
+
+def check_model_path(pretrained_model_name_or_path: Any) -> None:
+    """A local folder that does not exist gets a clear error instead of a failed hub lookup."""
+    if not isinstance(pretrained_model_name_or_path, (str, os.PathLike)):
+        raise TypeError(
+            "`pretrained_model_name_or_path` must be a local folder or a hub id (str or os.PathLike), got "
+            f"{type(pretrained_model_name_or_path).__name__}"
+        )
+    path = os.fspath(pretrained_model_name_or_path)
+    if os.path.isdir(path) or (_HUB_ID.match(path) and not path.startswith(".")):
+        return
+    raise ValueError(f"`pretrained_model_name_or_path` is not an existing folder nor a hub id: {path!r}")
+
+
+def noise_latents(shape, generator, device, dtype, latents, init_noise_sigma) -> torch.Tensor:
+    """Initial latents scaled by the run scheduler's `init_noise_sigma` (diffusers' SD `prepare_latents`, on the
+    run's scheduler copy instead of the pipeline's own)."""
+    if isinstance(generator, list) and len(generator) != shape[0]:
+        raise ValueError(
+            f"You have passed a list of generators of length {len(generator)}, but requested an effective batch"
+            f" size of {shape[0]}. Make sure the batch size matches the length of the generators."
+        )
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype) if latents is None else latents
+    return latents.to(device) * init_noise_sigma
+
+
+def prompt_rows(prompt: Any, num_images_per_prompt: int) -> list[str] | None:
+    """The prompt of every latent row, in diffusers' order (each prompt repeated `num_images_per_prompt` times)."""
+    if prompt is None:
+        return None
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    return [text for text in prompts for _ in range(num_images_per_prompt)]
+
+
+class GuidedPipelineMixin:
+    """What the four guided pipelines share: `guidance=` dispatch, the stages and outputs with a trace.
+
+    Class attributes a family sets: `_output_class` (a diffusers output dataclass with a `trace` field),
+    `_guidance_owned_args` (call arguments that `guidance=` replaces, e.g. `guidance_scale`),
+    `_unsupported_guided_args` (arguments the guided path does not implement; they must keep their default),
+    `_callback_conditioning` (callback tensor name -> (branch, denoiser argument) it stands for).
+    """
+
+    _output_class: ClassVar[type]
+    _guidance_owned_args: ClassVar[tuple[str, ...]] = ()
+    _unsupported_guided_args: ClassVar[tuple[str, ...]] = ()
+    _callback_conditioning: ClassVar[dict[str, tuple[str, str]]] = {}
+
+    _interrupt = PerThread(False)
+    _current_timestep = PerThread(None)
+    _num_timesteps = PerThread(None)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
+        check_model_path(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The model guidance runs: the UNet or the transformer."""
+        return self.unet if hasattr(self, "unet") else self.transformer
+
+    def __call__(self, *args, guidance: GuidanceScheduler | None = None, **kwargs):
+        """Diffusers' `__call__` with one more argument, `guidance`: a `GuidanceScheduler` deciding CFG per step.
+
+        Without `guidance` this is exactly the diffusers pipeline. With it: `prepare`, `denoise`, `decode`, and the
+        output also has `trace` (appended last to the tuple when `return_dict=False`).
+        """
+        if guidance is None:
+            return super().__call__(*args, **kwargs)
+        check_guidance(guidance)
+        call_args = self._call_arguments(args, kwargs)
+        with torch.no_grad():
+            inputs = self._prepare(call_args)
+            result = self.denoise(
+                inputs,
+                guidance,
+                callback_on_step_end=call_args["callback_on_step_end"],
+                callback_on_step_end_tensor_inputs=call_args["callback_on_step_end_tensor_inputs"],
+            )
+            output = self.decode(result.latents, inputs, call_args["output_type"])
+        self.maybe_free_model_hooks()
+        output.trace = result.trace
+        if not call_args["return_dict"]:
+            return tuple(getattr(output, f.name) for f in dataclasses.fields(output))
+        return output
+
+    def prepare(self, *args, **kwargs) -> GuidedInputs:
+        """Stage 1: the inputs of a guided run from diffusers' call arguments (prompt, negative_prompt, height,
+        width, num_inference_steps, generator, latents, ...); output and callback arguments are ignored."""
+        with torch.no_grad():
+            return self._prepare(self._call_arguments(args, kwargs))
+
+    def _call_arguments(self, args: tuple, kwargs: dict) -> dict:
+        """Diffusers' `__call__` arguments bound with their defaults, checked for use with guidance."""
+        for name in self._guidance_owned_args:
+            if name in kwargs:
+                raise ValueError(f"`{name}` and `guidance` cannot both be given: `guidance` decides it at every step")
+        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        bound.apply_defaults()
+        call_args = dict(bound.arguments)
+        extra = call_args.pop("kwargs", {})
+        if extra:
+            raise ValueError(f"arguments {sorted(extra)} are not supported together with `guidance`")
+        for name in self._unsupported_guided_args:
+            if call_args.get(name) is not None:
+                raise ValueError(f"`{name}` is not supported together with `guidance`; got {call_args[name]!r}")
+        prompt, negative_prompt = call_args.get("prompt"), call_args.get("negative_prompt")
+        if isinstance(prompt, list) and isinstance(negative_prompt, list) and len(prompt) != len(negative_prompt):
+            raise ValueError(
+                f"`negative_prompt` must have the batch size of `prompt` ({len(prompt)}), got {len(negative_prompt)}"
+            )
+        return call_args
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        inputs: GuidedInputs,
+        guidance: GuidanceScheduler,
+        latents: torch.Tensor | None = None,
+        start_index: int = 0,
+        callback_on_step_end: Any = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        show_progress: bool = True,
+    ) -> DenoiseOutput:
+        """Stage 2: the guided loop from timestep index `start_index` to the end, on `latents` (default: the
+        prepared ones), with a fresh copy of the prepared scheduler. Mirrors the loop of diffusers' `__call__`s."""
+        check_guidance(guidance)
+        latents = self._check_denoise_arguments(inputs, latents, start_index)
+        names = list(callback_on_step_end_tensor_inputs or ["latents"])
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            names = callback_on_step_end.tensor_inputs
+        self._check_callback_inputs(callback_on_step_end, names)
+        scheduler = copy_scheduler(inputs.scheduler)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start_index)
+        conditioning = inputs.conditioning.copy()
+        timesteps, trace, denoiser = inputs.timesteps, GuidanceTrace(batch_size=latents.shape[0]), self.denoiser
+        guidance.reset(
+            GuidanceRun(latents.shape[0], len(timesteps), inputs.num_inference_steps, scheduler, latents.shape[1:],
+                        start_index)
+        )  # fmt: skip
+        unpack = functools.partial(self.unpack_latents, height=inputs.height, width=inputs.width)
+        self._num_timesteps, self._interrupt = len(timesteps), False
+        updates = progress_updates(len(timesteps), inputs.num_inference_steps, scheduler.order, start_index)
+        with self._progress(len(updates), show_progress) as progress_bar:
+            for i in range(start_index, len(timesteps)):
+                if self.interrupt:
+                    continue
+                t = timesteps[i]
+                self._current_timestep = t
+                step = GuidanceStep(i, len(timesteps), t, latents, scheduler, inputs.num_inference_steps,
+                                    inputs.prompts, unpack, self.decode_for_guidance)  # fmt: skip
+                request = guidance.branches(step)
+                predictions = self._run_branches(guidance, denoiser, scheduler, request, latents, t, conditioning)
+                guided = guidance.combine(step, request, predictions)
+                if not isinstance(guided, GuidedPrediction):
+                    raise TypeError(f"`{type(guidance).__name__}.combine` must return a GuidedPrediction, got "
+                                    f"{type(guided).__name__}")  # fmt: skip
+                trace.record(guided.scales, request.as_lists(), **guided.extras)
+
+                latents_dtype = latents.dtype
+                latents = scheduler.step(guided.prediction, t, latents, **inputs.step_kwargs, return_dict=False)[0]
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)  # as diffusers: works around a torch bug on mps
+
+                if callback_on_step_end is not None:
+                    latents = self._run_callback(callback_on_step_end, names, i, t, latents, conditioning)
+                if i in updates:
+                    progress_bar.update()
+        self._current_timestep = None
+        return DenoiseOutput(latents=latents, trace=trace)
+
+    def _check_denoise_arguments(self, inputs: Any, latents: Any, start_index: Any) -> torch.Tensor:
+        if not isinstance(inputs, GuidedInputs):
+            raise TypeError(f"`inputs` must be the GuidedInputs of `prepare`, got {type(inputs).__name__}")
+        if isinstance(start_index, bool) or not isinstance(start_index, int):
+            raise TypeError(f"`start_index` must be an int, got {type(start_index).__name__}")
+        if not 0 <= start_index < inputs.num_timesteps:
+            raise ValueError(f"`start_index` must be in [0, {inputs.num_timesteps}), got {start_index}")
+        if latents is None:
+            return inputs.latents
+        if not isinstance(latents, torch.Tensor) or latents.shape != inputs.latents.shape:
+            shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"`latents` must have the prepared shape {tuple(inputs.latents.shape)}, got {shape}")
+        return latents.to(inputs.latents.device)
+
+    def _progress(self, total: int, show: bool):
+        if show:
+            return self.progress_bar(total=total)
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, disable=True)
+
+    def _run_branches(
+        self,
+        guidance: GuidanceScheduler,
+        denoiser: torch.nn.Module,
+        scheduler: Any,
+        request: BranchRequest,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        conditioning: Conditioning,
+    ) -> dict[str, torch.Tensor]:
+        """Run the requested rows: unconditional then conditional in one batch (diffusers' order) when the same
+        weights compute both, else each branch in its own pass with its own model."""
+        batch_size = latents.shape[0]
+        model = guidance.unconditional
+        groups = [("uncond", "cond")] if model.shares_pass else [("cond",), ("uncond",)]
+        predictions: dict[str, torch.Tensor] = {}
+        for group in groups:
+            names = [name for name in group if request.coverage(name) != "none"]
+            if not names:
+                continue
+            rows = {name: None if request.coverage(name) == "all" else getattr(request, name).nonzero().squeeze(1)
+                    for name in names}  # fmt: skip
+            separate = names == ["uncond"] and not model.shares_pass
+            module = model.denoiser(denoiser) if separate else denoiser
+            inputs = concat_rows([take_rows(getattr(conditioning, name), rows[name]) for name in names])
+            model_input = concat_rows([take_rows(latents, rows[name]) for name in names])
+            with model.context(module) if separate else contextlib.nullcontext():
+                output = self._predict(module, scheduler, model_input, t, inputs, conditioning.shared)
+            sizes = [batch_size if rows[name] is None else len(rows[name]) for name in names]
+            for name, chunk in zip(names, output.split(sizes), strict=True):
+                predictions[name] = scatter_rows(chunk, rows[name], batch_size)
+        return predictions
+
+    def _check_callback_inputs(self, callback: Any, names: list[str]) -> None:
+        if callback is None:
+            return
+        supported = ["latents", *self._callback_conditioning]
+        unknown = [name for name in names if name not in supported]
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {unknown} are not available with `guidance`; use {supported}"
+            )
+
+    def _run_callback(
+        self, callback: Any, names: list[str], i: int, t: torch.Tensor, latents: torch.Tensor, conditioning
+    ) -> torch.Tensor:
+        """Call `callback_on_step_end` as diffusers does; write back the tensors it returns (for this run only)."""
+        tensors = {"latents": latents}
+        for name, (branch, key) in self._callback_conditioning.items():
+            tensors[name] = getattr(conditioning, branch)[key]
+        outputs = callback(self, i, t, {name: tensors[name] for name in names})
+        for name, (branch, key) in self._callback_conditioning.items():
+            if name in outputs:
+                getattr(conditioning, branch)[key] = outputs[name]
+        return outputs.get("latents", latents)
+
+    def decode(self, latents: torch.Tensor, inputs: GuidedInputs, output_type: str = "pil"):
+        """Stage 3: the family's diffusers output (`images`, ...) for denoised `latents` of these inputs."""
+        with torch.no_grad():
+            return self._decode(latents, inputs, output_type)
+
+    def encode_image(
+        self,
+        image: Any,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        sample_mode: str = "argmax",
+    ) -> torch.Tensor:
+        """Image(s) -> latents in the denoiser's layout, scaled as the pipeline denoises them (for editing).
+
+        `image`: what diffusers' image processor takes (PIL images, arrays or tensors); it is resized to
+        `height` x `width` when given, else to its size rounded down to a multiple of the VAE's factor.
+        `sample_mode`: the posterior's mode ("argmax", deterministic) or a sample ("sample").
+        """
+        with torch.no_grad():
+            pixels = self.image_processor.preprocess(image, height=height, width=width)
+            latents = vae_latents.encode(self.vae, pixels, generator, sample_mode)
+            return self.pack_latents(latents).to(self.denoiser.dtype)
+
+    def decode_for_guidance(self, latents: torch.Tensor, decoder: Any = None) -> torch.Tensor:
+        """Images in [-1, 1] (float32) from denoised latents in the VAE's layout, for evaluators that read pixels;
+        `decoder` replaces the pipeline's VAE (e.g. diffusers' `AutoencoderTiny` for cheap feedback)."""
+        return vae_latents.decode(decoder if decoder is not None else self.vae, latents).float().clamp(-1, 1)
+
+    def unpack_latents(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Denoiser latents -> the VAE's (batch, channels, height, width) layout; Flux unpacks its tokens."""
+        return latents
+
+    def pack_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """The VAE's layout -> the denoiser's; Flux packs 2x2 patches into tokens."""
+        return latents
+
+    def _prepare(self, call_args: dict) -> GuidedInputs:
+        raise NotImplementedError
+
+    @staticmethod
+    def _inputs(
+        a: dict, latents, timesteps, num_inference_steps, scheduler, conditioning, height, width, step_kwargs=None
+    ):
+        """A family's prepared inputs, with what every family takes from the call arguments `a` (the prompt of each
+        row, the generator)."""
+        prompts = prompt_rows(a["prompt"], a["num_images_per_prompt"])
+        return GuidedInputs(latents, timesteps, num_inference_steps, scheduler, conditioning, height, width, prompts,
+                            step_kwargs or {}, a["generator"])  # fmt: skip
+
+    def _predict(self, denoiser, scheduler, latents, t, inputs: dict, shared: dict) -> torch.Tensor:
+        """One denoiser call on a batch of rows; implemented by each family."""
+        raise NotImplementedError
+
+    def _decode(self, latents: torch.Tensor, inputs: GuidedInputs, output_type: str):
+        raise NotImplementedError
+
+
+def check_guidance(guidance: Any) -> None:
+    if not isinstance(guidance, GuidanceScheduler):
+        raise ValueError(f"`guidance` must be a GuidanceScheduler or None, got {type(guidance).__name__}")
+
+
+def progress_updates(num_timesteps: int, num_inference_steps: int, order: int, start_index: int) -> set[int]:
+    """The indices after which diffusers' loops advance the progress bar (every `order` evaluations)."""
+    warmup = max(num_timesteps - num_inference_steps * order, 0)
+    last = num_timesteps - 1
+    return {i for i in range(start_index, num_timesteps) if i == last or ((i + 1) > warmup and (i + 1) % order == 0)}
+
+
+def take_rows(value: Any, rows: torch.Tensor | None) -> Any:
+    """Rows `rows` of every tensor in a (nested) dict of denoiser arguments; all rows when `rows` is None."""
+    if rows is None or value is None:
+        return value
+    if isinstance(value, dict):
+        return {key: take_rows(item, rows) for key, item in value.items()}
+    return value.index_select(0, rows.to(value.device))
+
+
+def concat_rows(values: list[Any]) -> Any:
+    """Concatenate along the batch the matching tensors of several (nested) dicts of denoiser arguments."""
+    first = values[0]
+    if len(values) == 1 or first is None:
+        return first
+    if isinstance(first, dict):
+        return {key: concat_rows([value[key] for value in values]) for key in first}
+    return torch.cat(values)
+
+
+def scatter_rows(chunk: torch.Tensor, rows: torch.Tensor | None, batch_size: int) -> torch.Tensor:
+    """A full-batch tensor with `chunk` at `rows` and NaN elsewhere."""
+    if rows is None:
+        return chunk
+    full = chunk.new_full((batch_size, *chunk.shape[1:]), float("nan"))
+    full[rows.to(chunk.device)] = chunk
+    return full
