@@ -7,10 +7,24 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def git_commit() -> str:
+    """The commit the code ran from, marked when tracked files other than benchmark outputs differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        outputs = [":!benchmarks/results", ":!assets/*.png", ":!assets/*.txt"]
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
+                                cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")
 
 
 def cpu_name() -> str:
@@ -37,6 +51,7 @@ def environment(device: str = "cpu") -> dict:
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     return {
         "command": " ".join(["python", str(script), *sys.argv[1:]]),
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,

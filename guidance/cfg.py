@@ -80,6 +80,12 @@ class ComposedGuidance(GuidanceScheduler):
     ) -> None:
         self.scale = as_scale(scale)
         self.guidance_rescale = check_fraction("guidance_rescale", guidance_rescale)
+        if guidance_rescale and not self.scale.uses_combine:
+            raise ValueError(
+                f"`guidance_rescale` must be 0 with {type(self.scale).__name__}, which combines the predictions with "
+                f"its own formula: set the rescaling there (a diffusers guider's own `guidance_rescale`), got "
+                f"{guidance_rescale}"
+            )
         self.start, self.stop = check_fraction("start", start), check_fraction("stop", stop)
         if start > stop:
             raise ValueError(f"`start` must be <= `stop` (a guidance interval [start, stop]), got {start} > {stop}")

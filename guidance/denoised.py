@@ -1,5 +1,6 @@
-"""The forward process and its one-step inverse, for every diffusers scheduler family: noised latents for
-training, and the denoised estimate x0 a policy can compare or score.
+"""The forward process and its one-step inverse, for the diffusers schedulers of `pipelines.schedulers` (KDPM2's
+interpolated sigmas are not handled): noised latents for training, and the denoised estimate x0 a policy can compare
+or score; and a cheap copy of a scheduler to step aside.
 
 Three parameterisations of a noisy latent `x` at noise level `sigma`:
 - flow matching (SD3, Flux; FlowMatch schedulers, `use_flow_sigmas`): `x = (1 - sigma) x0 + sigma eps`, the model

@@ -33,7 +33,10 @@ def guider_from_config(config: dict) -> Any:
 
 class GuiderScale(GuidanceScale):
     """A diffusers guider as a scale rule: `guider` is a `diffusers.guiders` instance with two predictions (or its
-    saved config). Its scale is recorded in the trace for the rows it guides."""
+    saved config). Its scale is recorded in the trace for the rows it guides; it combines with its own formula, so
+    rescaling is the guider's own `guidance_rescale`."""
+
+    uses_combine = False
 
     @register_to_config
     def __init__(self, guider: Any = None):

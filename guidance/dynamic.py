@@ -39,13 +39,20 @@ class DynamicScale(GuidanceScale):
         weights: Sequence[float] | None = None,
         lookahead: Literal["auto", "x0", "next_latent"] = "auto",
         decoder: torch.nn.Module | None = None,
+        evaluator_names: list[str] | None = None,
     ):
         self.register_to_config(candidates=check_candidates(candidates))
+        if evaluators is None and evaluator_names:
+            raise ValueError(
+                f"this dynamic guidance was saved with the evaluators {evaluator_names}, which a config cannot hold: "
+                "pass them again as `evaluators=` (e.g. to from_pretrained)"
+            )
         if evaluators is None:
             from .evaluators.clip import ClipEvaluator
 
             evaluators = [ClipEvaluator()]
         self.evaluators = check_evaluators(evaluators)
+        self.register_to_config(evaluator_names=[e.name for e in self.evaluators])
         if weighting not in WEIGHTINGS:
             raise ValueError(f"`weighting` must be one of {list(WEIGHTINGS)}, got {weighting!r}")
         if lookahead not in LOOKAHEADS:
@@ -156,6 +163,7 @@ class DynamicGuidance(ComposedGuidance):
             decoded next latent is noise at early steps); timestep-aware latent heads are distilled on noisy
             latents, which the next latent is, while a blurry early x0 estimate is outside what they saw.
         decoder: a VAE decoding x0 latents for pixel evaluators instead of the pipeline's (e.g. AutoencoderTiny).
+        evaluator_names: set from `evaluators` and saved; a saved policy loaded without its evaluators raises.
         guidance_rescale, start, stop, skip, unconditional: as in `ClassifierFreeGuidance` (outside [start, stop],
             no CFG at all; with `skip=AdaptiveSkip(...)` converged rows stop being guided).
 
@@ -173,6 +181,7 @@ class DynamicGuidance(ComposedGuidance):
         weights: Sequence[float] | None = None,
         lookahead: Literal["auto", "x0", "next_latent"] = "auto",
         decoder: torch.nn.Module | None = None,
+        evaluator_names: list[str] | None = None,
         guidance_rescale: float = 0.0,
         start: float = 0.0,
         stop: float = 1.0,
@@ -186,8 +195,13 @@ class DynamicGuidance(ComposedGuidance):
             weights=weights,
             lookahead=lookahead,
             decoder=decoder,
+            evaluator_names=evaluator_names,
         )
-        self.register_to_config(candidates=scale.config.candidates, weights=scale.config.weights)
+        self.register_to_config(
+            candidates=scale.config.candidates,
+            weights=scale.config.weights,
+            evaluator_names=scale.config.evaluator_names,
+        )
         self._compose(scale, guidance_rescale, start, stop, skip, unconditional)
 
     @property

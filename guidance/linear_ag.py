@@ -55,6 +55,7 @@ class LinearAGSkip(UnconditionalSkip):
         window: int = 2,
         scheduler_class: str | None = None,
         latent_shape: list[int] | None = None,
+        timesteps: list[float] | None = None,
         coefficients: torch.Tensor | None = None,
     ):
         if (
@@ -71,16 +72,23 @@ class LinearAGSkip(UnconditionalSkip):
         exact = default_exact_steps(total) if exact_steps is None else list(exact_steps)
         if not exact or any(not 0 <= s < total for s in exact):
             raise ValueError(f"`exact_steps` must be step indices in [0, {total}), got {exact_steps!r}")
+        if timesteps is not None and len(timesteps) != total:
+            raise ValueError(f"`timesteps` must list the {total} timesteps of the fit, got {len(timesteps)}")
         self.register_to_config(num_timesteps=total, exact_steps=sorted(set(exact)))
+        self.interval = (0.0, 1.0)
         self.coefficients = None
-        if coefficients is not None:
-            self.set_coefficients(coefficients)
+        if coefficients is not None:  # checked against the interval when a policy takes this rule (check_interval)
+            self.set_coefficients(coefficients, check=False)
+
+    def new(self, **overrides) -> LinearAGSkip:
+        """A fresh rule with the same coefficients (they are not in the config), some arguments replaced."""
+        return super().new(**{"coefficients": self.coefficients, **overrides})
 
     @property
     def num_features(self) -> int:
         return 2 + 2 * self.config.window
 
-    def set_coefficients(self, coefficients: torch.Tensor, source: str = "`coefficients`") -> None:
+    def set_coefficients(self, coefficients: torch.Tensor, source: str = "`coefficients`", check: bool = True) -> None:
         expected = (self.config.num_timesteps, self.num_features)
         if not isinstance(coefficients, torch.Tensor) or tuple(coefficients.shape) != expected:
             shape = (
@@ -88,6 +96,27 @@ class LinearAGSkip(UnconditionalSkip):
             )
             raise ValueError(f"LinearAG coefficients in {source} have shape {shape}, the config implies {expected}")
         self.coefficients = coefficients.float()
+        if check:
+            self.check_fitted()
+
+    def check_fitted(self) -> None:
+        """Every step the interval may synthesise needs fitted coefficients: a step that was exact at calibration has
+        none (its row is zero), so dropping it from `exact_steps` would synthesise its prediction from nothing."""
+        if self.coefficients is None:
+            return
+        start, stop = self.interval
+        total, exact = self.config.num_timesteps, set(self.config.exact_steps)
+        unfitted = [
+            i
+            for i in range(total)
+            if start <= i / max(total - 1, 1) <= stop and i not in exact and not self.coefficients[i].any()
+        ]
+        if unfitted:
+            calibrated = [i for i in range(total) if not self.coefficients[i].any()]
+            raise ValueError(
+                f"LinearAG coefficients have no fit for steps {unfitted}, which were exact at calibration (exact "
+                f"steps of the fit: {calibrated}): keep them in `exact_steps`, got {sorted(exact)}"
+            )
 
     def describe(self) -> str:
         config = self.config
@@ -98,6 +127,8 @@ class LinearAGSkip(UnconditionalSkip):
 
     def check_interval(self, start: float, stop: float) -> None:
         """The interval must not guide a synthesised step whose history never ran (it would come from nothing)."""
+        self.interval = (start, stop)
+        self.check_fitted()
         total, window, exact = self.config.num_timesteps, self.config.window, set(self.config.exact_steps)
         guided = [i for i in range(total) if start <= i / max(total - 1, 1) <= stop]
         if not guided or guided[0] == 0:
@@ -125,6 +156,19 @@ class LinearAGSkip(UnconditionalSkip):
                 f"{run.num_inference_steps} inference steps ({run.num_timesteps} timesteps): calibrate for it "
                 f"with {CALIBRATE}"
             )
+        run_timesteps = [float(t) for t in run.scheduler.timesteps] if run.scheduler is not None else None
+        same = run_timesteps is None or (
+            len(config.timesteps or []) == len(run_timesteps)
+            and all(
+                abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(config.timesteps, run_timesteps, strict=True)
+            )
+        )
+        if config.timesteps is not None and not same:
+            raise ValueError(
+                f"LinearAG coefficients were fitted for the timesteps {[round(t, 2) for t in config.timesteps]}, this "
+                f"run's are {[round(t, 2) for t in run_timesteps]} (another spacing or sigma schedule): calibrate "
+                f"for it with {CALIBRATE}"
+            )
         if config.latent_shape not in (None, list(run.latent_shape)):
             raise ValueError(
                 f"LinearAG coefficients were fitted for latents of shape {config.latent_shape}, this run has "
@@ -135,25 +179,43 @@ class LinearAGSkip(UnconditionalSkip):
                 f"LinearAG synthesises from the predictions of the first steps, so a run must start at step 0, "
                 f"got a run starting at step {run.start_index}"
             )
-        self.used_cond: list[torch.Tensor] = []
-        self.used_uncond: list[torch.Tensor] = []
+        self.used_cond: list[torch.Tensor | None] = []
+        self.used_uncond: list[torch.Tensor | None] = []
+        self.real: list[bool] = []  # per step: its unconditional prediction ran or was synthesised from real ones
 
     def rows(self, step: GuidanceStep, needed: bool) -> torch.Tensor:
         exact = step.step_index in self.config.exact_steps
         return torch.full((step.batch_size,), needed and exact, dtype=torch.bool)
 
     def complete(self, step, request, cond, uncond, needed):
+        i, window = step.step_index, self.config.window
         if request.uncond.all():
-            used, kind = uncond, "exact"
+            used, kind, real = uncond, "exact", True
         else:
-            features = regressors(
-                self.used_cond + [cond], self.used_uncond + [cond], step.step_index, self.config.window
-            )
-            weights = self.coefficients[step.step_index].to(cond.device)
-            used = (features.float() @ weights).to(cond.dtype)
+            missing = [j for j in range(max(i - window, 0), i) if not self.real[j]]
+            fitted = bool(self.coefficients[i].any())
+            real = fitted and not missing
+            if needed and not real:
+                why = (
+                    f"it was exact at calibration (no coefficients); exact steps now: {self.config.exact_steps}"
+                    if not fitted
+                    else f"the unconditional predictions of steps {missing}, which it is built from, never ran"
+                )
+                raise ValueError(
+                    f"LinearAG cannot synthesise the unconditional prediction of step {i}: {why} (a scale rule or "
+                    "interval that leaves out exact steps)"
+                )
+            if real:
+                features = regressors(self.used_cond + [cond], self.used_uncond + [cond], i, window)
+                used = (features.float() @ self.coefficients[i].to(cond.device)).to(cond.dtype)
+            else:
+                used = torch.zeros_like(cond)  # a placeholder no guided step may use (checked above)
             kind = "synthesised" if needed else "none"
         self.used_cond.append(cond)
         self.used_uncond.append(used)
+        self.real.append(real)
+        if i - window >= 0:  # no later step reads that far back
+            self.used_cond[i - window] = self.used_uncond[i - window] = None
         return used, torch.full((step.batch_size,), needed, dtype=torch.bool), {"uncond": kind}
 
     def save_tensors(self, folder: str | os.PathLike) -> None:
@@ -192,6 +254,7 @@ class LinearAdaptiveGuidance(ComposedGuidance):
         window: int = 2,
         scheduler_class: str | None = None,
         latent_shape: list[int] | None = None,
+        timesteps: list[float] | None = None,
         guidance_rescale: float = 0.0,
         start: float = 0.0,
         stop: float = 1.0,
@@ -205,6 +268,7 @@ class LinearAdaptiveGuidance(ComposedGuidance):
             window=window,
             scheduler_class=scheduler_class,
             latent_shape=latent_shape,
+            timesteps=timesteps,
             coefficients=coefficients,
         )
         self.register_to_config(num_timesteps=skip.config.num_timesteps, exact_steps=skip.config.exact_steps)
@@ -214,6 +278,10 @@ class LinearAdaptiveGuidance(ComposedGuidance):
     def coefficients(self) -> torch.Tensor | None:
         return self.skip.coefficients
 
+    def new(self, **overrides) -> LinearAdaptiveGuidance:
+        """A fresh policy with the same coefficients, some arguments replaced."""
+        return super().new(**{"coefficients": self.coefficients, **overrides})
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **overrides) -> LinearAdaptiveGuidance:
         """Coefficients and config from a calibration folder; `overrides` may change guidance_scale, start, stop,
@@ -222,9 +290,10 @@ class LinearAdaptiveGuidance(ComposedGuidance):
         if not (folder / cls.config_name).is_file():
             raise ValueError(f"LinearAG coefficients folder {str(folder)!r} lacks {cls.config_name}: run {CALIBRATE}")
         try:
-            policy = cls.from_config_dict(cls.load_config(folder), **overrides)
-        except (ValueError, TypeError, OSError) as error:  # diffusers reports an unreadable JSON as OSError
+            config = cls.load_config(folder)
+        except (ValueError, OSError) as error:  # diffusers reports an unreadable JSON as OSError
             raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt: {error}") from error
+        policy = cls.from_config_dict(config, **overrides)
         policy.load_tensors(folder)
         return policy
 

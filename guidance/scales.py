@@ -20,6 +20,9 @@ Combine = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 class GuidanceScale(GuidancePart):
     """A scale rule: whether a step needs the unconditional prediction, and the guided prediction of the rows."""
 
+    uses_combine = True
+    """Whether `apply` combines through the policy's formula (and so applies its `guidance_rescale`)."""
+
     def needs_uncond(self, step: GuidanceStep) -> bool:
         """False where the rule applies scale 1 to every row (the unconditional pass would be wasted)."""
         return True

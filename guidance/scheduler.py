@@ -112,9 +112,6 @@ class BranchRequest:
             cache[name] = coverage(getattr(self, name))
         return cache[name]
 
-    def as_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in BRANCH_NAMES}
-
     def as_lists(self) -> dict[str, list[bool]]:
         """The masks as lists of bools (what the trace keeps)."""
         coverage = {name: self.coverage(name) for name in BRANCH_NAMES}
@@ -189,9 +186,16 @@ class GuidanceScheduler(ConfigMixin):
 
     @classmethod
     def from_config_dict(cls, config: dict, **objects) -> GuidanceScheduler:
-        """The policy a saved config describes (keys the constructor does not take are left out)."""
+        """The policy a saved config describes (keys the constructor does not take are left out); `objects` go to
+        the constructor, or to the saved part that takes them (a `DynamicScale`'s `evaluators`)."""
         names = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        return cls(**{**{key: value for key, value in config.items() if key in names}, **objects})
+        arguments = {key: value for key, value in config.items() if key in names}
+        for name in [name for name in objects if name not in names]:
+            takers = [key for key, value in arguments.items() if name in part_parameters(value)]
+            if not takers:
+                raise TypeError(f"`{cls.__name__}` and its saved parts take no argument `{name}`")
+            arguments[takers[0]] = {**arguments[takers[0]], name: objects.pop(name)}
+        return cls(**{**arguments, **objects})
 
     def new(self, **overrides) -> GuidanceScheduler:
         """A fresh policy of the same class and arguments, some replaced (diffusers' `.new`); no run state."""
@@ -257,6 +261,13 @@ def part_classes() -> dict[str, type[GuidancePart]]:
             found[subclass.__name__] = subclass
             pending.append(subclass)
     return found
+
+
+def part_parameters(value: Any) -> set[str]:
+    """The constructor parameters of the part a saved dict describes (none for any other value)."""
+    if not isinstance(value, dict) or value.get("_class_name") not in part_classes():
+        return set()
+    return set(inspect.signature(part_classes()[value["_class_name"]].__init__).parameters)
 
 
 def part_from_config(value: Any) -> Any:

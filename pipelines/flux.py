@@ -32,7 +32,7 @@ def own_schedule(scheduler, num_steps: int, device, sigmas) -> tuple[torch.Tenso
     diffusers' FluxPipeline refuses): its own schedule, with a warning; custom `sigmas` are an error."""
     name = type(scheduler).__name__
     if sigmas is not None:
-        raise ValueError(f"`sigmas`: {name}.set_timesteps takes no custom sigmas; leave `sigmas` unset")
+        raise ValueError(f"`sigmas`: {name}.set_timesteps takes no custom sigmas; leave `sigmas` unset, got {sigmas}")
     logger.warning(
         f"{name} cannot take Flux's resolution-dependent sigmas: using its own schedule "
         f"(shift={scheduler.config.get('shift')})"

@@ -23,6 +23,7 @@ import inspect
 import os
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -67,7 +68,8 @@ class GuidedInputs:
     prompts: list[str] | None = None
     """The prompt of every latent row, in diffusers' order (None when given embeddings)."""
     step_kwargs: dict = field(default_factory=dict)
-    """Extra arguments of `scheduler.step` (DDIM's `eta`, the generator of stochastic samplers)."""
+    """Extra arguments of `scheduler.step` (DDIM's `eta`; the generators of stochastic samplers, at their state after
+    `prepare`: each `denoise` call draws from copies of them, so that it can be repeated)."""
     generator: Any = None
 
     @property
@@ -99,15 +101,19 @@ class PerThread:
     def __set_name__(self, owner, name):
         self.name = name
 
+    def table(self) -> weakref.WeakKeyDictionary:
+        """This thread's values: pipeline -> {name: value}, forgotten with the pipeline."""
+        if not hasattr(self._values, "table"):
+            self._values.table = weakref.WeakKeyDictionary()
+        return self._values.table
+
     def __get__(self, instance, owner=None):
         if instance is None:
             return self
-        return getattr(self._values, "table", {}).get((id(instance), self.name), self.default)
+        return self.table().get(instance, {}).get(self.name, self.default)
 
     def __set__(self, instance, value):
-        if not hasattr(self._values, "table"):
-            self._values.table = {}
-        self._values.table[(id(instance), self.name)] = value
+        self.table().setdefault(instance, {})[self.name] = value
 
 
 def check_model_path(pretrained_model_name_or_path: Any) -> None:
@@ -246,6 +252,8 @@ class GuidedPipelineMixin:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start_index)
         conditioning = inputs.conditioning.copy()
+        # stochastic samplers draw from generators at their state after `prepare`, afresh in every call
+        step_kwargs = {key: snapshot(value) for key, value in inputs.step_kwargs.items()}
         timesteps, trace, denoiser = inputs.timesteps, GuidanceTrace(batch_size=latents.shape[0]), self.denoiser
         guidance.reset(
             GuidanceRun(latents.shape[0], len(timesteps), inputs.num_inference_steps, scheduler, latents.shape[1:],
@@ -271,7 +279,7 @@ class GuidedPipelineMixin:
                 trace.record(guided.scales, request.as_lists(), **guided.extras)
 
                 latents_dtype = latents.dtype
-                latents = scheduler.step(guided.prediction, t, latents, **inputs.step_kwargs, return_dict=False)[0]
+                latents = scheduler.step(guided.prediction, t, latents, **step_kwargs, return_dict=False)[0]
                 if latents.dtype != latents_dtype and torch.backends.mps.is_available():
                     latents = latents.to(latents_dtype)  # as diffusers: works around a torch bug on mps
 
@@ -289,7 +297,19 @@ class GuidedPipelineMixin:
             raise TypeError(f"`start_index` must be an int, got {type(start_index).__name__}")
         if not 0 <= start_index < inputs.num_timesteps:
             raise ValueError(f"`start_index` must be in [0, {inputs.num_timesteps}), got {start_index}")
+        starts = step_starts(inputs.num_timesteps, inputs.num_inference_steps, inputs.scheduler.order)
+        if start_index not in starts:
+            raise ValueError(
+                f"`start_index` {start_index} falls inside a step of {type(inputs.scheduler).__name__} (it evaluates "
+                f"the model more than once per step, and only a step's first evaluation can start a run): use one "
+                f"of {starts}"
+            )
         if latents is None:
+            if start_index > 0:
+                raise ValueError(
+                    f"`latents` are required with `start_index` {start_index}: the prepared latents are the noise of "
+                    "step 0 (noise an image's latents to the step's timestep, e.g. with guidance.denoised.add_noise)"
+                )
             return inputs.latents
         if not isinstance(latents, torch.Tensor) or latents.shape != inputs.latents.shape:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
@@ -406,8 +426,9 @@ class GuidedPipelineMixin:
         """A family's prepared inputs, with what every family takes from the call arguments `a` (the prompt of each
         row, the generator)."""
         prompts = prompt_rows(a["prompt"], a["num_images_per_prompt"])
+        step_kwargs = {key: snapshot(value) for key, value in (step_kwargs or {}).items()}
         return GuidedInputs(latents, timesteps, num_inference_steps, scheduler, conditioning, height, width, prompts,
-                            step_kwargs or {}, a["generator"])  # fmt: skip
+                            step_kwargs, a["generator"])  # fmt: skip
 
     def _predict(self, denoiser, scheduler, latents, t, inputs: dict, shared: dict) -> torch.Tensor:
         """One denoiser call on a batch of rows; implemented by each family."""
@@ -419,7 +440,25 @@ class GuidedPipelineMixin:
 
 def check_guidance(guidance: Any) -> None:
     if not isinstance(guidance, GuidanceScheduler):
-        raise ValueError(f"`guidance` must be a GuidanceScheduler or None, got {type(guidance).__name__}")
+        raise TypeError(f"`guidance` must be a GuidanceScheduler or None, got {type(guidance).__name__}")
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of a generator (or a list of them) at its current state; any other value as it is."""
+    if isinstance(value, torch.Generator):
+        copy = torch.Generator(device=value.device)
+        copy.set_state(value.get_state())
+        return copy
+    if isinstance(value, list) and value and all(isinstance(v, torch.Generator) for v in value):
+        return [snapshot(v) for v in value]
+    return value
+
+
+def step_starts(num_timesteps: int, num_inference_steps: int, order: int) -> list[int]:
+    """The timestep indices where a step of the scheduler begins (every index for one evaluation per step; for Heun
+    and other second-order solvers every other one; after PNDM's Runge-Kutta warm-up)."""
+    ends = progress_updates(num_timesteps, num_inference_steps, order, 0)
+    return sorted({0} | {end + 1 for end in ends if end + 1 < num_timesteps})
 
 
 def progress_updates(num_timesteps: int, num_inference_steps: int, order: int, start_index: int) -> set[int]:

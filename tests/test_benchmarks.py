@@ -63,6 +63,7 @@ def test_benchmark_smoke_run_writes_its_results(script, tmp_path, monkeypatch):
     environment = results["environment"]
     assert environment["command"].startswith(f"python benchmarks/{script}.py ")
     assert environment["cpu_count"] >= 1 and environment["torch"] and environment["device"].startswith("CPU")
+    assert len(environment["commit"].split()[0]) == 40  # the git commit the code ran from
     assert results["results"]
     markdown = (tmp_path / f"{name}.md").read_text()
     assert "| --- |" in markdown and environment["command"] in markdown

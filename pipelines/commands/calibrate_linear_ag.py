@@ -30,6 +30,7 @@ class RecordPredictions(ClassifierFreeGuidance):
     def reset(self, run: GuidanceRun) -> None:
         super().reset(run)
         self.history: list[dict[str, torch.Tensor]] = []
+        self.timesteps = [float(t) for t in run.scheduler.timesteps]
 
     def combine(self, step, request, predictions):
         self.history.append(predictions)
@@ -77,6 +78,7 @@ def calibrate(
         window=window,
         scheduler_class=type(pipe.scheduler).__name__,
         latent_shape=list(cond.shape[2:]),
+        timesteps=recorder.timesteps,
         coefficients=coefficients,
     )
     return policy, residuals

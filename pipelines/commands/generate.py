@@ -38,14 +38,19 @@ def shipped_coefficients(args: argparse.Namespace) -> str | None:
 
 
 def default_evaluators(args: argparse.Namespace) -> list[str]:
-    """The shipped latent heads for shapes:sd (fast: no decode), else the shapes-world CLIP."""
+    """The latent heads shipped for shapes:sd (fast: no decode), else the shapes-world CLIP."""
     from guidance.shapes.assets import ASSETS
 
-    model = getattr(args, "model", None)
-    if model not in SHAPES_MODELS:
+    if getattr(args, "model", None) != "shapes:sd":
         return ["clip"]
-    heads = [ASSETS / f"{SHAPES_MODELS[model]}-latent-{kind}" for kind in ("clip", "fidelity")]
-    return [str(head) for head in heads] if all(head.is_dir() for head in heads) else ["clip"]
+    heads = [ASSETS / f"shapes-sd-latent-{kind}" for kind in ("clip", "fidelity")]
+    missing = [str(head) for head in heads if not (head / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the latent heads shipped for shapes:sd are missing ({missing}): rebuild them with "
+            "`guided-train-evaluator latent`, or name evaluators with `--evaluator`"
+        )
+    return [str(head) for head in heads]
 
 
 def make_guidance(args: argparse.Namespace) -> GuidanceScheduler:

@@ -235,4 +235,27 @@ def test_linear_ag_composes_with_other_models_only_from_step_zero(sd_pipe):
     fitted, _ = calibrate(sd_pipe, PROMPTS, 4, 4.0, exact_steps=[0], **size_kwargs("sd"))
     inputs = sd_pipe.prepare(**{**call_kwargs("sd", prompt=PROMPTS, num_inference_steps=4), "output_type": None})
     with pytest.raises(ValueError, match="a run must start at step 0, got a run starting at step 2"):
-        sd_pipe.denoise(inputs, LinearAdaptiveGuidance.new(fitted), start_index=2)
+        sd_pipe.denoise(inputs, LinearAdaptiveGuidance.new(fitted), latents=inputs.latents, start_index=2)
+
+
+def test_a_nested_dynamic_scale_round_trips_with_its_evaluators(tmp_path, sd_pipe):
+    from guidance import DynamicScale
+
+    dark = darkness()
+    policy = ClassifierFreeGuidance(DynamicScale(candidates=[1.0, 4.0], evaluators=[dark]), skip=AdaptiveSkip(0.99))
+    policy.save_pretrained(tmp_path)
+    assert policy.config.guidance_scale["evaluator_names"] == ["dark"]
+    loaded = ClassifierFreeGuidance.from_pretrained(tmp_path, evaluators=[dark])
+    assert loaded.scale.evaluators == [dark]
+    assert np.abs(run(sd_pipe, loaded).images - run(sd_pipe, policy).images).max() == 0
+    with pytest.raises(ValueError, match=r"saved with the evaluators \['dark'\], which a config cannot hold: pass"):
+        ClassifierFreeGuidance.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="`ClassifierFreeGuidance` and its saved parts take no argument `evaluator`"):
+        ClassifierFreeGuidance.from_pretrained(tmp_path, evaluator=[dark])
+
+
+def test_a_guider_scale_refuses_the_policys_rescaling():
+    from diffusers import guiders
+
+    with pytest.raises(ValueError, match=r"`guidance_rescale` must be 0 with GuiderScale, which combines .* got 0.7"):
+        ClassifierFreeGuidance(GuiderScale(guiders.ClassifierFreeGuidance(5.0)), guidance_rescale=0.7)

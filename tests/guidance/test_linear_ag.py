@@ -201,3 +201,51 @@ def test_works_in_every_pipeline_with_negative_prompts(family):
 def test_bad_linear_ag_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LinearAdaptiveGuidance(**kwargs)
+
+
+def test_new_and_composition_keep_loaded_coefficients():
+    shipped = LinearAdaptiveGuidance.from_pretrained(ASSETS / "linear-ag" / "shapes-sd-20")
+    torch.testing.assert_close(shipped.new(guidance_scale=5.0).coefficients, shipped.coefficients)
+    composed = ClassifierFreeGuidance(5.0, skip=shipped.skip)
+    torch.testing.assert_close(composed.new().skip.coefficients, shipped.coefficients)
+
+
+def test_exact_steps_of_the_calibration_cannot_be_dropped(fitted):
+    folder, _ = fitted  # fitted with exact steps [0, 1]
+    with pytest.raises(ValueError, match=r"no fit for steps \[1\], which were exact at calibration \(exact steps of "
+                       r"the fit: \[0, 1\]\): keep them in `exact_steps`, got \[0\]"):  # fmt: skip
+        LinearAdaptiveGuidance.from_pretrained(folder, exact_steps=[0])
+    assert LinearAdaptiveGuidance.from_pretrained(folder, exact_steps=[0, 1, 3]).config.exact_steps == [0, 1, 3]
+
+
+def test_a_scale_rule_that_skips_the_exact_steps_cannot_synthesise_from_nothing(fitted):
+    from diffusers import guiders
+
+    from guidance import GuiderScale
+
+    folder, _ = fitted
+    policy = LinearAdaptiveGuidance.from_pretrained(folder)
+    window = GuiderScale(guiders.ClassifierFreeGuidance(5.0, start=0.5))
+    late = ClassifierFreeGuidance(window, skip=policy.skip)
+    message = (
+        r"cannot synthesise the unconditional prediction of step 2: the unconditional predictions of steps \[0, 1\]"
+    )
+    with pytest.raises(ValueError, match=message + ", which it is built from, never ran"):
+        build("sd")(**call_kwargs("sd", prompt="x", num_inference_steps=5), guidance=late)
+
+
+def test_coefficients_for_another_sigma_schedule_of_the_same_class_are_refused():
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = build("sd")
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    policy, _ = calibrate(pipe, PROMPTS[:3], 4, 4.0, **size_kwargs("sd"))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, use_karras_sigmas=True)
+    with pytest.raises(ValueError, match=r"fitted for the timesteps \[.*\], this run's are \[.*\] \(another spacing"):
+        pipe(**call_kwargs("sd", prompt="x", num_inference_steps=4), guidance=policy)
+
+
+def test_argument_errors_are_not_blamed_on_the_folder(fitted):
+    folder, _ = fitted
+    with pytest.raises(ValueError, match=r"^`guidance_scale` must be a finite number >= 0, got -1"):
+        LinearAdaptiveGuidance.from_pretrained(folder, guidance_scale=-1.0)

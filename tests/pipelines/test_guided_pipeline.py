@@ -151,7 +151,7 @@ def test_missing_model_folder_names_the_path(tmp_path):
 
 
 def test_guidance_must_be_a_guidance_scheduler(sd_pipe):
-    with pytest.raises(ValueError, match="`guidance` must be a GuidanceScheduler or None, got float"):
+    with pytest.raises(TypeError, match="`guidance` must be a GuidanceScheduler or None, got float"):
         sd_pipe(**call_kwargs("sd", prompt="x"), guidance=7.5)
 
 

@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import REFERENCE, build, call_kwargs, seeded
-from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+)
 
 from guidance import ClassifierFreeGuidance, GuidanceScheduler
 from pipelines import DenoiseOutput, GuidedInputs
@@ -51,10 +56,13 @@ def test_denoise_runs_again_on_the_same_inputs(family, scheduler):
     assert torch.equal(inputs.latents, before)  # the prepared inputs are never changed
 
 
-@pytest.mark.parametrize(("family", "scheduler"), [("sd", None), ("sd", EulerDiscreteScheduler), ("sd3", None),
-                                                   ("flux", None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("family", "scheduler"),
+    [("sd", None), ("sd", EulerDiscreteScheduler), ("sd", HeunDiscreteScheduler), ("sd3", None), ("flux", None)],
+)
 def test_denoise_from_a_later_index_continues_a_run(family, scheduler):
-    """f(z) of FlowOpt: the latents at step k, denoised from index k, end where the whole run ends."""
+    """f(z) of FlowOpt: the latents at step k, denoised from index k, end where the whole run ends (Heun: index 2 is
+    its second step's first evaluation)."""
     pipe = build(family)
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
@@ -68,7 +76,31 @@ def test_denoise_from_a_later_index_continues_a_run(family, scheduler):
     whole = pipe.denoise(inputs, ClassifierFreeGuidance(4.0), callback_on_step_end=keep)
     tail = pipe.denoise(inputs, ClassifierFreeGuidance(4.0), latents=seen[1], start_index=2)
     torch.testing.assert_close(tail.latents, whole.latents, rtol=0, atol=1e-5)
-    assert tail.trace.num_steps == 3 and tail.trace.nfe == 6.0
+    assert tail.trace.num_steps == inputs.num_timesteps - 2 and tail.trace.nfe == 2 * tail.trace.num_steps
+
+
+def test_a_start_inside_a_step_is_refused():
+    """Heun evaluates twice per step; starting at a second evaluation would step with no first one (dt = 0)."""
+    pipe = build("sd")
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    inputs = prepared(pipe, "sd", num_inference_steps=5)
+    with pytest.raises(ValueError, match=r"`start_index` 3 falls inside a step of HeunDiscreteScheduler .* use one of "
+                       r"\[0, 2, 4, 6, 8\]"):  # fmt: skip
+        pipe.denoise(inputs, ClassifierFreeGuidance(4.0), latents=inputs.latents, start_index=3)
+
+
+@pytest.mark.parametrize(("scheduler", "extra"), [(EulerAncestralDiscreteScheduler, {}), (None, {"eta": 0.7})])
+def test_denoise_repeats_with_a_stochastic_sampler(scheduler, extra):
+    """Each call draws from copies of the generators as `prepare` left them, so that it can run again."""
+    pipe = build("sd")
+    if scheduler is not None:
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+    inputs = prepared(pipe, "sd", **extra)
+    first = pipe.denoise(inputs, ClassifierFreeGuidance(4.0)).latents
+    assert torch.equal(pipe.denoise(inputs, ClassifierFreeGuidance(4.0)).latents, first)
+    kwargs = call_kwargs("sd", prompt=["a red circle", "a blue square"], negative_prompt=["green", "black"], **extra)
+    called = pipe(**{**kwargs, "output_type": "latent"}, generator=seeded(), guidance=ClassifierFreeGuidance(4.0))
+    assert torch.equal(called.images, first)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -118,8 +150,10 @@ def test_bad_stage_arguments_are_named(sd_pipe):
         sd_pipe.denoise(inputs, policy, start_index=1.0)
     with pytest.raises(ValueError, match=r"`latents` must have the prepared shape \(2, 4, 8, 8\), got \(1, 4, 8, 8\)"):
         sd_pipe.denoise(inputs, policy, latents=inputs.latents[:1])
-    with pytest.raises(ValueError, match="`guidance` must be a GuidanceScheduler or None, got str"):
+    with pytest.raises(TypeError, match="`guidance` must be a GuidanceScheduler or None, got str"):
         sd_pipe.denoise(inputs, "cfg")
+    with pytest.raises(ValueError, match=r"`latents` are required with `start_index` 1: the prepared latents are"):
+        sd_pipe.denoise(inputs, policy, start_index=1)
     with pytest.raises(TypeError, match=r"`TupleCombine.combine` must return a GuidedPrediction, got tuple"):
         sd_pipe.denoise(inputs, TupleCombine())
     with pytest.raises(ValueError, match="`guidance_scale` and `guidance` cannot both be given"):
