@@ -46,10 +46,21 @@ class Conditioning:
     cond: dict[str, Any]
     uncond: dict[str, Any]
     shared: dict[str, Any] = field(default_factory=dict)
+    _joined: dict = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> Conditioning:
         """A copy whose dicts a callback may change without touching the prepared inputs."""
         return Conditioning(dict(self.cond), dict(self.uncond), dict(self.shared))
+
+    def rows(self, names: list[str], rows: dict[str, torch.Tensor | None]) -> dict[str, Any]:
+        """The denoiser arguments of these branches' rows, concatenated in order; when every row is taken (the
+        usual case) computed once and kept, as diffusers concatenates its prompt embeddings once."""
+        if any(rows[name] is not None for name in names):
+            return concat_rows([take_rows(getattr(self, name), rows[name]) for name in names])
+        key = tuple(names)
+        if key not in self._joined:
+            self._joined[key] = concat_rows([getattr(self, name) for name in names])
+        return self._joined[key]
 
 
 @dataclass
@@ -213,9 +224,10 @@ class GuidedPipelineMixin:
         for name in self._guidance_owned_args:
             if name in kwargs:
                 raise ValueError(f"`{name}` and `guidance` cannot both be given: `guidance` decides it at every step")
-        bound = inspect.signature(super().__call__).bind(*args, **kwargs)
+        bound = call_signature(super().__call__).bind(self, *args, **kwargs)
         bound.apply_defaults()
         call_args = dict(bound.arguments)
+        call_args.pop("self")
         extra = call_args.pop("kwargs", {})
         if extra:
             raise ValueError(f"arguments {sorted(extra)} are not supported together with `guidance`")
@@ -347,12 +359,13 @@ class GuidedPipelineMixin:
                     for name in names}  # fmt: skip
             separate = names == ["uncond"] and not model.shares_pass
             module = model.denoiser(denoiser) if separate else denoiser
-            inputs = concat_rows([take_rows(getattr(conditioning, name), rows[name]) for name in names])
+            inputs = conditioning.rows(names, rows)
             model_input = concat_rows([take_rows(latents, rows[name]) for name in names])
             with model.context(module) if separate else contextlib.nullcontext():
                 output = self._predict(module, scheduler, model_input, t, inputs, conditioning.shared)
             sizes = [batch_size if rows[name] is None else len(rows[name]) for name in names]
-            for name, chunk in zip(names, output.split(sizes), strict=True):
+            chunks = output.split(sizes) if len(names) > 1 else (output,)
+            for name, chunk in zip(names, chunks, strict=True):
                 predictions[name] = scatter_rows(chunk, rows[name], batch_size)
         return predictions
 
@@ -377,6 +390,7 @@ class GuidedPipelineMixin:
         for name, (branch, key) in self._callback_conditioning.items():
             if name in outputs:
                 getattr(conditioning, branch)[key] = outputs[name]
+                conditioning._joined.clear()
         return outputs.get("latents", latents)
 
     def decode(self, latents: torch.Tensor, inputs: GuidedInputs, output_type: str = "pil"):
@@ -436,6 +450,16 @@ class GuidedPipelineMixin:
 
     def _decode(self, latents: torch.Tensor, inputs: GuidedInputs, output_type: str):
         raise NotImplementedError
+
+
+@functools.lru_cache(maxsize=32)
+def _signature_of(function) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def call_signature(method) -> inspect.Signature:
+    """The signature of a pipeline class's diffusers `__call__` (with `self`), computed once per class."""
+    return _signature_of(getattr(method, "__func__", method))
 
 
 def check_guidance(guidance: Any) -> None:

@@ -216,3 +216,26 @@ def test_guidance_distilled_unet_is_refused():
         ValueError, match="needs a UNet without a guidance embedding; this one has time_cond_proj_dim=8"
     ):
         build("sd", unet=unet)(**call_kwargs("sd", prompt="x"), guidance=ClassifierFreeGuidance())
+
+
+def test_a_callback_that_replaces_the_prompt_embeddings_changes_the_following_steps(sd_pipe):
+    """The run's conditioning is concatenated once and kept; a callback's replacement must reach the next steps."""
+    kwargs = call_kwargs("sd", prompt="a red circle", negative_prompt="blue", num_inference_steps=4)
+
+    def swap_at(step):
+        def callback(pipe, i, t, tensors):
+            return {"prompt_embeds": tensors["negative_prompt_embeds"]} if i == step else {}
+
+        return callback
+
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+
+    def run(callback):
+        policy = ClassifierFreeGuidance(5.0)
+        out = sd_pipe(**kwargs, generator=seeded(), guidance=policy, callback_on_step_end=callback,
+                      callback_on_step_end_tensor_inputs=names)  # fmt: skip
+        return out.images
+
+    plain = run(None)
+    assert np.abs(run(swap_at(3)) - plain).max() == 0  # after the last step: nothing left to change
+    assert np.abs(run(swap_at(1)) - plain).max() > 1e-3
