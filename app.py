@@ -12,7 +12,7 @@ from functools import lru_cache
 import torch
 
 from guidance.plot import plot_trace
-from pipelines.commands.generate import METHODS, make_guidance
+from pipelines.commands.guidance_options import METHODS, make_guidance
 from pipelines.loading import DEFAULT_MODEL, call_defaults, load_pipeline
 
 

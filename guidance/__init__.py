@@ -3,13 +3,15 @@
 A policy is composed of parts: which rows run the unconditional pass (a guidance interval, `AdaptiveSkip`,
 `LinearAGSkip`), which scale each guided row gets (a number, `ScheduledScale`, `DynamicScale`, `GuiderScale`) and
 which weights compute the unconditional branch (`SeparateModel`, `SwitchedModel`). The classes named after a
-method are shorthands for common compositions.
+method are shorthands for common compositions. `flowopt` and `flowedit` hold the editing algorithms the flow
+pipelines' `edit`, `invert` and `flowedit` run.
 """
 
 from .adaptive import AdaptiveGuidance, AdaptiveSkip
 from .cfg import ClassifierFreeGuidance, ComposedGuidance, UnconditionalSkip
 from .diffusers_guider import GuiderScale
 from .dynamic import DynamicGuidance, DynamicScale
+from .flowopt import FlowOptConfig, FlowOptResult
 from .linear_ag import LinearAdaptiveGuidance, LinearAGSkip
 from .scales import ConstantScale, GuidanceScale, ScheduledScale
 from .scheduled import ScheduledGuidance
@@ -36,6 +38,8 @@ __all__ = [
     "ConstantScale",
     "DynamicGuidance",
     "DynamicScale",
+    "FlowOptConfig",
+    "FlowOptResult",
     "GuidanceRun",
     "GuidancePart",
     "GuidanceScale",

@@ -44,6 +44,12 @@ class GuidanceTrace:
         evaluations = sum(sum(mask) for step in self.branches for mask in step.values())
         return evaluations / self.batch_size
 
+    def nfe_per_image(self) -> list[float]:
+        """Model evaluations of every image of the batch."""
+        return [
+            float(sum(mask[row] for step in self.branches for mask in step.values())) for row in range(self.batch_size)
+        ]
+
     def scales_tensor(self) -> torch.Tensor:
         """The applied scales as a (num_steps, batch) tensor."""
         return torch.tensor(self.scales, dtype=torch.float32).reshape(self.num_steps, self.batch_size)

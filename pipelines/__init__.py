@@ -1,6 +1,10 @@
 """Guided diffusers pipelines: each family's diffusers pipeline with a `guidance=` argument and public stages
-(`prepare`, `denoise`, `decode`, `encode_image`) shared through `GuidedPipelineMixin`."""
+(`prepare`, `denoise`, `decode`, `encode_image`) shared through `GuidedPipelineMixin`; the flow families (SD3, Flux)
+also edit and invert images (`edit`, `invert`, `flowedit`: `FlowEditingMixin`). `generate_batch` runs a manifest into
+a folder that resumes, on one device or several through accelerate."""
 
+from .batch import BatchResult, generate_batch
+from .editing import FlowEditingMixin, FlowEditOutput
 from .flux import GuidedFluxPipeline, GuidedFluxPipelineOutput
 from .sampler import Conditioning, DenoiseOutput, GuidedInputs, GuidedPipelineMixin
 from .stable_diffusion import GuidedStableDiffusionPipeline, GuidedStableDiffusionPipelineOutput
@@ -8,8 +12,11 @@ from .stable_diffusion_3 import GuidedStableDiffusion3Pipeline, GuidedStableDiff
 from .stable_diffusion_xl import GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipelineOutput
 
 __all__ = [
+    "BatchResult",
     "Conditioning",
     "DenoiseOutput",
+    "FlowEditOutput",
+    "FlowEditingMixin",
     "GuidedFluxPipeline",
     "GuidedFluxPipelineOutput",
     "GuidedInputs",
@@ -20,4 +27,5 @@ __all__ = [
     "GuidedStableDiffusionPipelineOutput",
     "GuidedStableDiffusionXLPipeline",
     "GuidedStableDiffusionXLPipelineOutput",
+    "generate_batch",
 ]

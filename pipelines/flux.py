@@ -48,6 +48,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
     """
 
     _output_class = GuidedFluxPipelineOutput
+    flowopt_family = "flux"
     _guidance_owned_args = ("true_cfg_scale",)
     _unsupported_guided_args = (
         "ip_adapter_image",
@@ -137,7 +138,7 @@ class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
         )
 
         # 5. Prepare timesteps
-        scheduler = copy_scheduler(self.scheduler)
+        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
         num_steps = a["num_inference_steps"]
         if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
             timesteps, num_inference_steps = own_schedule(scheduler, num_steps, device, a["sigmas"])

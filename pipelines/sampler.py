@@ -36,6 +36,8 @@ from guidance import BranchRequest, GuidanceRun, GuidanceScheduler, GuidanceStep
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .editing import FlowEditingMixin
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -101,6 +103,37 @@ class DenoiseOutput(BaseOutput):
     trace: GuidanceTrace
 
 
+@dataclass
+class GuidedRun:
+    """One run of a policy over prepared inputs: its scheduler copy, conditioning and trace (see `start_run`)."""
+
+    pipeline: Any
+    inputs: GuidedInputs
+    guidance: GuidanceScheduler
+    scheduler: Any
+    conditioning: Conditioning
+    trace: GuidanceTrace
+
+    def predict(self, latents: torch.Tensor, step_index: int) -> GuidedPrediction:
+        """One guided model evaluation at timestep index `step_index`: the policy's branches, exactly those rows
+        through the denoiser, the policy's combination (recorded in the trace). The scheduler is not stepped."""
+        inputs, pipe = self.inputs, self.pipeline
+        t = inputs.timesteps[step_index]
+        unpack = functools.partial(pipe.unpack_latents, height=inputs.height, width=inputs.width)
+        step = GuidanceStep(step_index, inputs.num_timesteps, t, latents, self.scheduler, inputs.num_inference_steps,
+                            inputs.prompts, unpack, pipe.decode_for_guidance)  # fmt: skip
+        request = self.guidance.branches(step)
+        predictions = pipe._run_branches(self.guidance, pipe.denoiser, self.scheduler, request, latents, t,
+                                         self.conditioning)  # fmt: skip
+        guided = self.guidance.combine(step, request, predictions)
+        if not isinstance(guided, GuidedPrediction):
+            raise TypeError(
+                f"`{type(self.guidance).__name__}.combine` must return a GuidedPrediction, got {type(guided).__name__}"
+            )
+        self.trace.record(guided.scales, request.as_lists(), **guided.extras)
+        return guided
+
+
 class PerThread:
     """A pipeline attribute kept per thread: diffusers' loop flags, which callbacks read and set."""
 
@@ -160,7 +193,7 @@ def prompt_rows(prompt: Any, num_images_per_prompt: int) -> list[str] | None:
     return [text for text in prompts for _ in range(num_images_per_prompt)]
 
 
-class GuidedPipelineMixin:
+class GuidedPipelineMixin(FlowEditingMixin):
     """What the four guided pipelines share: `guidance=` dispatch, the stages and outputs with a trace.
 
     Class attributes a family sets: `_output_class` (a diffusers output dataclass with a `trace` field),
@@ -213,11 +246,14 @@ class GuidedPipelineMixin:
             return tuple(getattr(output, f.name) for f in dataclasses.fields(output))
         return output
 
-    def prepare(self, *args, **kwargs) -> GuidedInputs:
+    def prepare(self, *args, scheduler: Any = None, **kwargs) -> GuidedInputs:
         """Stage 1: the inputs of a guided run from diffusers' call arguments (prompt, negative_prompt, height,
-        width, num_inference_steps, generator, latents, ...); output and callback arguments are ignored."""
+        width, num_inference_steps, generator, latents, ...); output and callback arguments are ignored.
+        `scheduler`: a diffusers scheduler to run with instead of the pipeline's own (copied, never changed)."""
+        call_args = self._call_arguments(args, kwargs)
+        call_args["scheduler"] = scheduler
         with torch.no_grad():
-            return self._prepare(self._call_arguments(args, kwargs))
+            return self._prepare(call_args)
 
     def _call_arguments(self, args: tuple, kwargs: dict) -> dict:
         """Diffusers' `__call__` arguments bound with their defaults, checked for use with guidance."""
@@ -260,18 +296,10 @@ class GuidedPipelineMixin:
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             names = callback_on_step_end.tensor_inputs
         self._check_callback_inputs(callback_on_step_end, names)
-        scheduler = copy_scheduler(inputs.scheduler)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start_index)
-        conditioning = inputs.conditioning.copy()
+        run = self.start_run(inputs, guidance, latents.shape[0], start_index)
+        scheduler, timesteps = run.scheduler, inputs.timesteps
         # stochastic samplers draw from generators at their state after `prepare`, afresh in every call
         step_kwargs = {key: snapshot(value) for key, value in inputs.step_kwargs.items()}
-        timesteps, trace, denoiser = inputs.timesteps, GuidanceTrace(batch_size=latents.shape[0]), self.denoiser
-        guidance.reset(
-            GuidanceRun(latents.shape[0], len(timesteps), inputs.num_inference_steps, scheduler, latents.shape[1:],
-                        start_index)
-        )  # fmt: skip
-        unpack = functools.partial(self.unpack_latents, height=inputs.height, width=inputs.width)
         self._num_timesteps, self._interrupt = len(timesteps), False
         updates = progress_updates(len(timesteps), inputs.num_inference_steps, scheduler.order, start_index)
         with self._progress(len(updates), show_progress) as progress_bar:
@@ -280,15 +308,7 @@ class GuidedPipelineMixin:
                     continue
                 t = timesteps[i]
                 self._current_timestep = t
-                step = GuidanceStep(i, len(timesteps), t, latents, scheduler, inputs.num_inference_steps,
-                                    inputs.prompts, unpack, self.decode_for_guidance)  # fmt: skip
-                request = guidance.branches(step)
-                predictions = self._run_branches(guidance, denoiser, scheduler, request, latents, t, conditioning)
-                guided = guidance.combine(step, request, predictions)
-                if not isinstance(guided, GuidedPrediction):
-                    raise TypeError(f"`{type(guidance).__name__}.combine` must return a GuidedPrediction, got "
-                                    f"{type(guided).__name__}")  # fmt: skip
-                trace.record(guided.scales, request.as_lists(), **guided.extras)
+                guided = run.predict(latents, i)
 
                 latents_dtype = latents.dtype
                 latents = scheduler.step(guided.prediction, t, latents, **step_kwargs, return_dict=False)[0]
@@ -296,11 +316,24 @@ class GuidedPipelineMixin:
                     latents = latents.to(latents_dtype)  # as diffusers: works around a torch bug on mps
 
                 if callback_on_step_end is not None:
-                    latents = self._run_callback(callback_on_step_end, names, i, t, latents, conditioning)
+                    latents = self._run_callback(callback_on_step_end, names, i, t, latents, run.conditioning)
                 if i in updates:
                     progress_bar.update()
         self._current_timestep = None
-        return DenoiseOutput(latents=latents, trace=trace)
+        return DenoiseOutput(latents=latents, trace=run.trace)
+
+    def start_run(self, inputs: GuidedInputs, guidance: GuidanceScheduler, batch_size: int, start_index: int = 0):
+        """A `GuidedRun` of `guidance` over these inputs: a fresh scheduler copy, conditioning and trace, the policy
+        reset. `denoise` is a loop over one; editing methods that step on their own (FlowEdit) use one directly."""
+        check_guidance(guidance)
+        scheduler = copy_scheduler(inputs.scheduler)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start_index)
+        run = GuidedRun(self, inputs, guidance, scheduler, inputs.conditioning.copy(), GuidanceTrace(batch_size))
+        latent_shape = tuple(inputs.latents.shape[1:])
+        guidance.reset(GuidanceRun(batch_size, inputs.num_timesteps, inputs.num_inference_steps, scheduler,
+                                   latent_shape, start_index))  # fmt: skip
+        return run
 
     def _check_denoise_arguments(self, inputs: Any, latents: Any, start_index: Any) -> torch.Tensor:
         if not isinstance(inputs, GuidedInputs):
@@ -326,7 +359,7 @@ class GuidedPipelineMixin:
         if not isinstance(latents, torch.Tensor) or latents.shape != inputs.latents.shape:
             shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
             raise ValueError(f"`latents` must have the prepared shape {tuple(inputs.latents.shape)}, got {shape}")
-        return latents.to(inputs.latents.device)
+        return latents.to(inputs.latents.device, inputs.latents.dtype)
 
     def _progress(self, total: int, show: bool):
         if show:
@@ -412,8 +445,14 @@ class GuidedPipelineMixin:
         `height` x `width` when given, else to its size rounded down to a multiple of the VAE's factor.
         `sample_mode`: the posterior's mode ("argmax", deterministic) or a sample ("sample").
         """
+        pixels = self.image_processor.preprocess(image, height=height, width=width)
+        return self.encode_pixels(pixels, generator, sample_mode)
+
+    def encode_pixels(
+        self, pixels: torch.Tensor, generator: torch.Generator | None = None, sample_mode: str = "argmax"
+    ) -> torch.Tensor:
+        """Images in [-1, 1], (batch, 3, height, width) at a size the VAE takes -> latents as `encode_image`."""
         with torch.no_grad():
-            pixels = self.image_processor.preprocess(image, height=height, width=width)
             latents = vae_latents.encode(self.vae, pixels, generator, sample_mode)
             return self.pack_latents(latents).to(self.denoiser.dtype)
 

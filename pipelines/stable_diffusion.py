@@ -89,7 +89,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         )
 
         # 4. Prepare timesteps
-        scheduler = copy_scheduler(self.scheduler)
+        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
         timesteps, num_inference_steps = retrieve_timesteps(
             scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
         )

@@ -31,6 +31,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
     """
 
     _output_class = GuidedStableDiffusion3PipelineOutput
+    flowopt_family = "sd3"
     _guidance_owned_args = ("guidance_scale",)
     _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
     _callback_conditioning = {
@@ -50,6 +51,9 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
                 if entries.get(name) == [None, None]:
                     kwargs.setdefault(name, None)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def pixel_multiple(self) -> int:
+        return self.vae_scale_factor * self.transformer.config.patch_size
 
     def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0])
@@ -118,7 +122,7 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
         )
 
         # 5. Prepare timesteps (resolution-dependent shift when the scheduler asks for it)
-        scheduler = copy_scheduler(self.scheduler)
+        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
         mu = a["mu"]
         if scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             patch_size = self.transformer.config.patch_size

@@ -5,10 +5,15 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.commands.generate import build_parser, main, make_guidance
+from pipelines.commands.generate import build_parser, main
+from pipelines.commands.guidance_options import make_guidance
 
 
-def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
+def results(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def test_generates_images_results_and_prints_nfe(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\n\na blue square\n")
     code = main(
@@ -22,18 +27,20 @@ def test_generates_images_trace_and_prints_nfe(tmp_path, capsys):
     files = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert files == ["00000.png", "00001.png", "00002.png"]
     assert Image.open(tmp_path / "out" / "00000.png").size == (16, 16)
-    trace = json.loads((tmp_path / "out" / "trace.json").read_text())
-    assert trace["nfe_per_image"] == 6.0  # 4 steps, guided at progress 2/3 and 1
-    assert [r["prompt"] for r in trace["images"]] == ["green", "a red circle", "a blue square"]
-    assert trace["images"][0]["scales"] == [1.0, 1.0, 5.0, 5.0]
+    records = results(tmp_path / "out")
+    assert [r["nfe"] for r in records] == [6.0] * 3  # 4 steps, guided at progress 2/3 and 1
+    assert [r["prompt"] for r in records] == ["green", "a red circle", "a blue square"]
+    assert records[0]["scales"] == [1.0, 1.0, 5.0, 5.0] and [r["seed"] for r in records] == [0, 1, 2]
     out = capsys.readouterr().out
-    assert "wrote 3 images to" in out and "NFE per image: 6 (4 steps)" in out
+    assert "wrote 3 images to" in out and "(0 already there" in out and "NFE per image: 6 (4 steps)" in out
 
 
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         ([], "no prompts: give `--prompt`"),
+        (["--prompt", "x", "--manifest", "m.jsonl"], "give either `--manifest` or prompts"),
+        (["--manifest", "/no/such.jsonl"], "manifest '/no/such.jsonl' does not exist"),
         (["--prompts-file", "/no/such/file.txt"], "`--prompts-file` '/no/such/file.txt' does not exist"),
         (["--prompt", "x", "--guidance-scale", "-2"], "`guidance_scale` must be a finite number >= 0, got -2.0"),
         (["--prompt", "x", "--num-inference-steps", "0"], "`--num-inference-steps` must be >= 1, got 0"),
@@ -75,8 +82,8 @@ def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
     assert main(argv + [str(out), "--guidance", "ag", "--threshold", "1e-6", "--height", "16", "--width", "16"]) == 0
     assert Image.open(out / "00000.png").size == (16, 16)
     assert "NFE per image: 5 (4 steps)" in capsys.readouterr().out  # CFG at step 0 only
-    trace = json.loads((out / "trace.json").read_text())
-    assert trace["model"] == "shapes:sd" and trace["images"][0]["scales"] == [7.5, 1.0, 1.0, 1.0]
+    (record,) = results(out)
+    assert record["model"] == "shapes:sd" and record["scales"] == [7.5, 1.0, 1.0, 1.0]
 
 
 def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
@@ -96,9 +103,9 @@ def test_dynamic_guidance_with_the_shapes_clip(tmp_path, capsys):
     argv = ["--prompt", "a large red circle at the center on white", "--guidance", "dynamic", "--candidates", "1",
             "5", "--evaluator", "clip", "--num-inference-steps", "4", "--output-dir", str(out)]  # fmt: skip
     assert main(argv) == 0
-    trace = json.loads((out / "trace.json").read_text())
-    assert trace["model"] == "shapes:sd" and trace["nfe_per_image"] == 8.0
-    assert set(trace["images"][0]["scales"]) <= {1.0, 5.0}
+    (record,) = results(out)
+    assert record["model"] == "shapes:sd" and record["nfe"] == 8.0
+    assert set(record["scales"]) <= {1.0, 5.0}
     with pytest.raises(SystemExit):
         main([*argv, "--evaluator", "/no/such/evaluator"])
     assert "evaluator '/no/such/evaluator' is neither 'clip'" in capsys.readouterr().err
@@ -137,3 +144,26 @@ def test_a_hub_id_is_loaded_as_the_family_its_model_index_names(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "NFE per image: 4 (2 steps)" in done.stdout
     assert Image.open(tmp_path / "out" / "00000.png").size == (16, 16)
+
+
+def test_a_manifest_run_resumes_and_a_full_disk_exits_with_the_message(tmp_path, capsys, monkeypatch):
+    import errno
+
+    manifest = tmp_path / "rows.jsonl"
+    rows = [{"prompt": "a red circle", "num_images": 2, "seed": 7}, {"prompt": "a blue square", "guidance": "none"}]
+    manifest.write_text("\n".join(json.dumps(row) for row in rows))
+    argv = ["--model", "tiny:sd", "--manifest", str(manifest), "--num-inference-steps", "2", "--height", "16",
+            "--width", "16", "--output-dir", str(tmp_path / "out")]  # fmt: skip
+    assert main(argv) == 0
+    assert [(r["seed"], r["nfe"]) for r in results(tmp_path / "out")] == [(7, 4.0), (8, 4.0), (2, 2.0)]
+    assert main(argv) == 0 and "wrote 0 images" in capsys.readouterr().out.splitlines()[-2]
+    with pytest.raises(SystemExit):
+        main([*argv, "--num-inference-steps", "3"])
+    assert "holds another run (num_inference_steps: 2 there, 3 now)" in capsys.readouterr().err
+
+    def full(image, handle, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", full)
+    assert main([*argv, "--output-dir", str(tmp_path / "full")]) == 1
+    assert "guided-generate: error: the disk is full: " in capsys.readouterr().err

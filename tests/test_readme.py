@@ -58,3 +58,34 @@ def test_readme_dynamic_guidance_example_chooses_among_its_candidates():
 def test_readme_guider_bridge_example_builds():
     example = readme_example("GuiderScale(apg)")
     assert type(example["policy"].scale.guider).__name__ == "AdaptiveProjectedGuidance"
+
+
+def test_readme_flowopt_example_edits_and_inverts(tmp_path, monkeypatch):
+    from guidance.shapes.assets import load_scorer, load_world
+
+    monkeypatch.chdir(tmp_path)  # the example saves blue.png
+    example = readme_example("pipe.edit(source, source_prompt")
+    pipe, edited, again = example["pipe"], example["edited"], example["again"]
+    world, scorer = load_world(), load_scorer()
+    pixels = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # noqa: E731
+    colour = lambda image: world.values["color"][int(scorer(pixels(image))["color"].argmax())]  # noqa: E731
+    assert colour(example["source"]) == "red" and colour(edited.images[0]) == "blue"
+    assert len(edited.iterates) == 5 and len(edited.residuals) == 5 and edited.nfe > 0
+    mse = ((pixels(again) - pixels(example["source"])) ** 2).mean() / 4  # images in [0, 1]
+    assert 10 * torch.log10(1 / mse) > 25  # the inverted noise regenerates the source
+    assert example["with_ag"].nfe < edited.nfe and colour(example["flowedit"].images[0]) == "blue"
+    assert pipe.__class__.__name__ == "GuidedStableDiffusion3Pipeline" and (tmp_path / "blue.png").is_file()
+
+
+def test_readme_batch_example_writes_a_run_that_resumes(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    example = readme_example("result = generate_batch(")
+    assert (example["result"].generated, example["result"].resumed) == (3, 0)
+    assert sorted(p.name for p in (tmp_path / "outputs" / "batch").glob("*.png")) == [
+        "00000.png",
+        "00001.png",
+        "00002.png",
+    ]
+    assert 20 < example["result"].nfe_per_image < 40  # AG: CFG until the predictions agree
+    again = readme_example("result = generate_batch(")["result"]
+    assert (again.generated, again.resumed) == (0, 3)

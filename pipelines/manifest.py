@@ -1,0 +1,187 @@
+"""Batch generation input: a prompts file (one per line) or a JSONL/CSV manifest whose rows may set `prompt`,
+`negative_prompt`, `seed`, `num_images` and a guidance method with its parameters (`guidance`, `guidance_scale`, ...:
+the names of `pipelines.policies.GUIDANCE_OPTIONS`). Rows become image jobs with fixed indices and seeds, so an image
+is the same whatever the batching, the number of processes or the resume point."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .policies import GUIDANCE_OPTIONS, check_option
+
+ROW_FIELDS = ("prompt", "negative_prompt", "seed", "num_images")
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One validated row: `row` counts the rows from 0, `line` is where it stands in its file (for messages)."""
+
+    row: int
+    line: int
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+    num_images: int | None = None
+    guidance: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclass(frozen=True)
+class ImageJob:
+    """One image of a run: `index` names its file; `image` counts the images of its row."""
+
+    index: int
+    row: int
+    image: int
+    prompt: str
+    negative_prompt: str | None
+    seed: int
+    guidance: tuple[tuple[str, Any], ...]
+
+    @property
+    def guidance_options(self) -> dict:
+        """The guidance options, lists as lists."""
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in self.guidance}
+
+    @property
+    def group(self) -> tuple:
+        """What images batched together must share: the guidance, and whether a negative prompt is given (diffusers
+        treats none and "" differently for SDXL)."""
+        return self.guidance, self.negative_prompt is None
+
+
+def frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """Guidance options as a hashable, ordered key (lists as tuples; unset ones left out)."""
+    return tuple(
+        sorted(
+            (key, tuple(value) if isinstance(value, list) else value)
+            for key, value in options.items()
+            if value is not None
+        )
+    )
+
+
+def _integer(value: Any, name: str, minimum: int | None = None) -> int:
+    if isinstance(value, str):
+        try:
+            value = int(value.strip())
+        except ValueError:
+            raise ValueError(f"`{name}` must be an integer, got {value!r}") from None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"`{name}` must be an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+    return value
+
+
+def _from_text(name: str, value: str) -> Any:
+    """A CSV cell as the kind of value its column takes."""
+    kind = GUIDANCE_OPTIONS.get(name, (None, "text"))[1]
+    try:
+        if kind == "number":
+            return float(value)
+        if kind == "numbers":
+            return [float(v) for v in value.split()]
+    except ValueError:
+        return value  # check_option names the field and the value
+    return value.split(";") if kind == "texts" else value
+
+
+def parse_row(values: Mapping[str, Any], row: int, line: int, where: str) -> ManifestRow:
+    """A row's fields checked; a ValueError naming the row, its line and the field otherwise."""
+    context = f"{where}: row {row} (line {line})"
+    unknown = [key for key in values if key not in ROW_FIELDS and key not in GUIDANCE_OPTIONS]
+    if unknown:
+        known = sorted(ROW_FIELDS) + sorted(GUIDANCE_OPTIONS)
+        raise ValueError(f"{context}: unknown field {unknown[0]!r}; a row may set {known}")
+    prompt = values.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{context}: `prompt` must be a non-empty string, got {prompt!r}")
+    negative = values.get("negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise ValueError(f"{context}: `negative_prompt` must be a string, got {negative!r}")
+    try:
+        seed = None if values.get("seed") is None else _integer(values["seed"], "seed")
+        num_images = None if values.get("num_images") is None else _integer(values["num_images"], "num_images", 1)
+        guidance = {key: check_option(key, value) for key, value in values.items() if key in GUIDANCE_OPTIONS}
+    except ValueError as error:
+        raise ValueError(f"{context}: {error}") from None
+    return ManifestRow(row, line, prompt, negative, seed, num_images, frozen(guidance))
+
+
+def read_manifest(path: str | Path) -> list[ManifestRow]:
+    """The rows of a `.jsonl` manifest (one JSON object per line), a `.csv` manifest (a header row naming the
+    fields; numbers lists space-separated, evaluators `;`-separated) or any other text file (one prompt per line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"manifest {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"manifest {str(path)!r} could not be read: {error}") from None
+    where = str(path)
+    rows: list[ManifestRow] = []
+    if path.suffix.lower() == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames:
+            raise ValueError(f"{where}: a CSV manifest needs a header row naming its fields, e.g. `prompt,seed`")
+        for record in reader:
+            values = {key: _from_text(key, value) for key, value in record.items() if value not in (None, "")}
+            if None in record:
+                raise ValueError(f"{where}: line {reader.line_num}: more cells than the header names")
+            rows.append(parse_row(values, len(rows), reader.line_num, where))
+    else:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            if path.suffix.lower() != ".jsonl":
+                rows.append(parse_row({"prompt": line.strip()}, len(rows), number, where))
+                continue
+            try:
+                values = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{where}: line {number} is not valid JSON ({error.msg})") from None
+            if not isinstance(values, dict):
+                raise ValueError(f"{where}: line {number} must be a JSON object, got {type(values).__name__}")
+            rows.append(parse_row(values, len(rows), number, where))
+    if not rows:
+        raise ValueError(f"manifest {where!r} holds no rows")
+    return rows
+
+
+def rows_from(items: Sequence[str | Mapping[str, Any]], where: str = "manifest") -> list[ManifestRow]:
+    """Rows from Python values: prompts, or mappings with the fields of a manifest row."""
+    if isinstance(items, (str, Mapping)) or not isinstance(items, Sequence) or not items:
+        raise TypeError(f"`manifest` must be a file path or a non-empty list of prompts or dicts, got {items!r}")
+    values = [{"prompt": item} if isinstance(item, str) else item for item in items]
+    if not all(isinstance(value, Mapping) for value in values):
+        raise TypeError("`manifest` items must be prompts (str) or dicts of row fields")
+    return [parse_row(value, row, row + 1, where) for row, value in enumerate(values)]
+
+
+def image_jobs(
+    rows: Sequence[ManifestRow],
+    seed: int,
+    guidance: Mapping[str, Any] | None = None,
+    negative_prompt: str | None = None,
+    num_images: int = 1,
+) -> list[ImageJob]:
+    """Every image of the run, in order. Image `j` of a row with a `seed` uses `seed + j`; otherwise image `k` of the
+    run uses the run's `seed + k`. A row's guidance options, negative prompt and number of images override the run's
+    (`guidance`, `negative_prompt`, `num_images`)."""
+    defaults = {key: check_option(key, value) for key, value in (guidance or {}).items()}
+    jobs = []
+    for row in rows:
+        options = frozen({**defaults, **dict(row.guidance)})
+        negative = negative_prompt if row.negative_prompt is None else row.negative_prompt
+        for image in range(num_images if row.num_images is None else row.num_images):
+            index = len(jobs)
+            image_seed = seed + index if row.seed is None else row.seed + image
+            jobs.append(ImageJob(index, row.row, image, row.prompt, negative, image_seed, options))
+    return jobs

@@ -1,0 +1,131 @@
+"""Guidance schedulers from plain options: what a command line, a manifest row or the demo names (a method and its
+parameters) turned into a policy. The options and their defaults are listed once, in `GUIDANCE_OPTIONS`."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from guidance import (
+    AdaptiveGuidance,
+    ClassifierFreeGuidance,
+    DynamicGuidance,
+    GuidanceScheduler,
+    LinearAdaptiveGuidance,
+    ScheduledGuidance,
+)
+
+from .loading import SHAPES_MODELS
+
+METHODS = ("cfg", "scheduled", "ag", "linear-ag", "dynamic", "none")
+# option -> (default, kind); kinds: "number", "numbers" (a list), "text", "texts" (a text or a list), or choices
+GUIDANCE_OPTIONS: dict[str, tuple[Any, Any]] = {
+    "guidance": ("cfg", METHODS),
+    "guidance_scale": (7.5, "number"),
+    "final_guidance_scale": (None, "number"),
+    "schedule": ("linear", ("constant", "linear", "cosine")),
+    "guidance_rescale": (0.0, "number"),
+    "guidance_start": (0.0, "number"),
+    "guidance_stop": (1.0, "number"),
+    "threshold": (0.995, "number"),
+    "compared": ("x0", ("x0", "prediction", "xt_minus_prediction")),
+    "candidates": (None, "numbers"),
+    "evaluator": (None, "texts"),
+    "weighting": ("adaptive", ("adaptive", "fixed")),
+    "lookahead": ("auto", ("auto", "x0", "next_latent")),
+    "coefficients": (None, "text"),
+}
+DEFAULT_CANDIDATES = [1.0, 3.0, 7.5, 11.0, 15.0]
+
+
+def check_option(name: str, value: Any) -> Any:
+    """`value` as the kind of guidance option `name` takes (ints become floats, one text a list for "texts"); a
+    ValueError naming the option otherwise."""
+    if name not in GUIDANCE_OPTIONS:
+        raise ValueError(f"unknown guidance parameter {name!r}; known: {sorted(GUIDANCE_OPTIONS)}")
+    default, kind = GUIDANCE_OPTIONS[name]
+    if value is None:
+        return None
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    if kind == "number" and number(value):
+        return float(value)
+    if kind == "numbers" and isinstance(value, list) and value and all(number(v) for v in value):
+        return [float(v) for v in value]
+    if kind == "text" and isinstance(value, str):
+        return value
+    if kind == "texts" and (
+        isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    ):
+        return [value] if isinstance(value, str) else list(value)
+    if isinstance(kind, tuple) and value in kind:
+        return value
+    expected = {"number": "a number", "numbers": "a non-empty list of numbers", "text": "a string",
+                "texts": "a string or a list of strings"}.get(kind, f"one of {list(kind)}")  # fmt: skip
+    raise ValueError(f"`{name}` must be {expected}, got {value!r}")
+
+
+def shipped_coefficients(model: str | None, num_inference_steps: int | None) -> str | None:
+    """The LinearAG coefficients shipped for a shapes-world model at this step count, if there are some."""
+    from guidance.shapes.assets import ASSETS
+
+    folder = ASSETS / "linear-ag" / f"{SHAPES_MODELS.get(model)}-{num_inference_steps}"
+    return str(folder) if model in SHAPES_MODELS and folder.is_dir() else None
+
+
+def default_evaluators(model: str | None) -> list[str]:
+    """The latent heads shipped for shapes:sd (fast: no decode), else the shapes-world CLIP."""
+    from guidance.shapes.assets import ASSETS
+
+    if model != "shapes:sd":
+        return ["clip"]
+    heads = [ASSETS / f"shapes-sd-latent-{kind}" for kind in ("clip", "fidelity")]
+    missing = [str(head) for head in heads if not (head / "config.json").is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"the latent heads shipped for shapes:sd are missing ({missing}): rebuild them with "
+            "`guided-train-evaluator latent`, or name evaluators with `--evaluator`"
+        )
+    return [str(head) for head in heads]
+
+
+def policy_from_options(
+    options: Mapping[str, Any], model: str | None = None, num_inference_steps: int | None = None
+) -> GuidanceScheduler:
+    """The guidance scheduler that `options` (names of `GUIDANCE_OPTIONS`; missing ones take their defaults) name;
+    `model` and `num_inference_steps` pick the shipped LinearAG coefficients and dynamic evaluators."""
+
+    def get(name: str) -> Any:
+        value = options.get(name)
+        return GUIDANCE_OPTIONS[name][0] if value is None else value
+
+    method = get("guidance")
+    common = dict(guidance_rescale=get("guidance_rescale"), start=get("guidance_start"), stop=get("guidance_stop"))
+    if method == "none":
+        return ClassifierFreeGuidance(guidance_scale=1.0)
+    if method == "ag":
+        return AdaptiveGuidance(get("guidance_scale"), threshold=get("threshold"), compared=get("compared"), **common)
+    if method == "linear-ag":
+        coefficients = get("coefficients") or shipped_coefficients(model, num_inference_steps)
+        if not coefficients:
+            raise ValueError(
+                "`--guidance linear-ag` needs `--coefficients FOLDER` (written by the calibration command; "
+                "shipped in assets/linear-ag for shapes:sd and shapes:sd3 at 20 steps)"
+            )
+        return LinearAdaptiveGuidance.from_pretrained(coefficients, guidance_scale=get("guidance_scale"), **common)
+    if method == "dynamic":
+        from guidance.evaluators.load import load_evaluator
+
+        return DynamicGuidance(
+            candidates=get("candidates") or DEFAULT_CANDIDATES,
+            evaluators=[load_evaluator(spec) for spec in get("evaluator") or default_evaluators(model)],
+            weighting=get("weighting"),
+            lookahead=get("lookahead"),
+            **common,
+        )
+    if method == "scheduled":
+        return ScheduledGuidance(
+            get("guidance_scale"), final_guidance_scale=get("final_guidance_scale"), schedule=get("schedule"), **common
+        )
+    if method != "cfg":
+        raise ValueError(f"`guidance` must be one of {list(METHODS)}, got {method!r}")
+    return ClassifierFreeGuidance(guidance_scale=get("guidance_scale"), **common)
