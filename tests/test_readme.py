@@ -64,7 +64,7 @@ def test_readme_flowopt_example_edits_and_inverts(tmp_path, monkeypatch):
     from guidance.shapes.assets import load_scorer, load_world
 
     monkeypatch.chdir(tmp_path)  # the example saves blue.png
-    example = readme_example("pipe.edit(source, source_prompt")
+    example = readme_example("edited = pipe.edit(")
     pipe, edited, again = example["pipe"], example["edited"], example["again"]
     world, scorer = load_world(), load_scorer()
     pixels = lambda image: torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)[None]  # noqa: E731
