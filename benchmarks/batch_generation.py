@@ -116,7 +116,7 @@ def scaling(args, prompts, scratch: Path) -> list[dict]:
         environment_ = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         launcher = [sys.executable, "-m", "pipelines.commands.generate"]
         if processes > 1:
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
+            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                         str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                         "-m", "pipelines.commands.generate"]  # fmt: skip
         out = scratch / f"processes-{processes}"
@@ -157,7 +157,7 @@ def main() -> None:
         "--scaling-images", type=int, default=256, help="images of each whole run timed for the process scaling"
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8], help="images per pipeline call")
-    parser.add_argument("--rounds", type=int, default=3, help="alternated timed rounds")
+    parser.add_argument("--rounds", type=int, default=10, help="alternated timed rounds")
     parser.add_argument(
         "--processes", type=int, nargs="*", default=[1, 2], help="CPU scaling: process counts (none: skip it)"
     )

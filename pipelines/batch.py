@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -54,8 +55,16 @@ class BatchResult:
         return self.generated / self.seconds if self.seconds > 0 else 0.0
 
 
+IMAGE_NAME = re.compile(r"\d{5,}\.png")
+
+
 def image_name(index: int) -> str:
     return f"{index:05d}.png"
+
+
+def run_images(folder: Path) -> list[Path]:
+    """The images a run wrote to `folder` (00000.png, ..., 100000.png, ...)."""
+    return [path for path in folder.glob("*.png") if IMAGE_NAME.fullmatch(path.name)]
 
 
 def read_lines(path: Path) -> list[dict]:
@@ -92,7 +101,7 @@ def check_folder(folder: Path, config: dict, overwrite: bool) -> None:
                 f"`output_dir` {str(folder)!r} holds another run ({described}): use `--overwrite` (overwrite=True) "
                 "to start over, or another folder"
             )
-    elif any(folder.glob("[0-9][0-9][0-9][0-9][0-9].png")):
+    elif run_images(folder):
         raise ValueError(
             f"`output_dir` {str(folder)!r} holds images but no {RUN_FILE} (not a guided-generate run): use "
             "`--overwrite` (overwrite=True) to start over, or another folder"
@@ -100,9 +109,10 @@ def check_folder(folder: Path, config: dict, overwrite: bool) -> None:
 
 
 def clear_run(folder: Path) -> None:
-    """Remove what a run wrote (and nothing else)."""
-    patterns = ("[0-9][0-9][0-9][0-9][0-9].png", f"*{TEMPORARY_SUFFIX}", PART_GLOB, RESULTS_FILE, RUN_FILE)
-    for pattern in patterns:
+    """Remove the files a run writes (numbered PNGs, temporary files, results files, run.json), nothing else."""
+    for path in run_images(folder):
+        path.unlink()
+    for pattern in (f"*{TEMPORARY_SUFFIX}", PART_GLOB, RESULTS_FILE, RUN_FILE):
         for path in folder.glob(pattern):
             path.unlink()
 
@@ -126,6 +136,12 @@ def merge_results(folder: Path, count: int) -> list[dict]:
     for path in folder.glob(PART_GLOB):
         path.unlink()
     return ordered
+
+
+def manifest_hash(rows: Sequence[ManifestRow]) -> str:
+    """What the images depend on in the rows (not where they stand in the file)."""
+    content = [{k: v for k, v in asdict(row).items() if k not in ("line", "source")} for row in rows]
+    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
 
 def compile_denoiser(pipe) -> None:
@@ -209,7 +225,7 @@ class _Generator:
                 chunk = group[position : position + batch_size]
                 try:
                     result, seconds = self.generate(chunk)
-                except torch.OutOfMemoryError as error:
+                except torch.cuda.OutOfMemoryError as error:  # torch.OutOfMemoryError
                     if len(chunk) == 1:
                         raise RuntimeError(
                             "out of memory at batch size 1: use a smaller `--height`/`--width`, `--dtype float16`, "
@@ -290,8 +306,14 @@ def generate_batch(
             raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"`seed` must be an integer, got {seed!r}")
+    if pipe is not None and not model:
+        raise ValueError(
+            "`model` must name the pipeline given as `pipe` (it is recorded in run.json and every image, and picks "
+            "the shipped LinearAG coefficients and evaluators of shapes:sd/shapes:sd3)"
+        )
     model = model or DEFAULT_MODEL
-    state = PartialState()
+    # on CPUs, processes started by a launcher (accelerate launch --multi_gpu, torchrun) join with gloo
+    state = PartialState(cpu=str(device or "").startswith("cpu") or not torch.cuda.is_available())
     started = time.perf_counter()
     folder = Path(output_dir)
     rows = _rows(manifest)
@@ -302,7 +324,9 @@ def generate_batch(
             try:
                 policies[job.guidance] = policy_from_options(job.guidance_options, model, num_inference_steps)
             except (ValueError, TypeError, FileNotFoundError) as error:
-                raise type(error)(f"the guidance of manifest row {job.row}: {error}") from None
+                row = rows[job.row]
+                where = f"{row.where}: its guidance" if row.guidance else "the run's guidance options"
+                raise type(error)(f"{where}: {error}") from None
     if pipe is None:
         device = device or str(state.device)
         pipe, family = load_pipeline(model, getattr(torch, dtype), device, scheduler)
@@ -321,7 +345,7 @@ def generate_batch(
         "guidance": dict(sorted((guidance or {}).items())),
         "negative_prompt": negative_prompt,
         "num_images_per_prompt": num_images_per_prompt,
-        "manifest": hashlib.sha256(json.dumps([asdict(row) for row in rows]).encode()).hexdigest(),
+        "manifest": manifest_hash(rows),
         "images": len(jobs),
     }
     check_folder(folder, settings, overwrite)
@@ -334,7 +358,13 @@ def generate_batch(
         write_atomically(folder / RUN_FILE, json.dumps(settings, indent=1))
         merge_results(folder, len(jobs))
     state.wait_for_everyone()
-    done = {record["index"] for record in read_lines(folder / RESULTS_FILE)}
+    # the main process says what is done, so that every process splits the same list
+    done = [sorted(record["index"] for record in read_lines(folder / RESULTS_FILE)) if state.is_main_process else None]
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(done, from_process=0)
+    done = set(done[0])
     pending = [job for job in jobs if job.index not in done]
     if compile:
         compile_denoiser(pipe)
@@ -366,5 +396,11 @@ def generate_batch(
     bar.close()
     state.wait_for_everyone()
     records = read_lines(folder / RESULTS_FILE)
+    missing = sorted(set(range(len(jobs))) - {record["index"] for record in records})
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} images of the run are missing after it ({[image_name(i) for i in missing[:5]]}...): "
+            "run the same command again to generate them"
+        )
     nfe = sum(record["nfe"] for record in records) / max(len(records), 1)
     return BatchResult(folder, len(jobs), len(pending), len(done), nfe, time.perf_counter() - started)

@@ -16,6 +16,17 @@ from PIL.PngImagePlugin import PngInfo
 TEMPORARY_SUFFIX = ".partial"
 
 
+def cfg_scale(record: dict) -> float:
+    """The scale to show: the constant one, else (scheduled, dynamic) the mean scale this image got."""
+    method = record["guidance"].get("guidance", "cfg")
+    if method == "none":
+        return 1.0
+    if method in ("cfg", "ag", "linear-ag") and "guidance_scale" in record["guidance"]:
+        return record["guidance"]["guidance_scale"]
+    applied = [scale for scale in record["scales"] if scale != 1.0] or [1.0]
+    return round(sum(applied) / len(applied), 2)
+
+
 def parameters_text(record: dict) -> str:
     """The widely used "parameters" text: prompt, negative prompt, then `key: value` pairs."""
     lines = [record["prompt"]]
@@ -25,7 +36,7 @@ def parameters_text(record: dict) -> str:
     pairs = {
         "Steps": record["num_inference_steps"],
         "Sampler": record["scheduler"],
-        "CFG scale": 1.0 if guidance.get("guidance") == "none" else guidance.get("guidance_scale", 7.5),
+        "CFG scale": cfg_scale(record),
         "Seed": record["seed"],
         "Size": f"{record['width']}x{record['height']}",
         "Model": record["model"],

@@ -6,13 +6,14 @@ is the same whatever the batching, the number of processes or the resume point."
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .policies import GUIDANCE_OPTIONS, check_option
+from .policies import GUIDANCE_OPTIONS, METHOD_OPTIONS, check_option
 
 ROW_FIELDS = ("prompt", "negative_prompt", "seed", "num_images")
 
@@ -28,6 +29,11 @@ class ManifestRow:
     seed: int | None = None
     num_images: int | None = None
     guidance: tuple[tuple[str, Any], ...] = ()
+    source: str = "manifest"
+
+    @property
+    def where(self) -> str:
+        return f"{self.source}: row {self.row} (line {self.line})"
 
 
 @dataclass(frozen=True)
@@ -112,35 +118,44 @@ def parse_row(values: Mapping[str, Any], row: int, line: int, where: str) -> Man
         guidance = {key: check_option(key, value) for key, value in values.items() if key in GUIDANCE_OPTIONS}
     except ValueError as error:
         raise ValueError(f"{context}: {error}") from None
-    return ManifestRow(row, line, prompt, negative, seed, num_images, frozen(guidance))
+    return ManifestRow(row, line, prompt, negative, seed, num_images, frozen(guidance), where)
+
+
+MANIFEST_SUFFIXES = (".jsonl", ".csv", ".txt")
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
     """The rows of a `.jsonl` manifest (one JSON object per line), a `.csv` manifest (a header row naming the
-    fields; numbers lists space-separated, evaluators `;`-separated) or any other text file (one prompt per line)."""
+    fields; numbers lists space-separated, evaluators `;`-separated) or a `.txt` file (one prompt per line)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in MANIFEST_SUFFIXES:
+        raise ValueError(
+            f"manifest {str(path)!r}: the name must end in .jsonl (one JSON object per line), .csv (a header row) or "
+            f".txt (one prompt per line), got {suffix or 'no suffix'!r}"
+        )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheet exports) is dropped
     except (OSError, UnicodeDecodeError) as error:
         raise ValueError(f"manifest {str(path)!r} could not be read: {error}") from None
     where = str(path)
     rows: list[ManifestRow] = []
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(text.splitlines())
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         if not reader.fieldnames:
             raise ValueError(f"{where}: a CSV manifest needs a header row naming its fields, e.g. `prompt,seed`")
         for record in reader:
-            values = {key: _from_text(key, value) for key, value in record.items() if value not in (None, "")}
             if None in record:
                 raise ValueError(f"{where}: line {reader.line_num}: more cells than the header names")
+            values = {key: _from_text(key, value) for key, value in record.items() if value not in (None, "")}
             rows.append(parse_row(values, len(rows), reader.line_num, where))
     else:
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
             if not line.strip():
                 continue
-            if path.suffix.lower() != ".jsonl":
+            if suffix == ".txt":
                 rows.append(parse_row({"prompt": line.strip()}, len(rows), number, where))
                 continue
             try:
@@ -178,7 +193,15 @@ def image_jobs(
     defaults = {key: check_option(key, value) for key, value in (guidance or {}).items()}
     jobs = []
     for row in rows:
-        options = frozen({**defaults, **dict(row.guidance)})
+        merged = {**defaults, **dict(row.guidance)}
+        method = merged.get("guidance", GUIDANCE_OPTIONS["guidance"][0])
+        unused = [key for key, _ in row.guidance if key != "guidance" and key not in METHOD_OPTIONS[method]]
+        if unused:
+            raise ValueError(
+                f"{row.where}: `{unused[0]}` is not an option of guidance {method!r}, which takes "
+                f"{list(METHOD_OPTIONS[method])}"
+            )
+        options = frozen(merged)
         negative = negative_prompt if row.negative_prompt is None else row.negative_prompt
         for image in range(num_images if row.num_images is None else row.num_images):
             index = len(jobs)

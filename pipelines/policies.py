@@ -36,6 +36,16 @@ GUIDANCE_OPTIONS: dict[str, tuple[Any, Any]] = {
     "coefficients": (None, "text"),
 }
 DEFAULT_CANDIDATES = [1.0, 3.0, 7.5, 11.0, 15.0]
+_INTERVAL = ("guidance_rescale", "guidance_start", "guidance_stop")
+# the options each method reads (besides `guidance`)
+METHOD_OPTIONS = {
+    "cfg": ("guidance_scale", *_INTERVAL),
+    "scheduled": ("guidance_scale", "final_guidance_scale", "schedule", *_INTERVAL),
+    "ag": ("guidance_scale", "threshold", "compared", *_INTERVAL),
+    "linear-ag": ("guidance_scale", "coefficients", *_INTERVAL),
+    "dynamic": ("candidates", "evaluator", "weighting", "lookahead", *_INTERVAL),
+    "none": (),
+}
 
 
 def check_option(name: str, value: Any) -> Any:

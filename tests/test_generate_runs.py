@@ -84,7 +84,7 @@ def test_two_processes_split_a_run_and_resume_one(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     expected = reference(tmp_path, prompts)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "-m", "pipelines.commands.generate"]  # fmt: skip
     out = tmp_path / "two"
@@ -94,14 +94,19 @@ def test_two_processes_split_a_run_and_resume_one(tmp_path):
     assert run.stdout.count("wrote 12 images") == 1  # the main process reports for both
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     assert [r["index"] for r in records] == list(range(12)) and not list(out.glob("results-*.jsonl"))
+    assert sorted(r["process"] for r in records) == [0] * 6 + [1] * 6  # each image made once, half by each
     assert same_images(pixels(out), pixels(expected))
     # a single-process run, three images lost, finished by two processes
     resumed = tmp_path / "resumed"
     shutil.copytree(expected, resumed)
     for index in (1, 6, 11):
         (resumed / f"{index:05d}.png").unlink()
+    kept = {path.name: path.stat().st_mtime_ns for path in resumed.glob("*.png")}
     run = subprocess.run([*launch, *command(prompts, resumed, "--batch-size", "12")], env=environment(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert run.returncode == 0, run.stderr[-3000:]
     assert "wrote 3 images" in run.stdout and "(9 already there" in run.stdout
     assert indices(resumed) == list(range(12)) and same_images(pixels(resumed), pixels(expected))
+    assert {name: (resumed / name).stat().st_mtime_ns for name in kept} == kept
+    records = [json.loads(line) for line in (resumed / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["process"] for r in records if r["index"] in (1, 6, 11)) == [0, 0, 1]  # 3 split as 2 + 1

@@ -1,7 +1,8 @@
 """Command line: generate images from prompts or a manifest with a guided pipeline and a chosen guidance method.
 
 `guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.commands.generate`); on several
-devices `accelerate launch --num_processes N -m pipelines.commands.generate ...`. Wraps `pipelines.generate_batch`.
+devices `accelerate launch --multi_gpu --num_processes N -m pipelines.commands.generate ...`. Wraps
+`pipelines.generate_batch`.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="guided-generate",
         description="Generate images with a guided diffusers pipeline into a folder that a rerun resumes; prints "
-        "where the images went and the NFEs. Several devices: accelerate launch --num_processes N -m "
+        "where the images went and the NFEs. Several devices: accelerate launch --multi_gpu --num_processes N -m "
         "pipelines.commands.generate ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )

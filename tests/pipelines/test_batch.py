@@ -112,8 +112,9 @@ def test_another_run_into_the_same_folder_is_refused_unless_overwritten(pipe, tm
         ({"num_inference_steps": 2.5}, ValueError, r"`num_inference_steps` must be an integer >= 1, got 2.5"),
         ({"seed": "1"}, ValueError, r"`seed` must be an integer, got '1'"),
         ({"dtype": "float64"}, ValueError, r"`dtype` must be one of \['float32', 'float16', 'bfloat16'\]"),
-        ({"guidance": {"guidance": "linear-ag"}}, ValueError, r"guidance of manifest row 0: `--guidance linear-ag`"),
-        ({"guidance": {"threshold": 2.0, "guidance": "ag"}}, ValueError, r"row 0: `threshold` must be a number in"),
+        ({"guidance": {"guidance": "linear-ag"}}, ValueError, r"the run's guidance options: `--guidance linear-ag`"),
+        ({"guidance": {"threshold": 2.0, "guidance": "ag"}}, ValueError, r"options: `threshold` must be a number in"),
+        ({"model": None}, ValueError, r"`model` must name the pipeline given as `pipe`"),
         ({"guidance": {"sampler": "x"}}, ValueError, r"unknown guidance parameter 'sampler'"),
     ],
 )
@@ -165,3 +166,20 @@ def test_compile_wraps_the_denoiser():
     compile_denoiser(pipe)
     assert type(pipe.unet).__name__ == "OptimizedModule"
     assert pipe.unet.config.sample_size == pipe.unet._orig_mod.config.sample_size
+
+
+def test_row_guidance_errors_name_the_row(pipe, tmp_path):
+    rows = ["a", {"prompt": "b", "guidance": "ag", "threshold": 2.0}]
+    with pytest.raises(ValueError, match=r"manifest: row 1 \(line 2\): its guidance: `threshold` must be a number in"):
+        generate_batch(rows, tmp_path, pipe=pipe, **TINY)
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\): `threshold` is not an option of guidance 'cfg', which"):
+        generate_batch([{"prompt": "b", "threshold": 0.9}], tmp_path, pipe=pipe, **TINY)
+
+
+def test_runs_past_99999_images_are_still_recognised(pipe, tmp_path):
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "100000.png")
+    with pytest.raises(ValueError, match="holds images but no run.json"):
+        generate_batch(["a red circle"], tmp_path, pipe=pipe, **TINY)
+    (tmp_path / "notes.png").write_bytes(b"mine")
+    generate_batch(["a red circle"], tmp_path, pipe=pipe, overwrite=True, **TINY)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["00000.png", "notes.png"]

@@ -43,6 +43,11 @@ def test_csv_and_prompt_files(tmp_path):
     (row,) = read_manifest(csv)
     assert (row.prompt, row.seed, row.num_images) == ("a red circle", 3, 2)
     assert dict(row.guidance) == {"candidates": (1.0, 7.5), "guidance_scale": 4.5}
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("\ufeffprompt,seed\r\na red circle,4\r\n".encode())
+    assert [(r.prompt, r.seed) for r in read_manifest(excel)] == [("a red circle", 4)]
+    separators = write(tmp_path / "s.jsonl", [json.dumps({"prompt": "a\u2028b\x85c"}, ensure_ascii=False)])
+    assert read_manifest(separators)[0].prompt == "a\u2028b\x85c"
     text = write(tmp_path / "prompts.txt", ["one", "  ", "two"])
     assert [(r.prompt, r.line) for r in read_manifest(text)] == [("one", 1), ("two", 3)]
     assert [r.prompt for r in rows_from(["x", {"prompt": "y", "seed": 2}])] == ["x", "y"]
@@ -75,7 +80,19 @@ def test_bad_rows_name_the_row_and_the_field(tmp_path, lines, message):
         read_manifest(write(tmp_path / "m.jsonl", lines))
 
 
+def test_a_row_option_its_method_does_not_read_is_refused(tmp_path):
+    rows = rows_from([{"prompt": "a", "guidance": "dynamic", "threshold": 0.9}])
+    with pytest.raises(ValueError, match=r"`threshold` is not an option of guidance 'dynamic', which takes"):
+        image_jobs(rows, seed=0)
+    rows = rows_from([{"prompt": "a", "threshold": 0.9}])
+    assert image_jobs(rows, seed=0, guidance={"guidance": "ag"})[0].guidance_options["threshold"] == 0.9
+    with pytest.raises(ValueError, match=r"row 0 \(line 1\): `threshold` is not an option of guidance 'cfg'"):
+        image_jobs(rows, seed=0)
+
+
 def test_bad_files_and_values(tmp_path):
+    with pytest.raises(ValueError, match=r"the name must end in .jsonl .*, .csv .* or .txt .*, got '.json'"):
+        read_manifest(write(tmp_path / "rows.json", ['{"prompt": "a"}']))
     with pytest.raises(ValueError, match="manifest '/no/such.jsonl' does not exist"):
         read_manifest("/no/such.jsonl")
     with pytest.raises(ValueError, match="line 2: more cells than the header names"):
