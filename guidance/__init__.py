@@ -13,6 +13,7 @@ from .diffusers_guider import GuiderScale
 from .dynamic import DynamicGuidance, DynamicScale
 from .flowopt import FlowOptConfig, FlowOptResult
 from .linear_ag import LinearAdaptiveGuidance, LinearAGSkip
+from .npo import NegativeAdapter, load_npo_adapter
 from .scales import ConstantScale, GuidanceScale, ScheduledScale
 from .scheduled import ScheduledGuidance
 from .scheduler import (
@@ -50,10 +51,12 @@ __all__ = [
     "GuiderScale",
     "LinearAGSkip",
     "LinearAdaptiveGuidance",
+    "NegativeAdapter",
     "ScheduledGuidance",
     "ScheduledScale",
     "SeparateModel",
     "SwitchedModel",
     "UnconditionalModel",
     "UnconditionalSkip",
+    "load_npo_adapter",
 ]

@@ -25,6 +25,12 @@ class UnconditionalModel:
         """Entered around the unconditional forward pass; must leave the model as it found it on exit."""
         return contextlib.nullcontext()
 
+    def rows_context(self, denoiser: torch.nn.Module, branches: list[str]) -> ContextManager:
+        """Entered around a forward pass shared by several branches (`shares_pass`); `branches[i]` names the branch
+        of batch row i ("uncond", "cond"). A model that treats rows differently in one pass (an adapter applied to
+        the unconditional rows only) hooks in here; must leave the model as it found it on exit."""
+        return contextlib.nullcontext()
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 

@@ -24,6 +24,8 @@ import torch
 from diffusers.utils import logging
 from tqdm.auto import tqdm
 
+from guidance.npo import NegativeAdapter, load_npo_adapter
+
 from .image_files import TEMPORARY_SUFFIX, read_record, write_png
 from .manifest import ImageJob, ManifestRow, image_jobs, read_manifest, rows_from
 from .policies import policy_from_options
@@ -264,6 +266,7 @@ def generate_batch(
     negative_prompt: str | None = None,
     num_images_per_prompt: int = 1,
     max_sequence_length: int | None = None,
+    npo: str | Path | None = None,
     batch_size: int = 8,
     overwrite: bool = False,
     compile: bool = False,
@@ -285,6 +288,8 @@ def generate_batch(
         guidance: the default guidance options (`pipelines.policies.GUIDANCE_OPTIONS`: `guidance`, `guidance_scale`,
             ...); a row's own override them.
         negative_prompt, num_images_per_prompt: the defaults of rows that set no `negative_prompt`, `num_images`.
+        npo: a Self-NPO (or Diffusion-NPO) LoRA folder: loaded into the denoiser and used for the unconditional
+            rows of every policy (`guidance.npo.NegativeAdapter`).
         batch_size: images per pipeline call (images with the same guidance are batched); halved on out-of-memory.
         overwrite: remove what a previous run wrote to `output_dir` first.
         compile: `torch.compile` the denoiser.
@@ -318,11 +323,16 @@ def generate_batch(
     folder = Path(output_dir)
     rows = _rows(manifest)
     jobs = image_jobs(rows, seed, guidance, negative_prompt, num_images_per_prompt)
+    if npo is not None and not (Path(npo).is_dir() and any(Path(npo).glob("*.safetensors"))):
+        raise ValueError(f"`npo` must be a folder holding a LoRA .safetensors file, got {str(npo)!r}")
+    unconditional = NegativeAdapter("npo") if npo is not None else None
     policies = {}
     for job in jobs:
         if job.guidance not in policies:
             try:
-                policies[job.guidance] = policy_from_options(job.guidance_options, model, num_inference_steps)
+                policies[job.guidance] = policy_from_options(
+                    job.guidance_options, model, num_inference_steps, unconditional
+                )
             except (ValueError, TypeError, FileNotFoundError) as error:
                 row = rows[job.row]
                 where = f"{row.where}: its guidance" if row.guidance else "the run's guidance options"
@@ -332,6 +342,8 @@ def generate_batch(
         pipe, family = load_pipeline(model, getattr(torch, dtype), device, scheduler)
     else:
         family = FAMILY_OF_CLASS.get(type(pipe).__name__.removeprefix("Guided"), "")
+    if npo is not None:
+        load_npo_adapter(pipe, npo)
     extra = call_defaults(model, family, max_sequence_length)
     settings = {
         "model": model,
@@ -345,6 +357,7 @@ def generate_batch(
         "guidance": dict(sorted((guidance or {}).items())),
         "negative_prompt": negative_prompt,
         "num_images_per_prompt": num_images_per_prompt,
+        "npo": None if npo is None else str(npo),
         "manifest": manifest_hash(rows),
         "images": len(jobs),
     }

@@ -14,6 +14,7 @@ from guidance import (
     LinearAdaptiveGuidance,
     ScheduledGuidance,
 )
+from guidance.unconditional import UnconditionalModel
 
 from .loading import SHAPES_MODELS
 
@@ -99,17 +100,26 @@ def default_evaluators(model: str | None) -> list[str]:
 
 
 def policy_from_options(
-    options: Mapping[str, Any], model: str | None = None, num_inference_steps: int | None = None
+    options: Mapping[str, Any],
+    model: str | None = None,
+    num_inference_steps: int | None = None,
+    unconditional: UnconditionalModel | None = None,
 ) -> GuidanceScheduler:
     """The guidance scheduler that `options` (names of `GUIDANCE_OPTIONS`; missing ones take their defaults) name;
-    `model` and `num_inference_steps` pick the shipped LinearAG coefficients and dynamic evaluators."""
+    `model` and `num_inference_steps` pick the shipped LinearAG coefficients and dynamic evaluators; `unconditional`
+    the model of the unconditional branch (e.g. Self-NPO's `NegativeAdapter`)."""
 
     def get(name: str) -> Any:
         value = options.get(name)
         return GUIDANCE_OPTIONS[name][0] if value is None else value
 
     method = get("guidance")
-    common = dict(guidance_rescale=get("guidance_rescale"), start=get("guidance_start"), stop=get("guidance_stop"))
+    common = dict(
+        guidance_rescale=get("guidance_rescale"),
+        start=get("guidance_start"),
+        stop=get("guidance_stop"),
+        unconditional=unconditional,
+    )
     if method == "none":
         return ClassifierFreeGuidance(guidance_scale=1.0)
     if method == "ag":

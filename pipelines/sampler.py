@@ -16,7 +16,6 @@ diffusers' `_interrupt`/`_current_timestep`/`_num_timesteps` are per thread.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import inspect
@@ -394,9 +393,10 @@ class GuidedPipelineMixin(FlowEditingMixin):
             module = model.denoiser(denoiser) if separate else denoiser
             inputs = conditioning.rows(names, rows)
             model_input = concat_rows([take_rows(latents, rows[name]) for name in names])
-            with model.context(module) if separate else contextlib.nullcontext():
-                output = self._predict(module, scheduler, model_input, t, inputs, conditioning.shared)
             sizes = [batch_size if rows[name] is None else len(rows[name]) for name in names]
+            branches = [name for name, size in zip(names, sizes, strict=True) for _ in range(size)]
+            with model.context(module) if separate else model.rows_context(module, branches):
+                output = self._predict(module, scheduler, model_input, t, inputs, conditioning.shared)
             chunks = output.split(sizes) if len(names) > 1 else (output,)
             for name, chunk in zip(names, chunks, strict=True):
                 predictions[name] = scatter_rows(chunk, rows[name], batch_size)

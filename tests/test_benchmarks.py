@@ -50,6 +50,7 @@ SMOKE = {
     "dynamic_guidance": (["--seeds", "1", "--captions", "1", "--steps", "2", "--repeats", "1"], "dynamic-guidance"),
     "flowopt_editing": (["--scenes", "1", "--inversion-iterations", "1", "--attributes", "color"], "flowopt-editing"),
     "batch_generation": (["--images", "4", "--steps", "2", "--rounds", "1", "--processes"], "batch-generation"),
+    "self_npo": (["--captions", "2", "--seeds", "1", "--steps", "2", "--repeats", "1"], "self-npo"),
 }
 
 

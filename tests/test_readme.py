@@ -89,3 +89,11 @@ def test_readme_batch_example_writes_a_run_that_resumes(tmp_path, monkeypatch):
     assert 20 < example["result"].nfe_per_image < 40  # AG: CFG until the predictions agree
     again = readme_example("result = generate_batch(")["result"]
     assert (again.generated, again.resumed) == (0, 3)
+
+
+def test_readme_npo_example_uses_the_shipped_adapter():
+    from guidance.npo import lora_layers
+
+    example = readme_example("npo = load_npo_adapter(pipe")
+    assert example["out"].trace.nfe == 100 and example["with_ag"].trace.nfe < 100  # 50 steps, diffusers default
+    assert all(layer._active_adapter == [] for layer in lora_layers(example["pipe"].unet))  # kept off

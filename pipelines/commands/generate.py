@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="start over: remove what an earlier run wrote to --output-dir"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the denoiser")
+    parser.add_argument(
+        "--npo",
+        default=None,
+        help="a Self-NPO LoRA folder (guided-train-npo; the Diffusion-NPO releases load too): the negative-preference "
+        "adapter computes the unconditional branch of every guidance method, in the conditional pass",
+    )
     add_model_arguments(parser, DEFAULT_MODEL, accelerate=True)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -93,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             negative_prompt=args.negative_prompt,
             num_images_per_prompt=args.num_images_per_prompt,
             max_sequence_length=args.max_sequence_length,
+            npo=args.npo,
             batch_size=args.batch_size,
             overwrite=args.overwrite,
             compile=args.compile,

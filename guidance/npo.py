@@ -1,0 +1,137 @@
+"""Self-NPO's negative-preference model in CFG's unconditional branch (Self-NPO, arXiv 2505.11777; Diffusion-NPO,
+ICLR 2025), without a second copy of the model: `eps = eps_neg(x_t) + w (eps(x_t, c) - eps_neg(x_t))`.
+
+The negative weights are `theta_neg = theta + alpha * eta + beta * delta` (the Diffusion-NPO formula): `eta` is the
+NPO offset, a LoRA adapter loaded into the denoiser (`pipe.load_lora_weights(folder, adapter_name="npo")`), and
+`delta` an optional fine-tune offset, another LoRA adapter that the conditional rows use at its active weight. The
+conditional and the unconditional rows run in ONE batched forward pass: a forward hook on every LoRA layer adds
+`alpha * B(A(x))` (and `(beta - 1) * delta`'s) to the unconditional rows only, so NPO costs about what CFG costs. The
+adapter is taken out of the active adapters while the pass runs (the conditional rows never see it) and put back on
+exit; hooks are removed on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .unconditional import UnconditionalModel
+
+
+def lora_layers(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft LoRA layers of a denoiser."""
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in denoiser.modules() if isinstance(module, LoraLayer)]
+
+
+def lora_output(layer: torch.nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
+    """`B(A(x)) * scaling` of one adapter of a LoRA layer (Linear or Conv)."""
+    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
+    return lora_b(lora_a(layer.lora_dropout[adapter](x.to(lora_a.weight.dtype)))) * layer.scaling[adapter]
+
+
+class NegativeAdapter(UnconditionalModel):
+    """The unconditional rows computed by `theta + alpha * eta + beta * delta`, in the conditional rows' pass.
+
+    Args:
+        adapter_name: the LoRA adapter holding the NPO offset `eta` ("npo").
+        alpha: its weight (the public code fixes 1).
+        delta_adapter: a fine-tune's LoRA adapter, active for the conditional rows (None: none).
+        beta: its weight in the negative model (1: as the conditional rows; the public code uses `1 - merge_weight`).
+    """
+
+    shares_pass = True
+
+    def __init__(self, adapter_name: str = "npo", alpha: float = 1.0, delta_adapter: str | None = None, beta=1.0):
+        if not isinstance(adapter_name, str) or not adapter_name:
+            raise TypeError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}")
+        for name, value in (("alpha", alpha), ("beta", beta)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"`{name}` must be a number, got {value!r}")
+        if delta_adapter is not None and (not isinstance(delta_adapter, str) or delta_adapter == adapter_name):
+            raise ValueError(f"`delta_adapter` must be another adapter's name or None, got {delta_adapter!r}")
+        self.adapter_name, self.alpha, self.delta_adapter, self.beta = adapter_name, float(alpha), delta_adapter, beta
+
+    def _terms(self) -> list[tuple[str, float]]:
+        terms = [(self.adapter_name, self.alpha)]
+        if self.delta_adapter is not None and self.beta != 1.0:
+            terms.append((self.delta_adapter, float(self.beta) - 1.0))
+        return terms
+
+    def _check(self, layers: list[torch.nn.Module]) -> None:
+        names = {name for layer in layers for name in layer.lora_A}
+        for name in [self.adapter_name] + ([self.delta_adapter] if self.delta_adapter else []):
+            if name not in names:
+                raise ValueError(
+                    f"the denoiser has no LoRA adapter {name!r} (it has {sorted(names)}): load it with "
+                    f"`pipe.load_lora_weights(folder, adapter_name={name!r})`"
+                )
+        merged = sorted({name for layer in layers for name in getattr(layer, "merged_adapters", [])})
+        if self.adapter_name in merged:
+            raise ValueError(
+                f"adapter {self.adapter_name!r} is fused into the weights: unfuse it (`pipe.unfuse_lora()`)"
+            )
+        variants = sorted({name for layer in layers for name in getattr(layer, "lora_variant", {})})
+        if variants:
+            raise ValueError(f"adapters {variants} are DoRA or another LoRA variant; NegativeAdapter takes plain LoRA")
+
+    @contextlib.contextmanager
+    def rows_context(self, denoiser: torch.nn.Module, branches: list[str]) -> Iterator[None]:
+        rows = [i for i, branch in enumerate(branches) if branch == "uncond"]
+        layers = lora_layers(denoiser)
+        self._check(layers)
+        terms = self._terms()
+
+        block = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False  # the usual case: a slice
+        index: dict[torch.device, torch.Tensor] = {}
+
+        def add_to_unconditional_rows(layer, args, output):
+            x = args[0]
+            if x.shape[0] != len(branches):
+                raise RuntimeError(f"a LoRA layer saw a batch of {x.shape[0]} rows in a pass of {len(branches)}")
+            if block:
+                picked = x[rows[0] : rows[0] + len(rows)]
+            else:
+                picked = x[index.setdefault(x.device, torch.tensor(rows, device=x.device))]
+            extra = sum(weight * lora_output(layer, name, picked) for name, weight in terms if name in layer.lora_A)
+            if isinstance(extra, int):
+                return output
+            if block and not torch.is_grad_enabled():
+                output[rows[0] : rows[0] + len(rows)] += extra.to(output.dtype)
+                return output
+            return output.index_add(0, index.setdefault(x.device, torch.tensor(rows, device=x.device)),
+                                    extra.to(output.dtype))  # fmt: skip
+
+        saved = [(layer, layer._active_adapter) for layer in layers]
+        handles = []
+        try:
+            for layer in layers:  # never on the conditional rows, even when loaded active
+                active = [layer._active_adapter] if isinstance(layer._active_adapter, str) else layer._active_adapter
+                layer._active_adapter = [name for name in active if name != self.adapter_name]
+                if rows:
+                    handles.append(layer.register_forward_hook(add_to_unconditional_rows))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for layer, active in saved:
+                layer._active_adapter = active
+
+    def __repr__(self) -> str:
+        delta = f", delta_adapter={self.delta_adapter!r}, beta={self.beta}" if self.delta_adapter else ""
+        return f"NegativeAdapter({self.adapter_name!r}, alpha={self.alpha}{delta})"
+
+
+def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> NegativeAdapter:
+    """Load a diffusers-format LoRA folder (a Self-NPO or Diffusion-NPO release) into `pipe` as `adapter_name`, off
+    for every pass but the unconditional rows of a policy given the returned `NegativeAdapter(adapter_name, **kwargs)`
+    as its `unconditional`."""
+    pipe.load_lora_weights(folder, adapter_name=adapter_name)
+    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    for layer in lora_layers(denoiser):
+        active = [layer._active_adapter] if isinstance(layer._active_adapter, str) else layer._active_adapter
+        layer._active_adapter = [name for name in active if name != adapter_name]
+    return NegativeAdapter(adapter_name, **kwargs)

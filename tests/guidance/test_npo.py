@@ -1,0 +1,116 @@
+"""NegativeAdapter: the NPO adapter on the unconditional rows only, in the conditional rows' pass, equal to a separate
+negative model; the model left as found."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from conftest import build, call_kwargs, seeded
+from peft import LoraConfig
+
+from guidance import AdaptiveGuidance, ClassifierFreeGuidance, ScheduledGuidance
+from guidance.npo import NegativeAdapter, lora_layers
+from guidance.unconditional import SeparateModel
+
+TARGETS = {"sd": ["to_q", "to_k", "to_v", "to_out.0"], "sd3": ["to_q", "to_k", "to_v"], "flux": ["to_q", "to_k"]}
+
+
+def with_adapters(family: str, *names: str):
+    """A tiny pipeline whose denoiser holds random LoRA adapters `names`, none of them active."""
+    pipe = build(family)
+    denoiser = pipe.denoiser
+    torch.manual_seed(1)
+    for name in names:
+        config = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS[family], init_lora_weights=False)
+        denoiser.add_adapter(config, adapter_name=name)
+    for layer in lora_layers(denoiser):
+        layer._active_adapter = []
+    return pipe
+
+
+def negative_copy(pipe, weights: dict):
+    """A separate denoiser with `weights` (adapter -> scale) active: the two-model reference."""
+    model = copy.deepcopy(pipe.denoiser)
+    model.set_adapters(list(weights), list(weights.values()))
+    return model
+
+
+def images(pipe, family, policy, prompts=("a red circle", "a blue square"), **kwargs):
+    return pipe(**call_kwargs(family, prompt=list(prompts), **kwargs), generator=seeded(0), guidance=policy).images
+
+
+@pytest.mark.parametrize("family", ["sd", "sd3", "flux"])
+def test_one_batched_pass_equals_a_separate_negative_model(family):
+    pipe = with_adapters(family, "npo")
+    reference = images(
+        pipe, family, ClassifierFreeGuidance(4.0, unconditional=SeparateModel(negative_copy(pipe, {"npo": 1.0})))
+    )
+    out = pipe(**call_kwargs(family, prompt=["a red circle", "a blue square"]), generator=seeded(0),
+               guidance=ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("npo")))  # fmt: skip
+    assert np.abs(out.images - reference).max() < 1e-5
+    plain = pipe(**call_kwargs(family, prompt=["a red circle", "a blue square"]), generator=seeded(0),
+                 guidance=ClassifierFreeGuidance(4.0))  # fmt: skip
+    assert np.abs(out.images - plain.images).max() > 1e-3  # the adapter does something
+    assert out.trace.nfe == plain.trace.nfe  # NPO costs what CFG costs
+    assert all(layer._active_adapter == [] and not layer._forward_hooks for layer in lora_layers(pipe.denoiser))
+
+
+def test_weights_alpha_and_a_fine_tune_delta_follow_the_formula():
+    pipe = with_adapters("sd", "npo", "style")
+    for layer in lora_layers(pipe.unet):
+        layer._active_adapter = ["style"]  # the fine-tune, active for every conditional row
+    reference = images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=SeparateModel(
+        negative_copy(pipe, {"npo": 2.0, "style": 0.25}))))  # fmt: skip
+    policy = ClassifierFreeGuidance(
+        4.0, unconditional=NegativeAdapter("npo", alpha=2.0, delta_adapter="style", beta=0.25)
+    )
+    assert np.abs(images(pipe, "sd", policy) - reference).max() < 1e-5
+    assert all(layer._active_adapter == ["style"] for layer in lora_layers(pipe.unet))
+    no_npo = ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("npo", alpha=0.0))
+    assert np.abs(images(pipe, "sd", no_npo) - images(pipe, "sd", ClassifierFreeGuidance(4.0))).max() < 1e-6
+
+
+def test_an_active_npo_adapter_is_kept_off_the_conditional_rows_and_restored():
+    pipe = with_adapters("sd", "npo")
+    reference = images(
+        pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=SeparateModel(negative_copy(pipe, {"npo": 1.0})))
+    )
+    for layer in lora_layers(pipe.unet):
+        layer._active_adapter = ["npo"]  # as load_lora_weights leaves it
+    assert (
+        np.abs(images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter())) - reference).max()
+        < 1e-5
+    )
+    assert all(layer._active_adapter == ["npo"] for layer in lora_layers(pipe.unet))
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        lambda npo: ScheduledGuidance(2.0, final_guidance_scale=6.0, unconditional=npo),
+        lambda npo: ClassifierFreeGuidance(4.0, start=0.5, unconditional=npo),
+        lambda npo: AdaptiveGuidance(4.0, threshold=0.9, unconditional=npo),
+    ],
+)
+def test_npo_composes_with_other_policies(policy):
+    pipe = with_adapters("sd", "npo")
+    with_npo = pipe(**call_kwargs("sd", prompt=["a red circle"], num_inference_steps=4), generator=seeded(0),
+                    guidance=policy(NegativeAdapter()))  # fmt: skip
+    without = pipe(**call_kwargs("sd", prompt=["a red circle"], num_inference_steps=4), generator=seeded(0),
+                   guidance=policy(None))  # fmt: skip
+    assert np.abs(with_npo.images - without.images).max() > 1e-4
+    assert with_npo.trace.scales[0] == without.trace.scales[0]
+
+
+def test_bad_adapters_are_refused():
+    pipe = with_adapters("sd", "npo")
+    with pytest.raises(ValueError, match=r"the denoiser has no LoRA adapter 'negative' \(it has \['npo'\]\): load it"):
+        images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("negative")))
+    with pytest.raises(TypeError, match="`alpha` must be a number, got '1'"):
+        NegativeAdapter(alpha="1")
+    with pytest.raises(ValueError, match="`delta_adapter` must be another adapter's name or None, got 'npo'"):
+        NegativeAdapter(delta_adapter="npo")
+    with pytest.raises(TypeError, match="`adapter_name` must be a non-empty string"):
+        NegativeAdapter("")
+    assert all(not layer._forward_hooks for layer in lora_layers(pipe.unet))

@@ -1,0 +1,170 @@
+"""Self-NPO training: a run stopped and resumed gives the uninterrupted run's losses and adapter; the output is a LoRA
+folder plain diffusers loads; the loss and the settings are checked."""
+
+import json
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import build, call_kwargs, seeded
+from diffusers import StableDiffusionPipeline
+from safetensors.torch import load_file
+
+from pipelines.commands.train_npo import build_parser, main
+from pipelines.self_npo import SelfNPOConfig, pseudo_huber, train_self_npo
+from pipelines.tiny import tiny_components
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle"]
+SMALL = dict(steps=4, batch_size=2, pool_size=3, pool_steps=2, checkpoint_every=1, rank=2, lora_alpha=2.0,
+             learning_rate=1e-2)  # fmt: skip
+
+
+def train(folder, stop_after=None, **overrides):
+    pipe = build("sd")
+    pipe.set_progress_bar_config(disable=True)
+    return train_self_npo(pipe, PROMPTS, folder, SelfNPOConfig(**{**SMALL, **overrides}), stop_after=stop_after,
+                          progress=False)  # fmt: skip
+
+
+def test_a_stopped_run_resumes_exactly(tmp_path):
+    straight = train(tmp_path / "straight")
+    first = train(tmp_path / "resumed", stop_after=2)
+    assert not (tmp_path / "resumed" / "pytorch_lora_weights.safetensors").exists()  # not finished yet
+    second = train(tmp_path / "resumed")
+    assert len(first) == 2 and len(second) == 2
+    np.testing.assert_allclose(first + second, straight, rtol=1e-5, atol=1e-7)
+    a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    logged = [json.loads(line) for line in (tmp_path / "resumed" / "losses.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in logged] == [1, 2, 3, 4]
+    checkpoint = sorted(p.name for p in (tmp_path / "straight" / "checkpoint").iterdir())
+    assert checkpoint == ["ema.safetensors", "optimizer.safetensors", "student.safetensors", "trainer.json"]
+    with pytest.raises(ValueError, match=r"was written with other settings \(\['learning_rate'\]\)"):
+        train(tmp_path / "resumed", learning_rate=1e-3)
+
+
+def test_the_adapter_loads_in_plain_diffusers_and_changes_the_model(tmp_path):
+    train(tmp_path / "npo")
+    pipe = StableDiffusionPipeline(**tiny_components("sd"))
+    pipe.set_progress_bar_config(disable=True)
+    before = pipe(**call_kwargs("sd", prompt="a red circle"), generator=seeded(0)).images
+    pipe.load_lora_weights(tmp_path / "npo", adapter_name="npo")
+    after = pipe(**call_kwargs("sd", prompt="a red circle"), generator=seeded(0)).images
+    assert np.abs(after - before).max() > 1e-4
+    assert "npo" in pipe.get_active_adapters()
+
+
+def test_pseudo_huber_and_settings():
+    x, target = torch.tensor([0.0, 3.0]), torch.tensor([0.0, 0.0])
+    assert pseudo_huber(x, target, 0.001).item() == pytest.approx((np.sqrt(9 + 1e-6) - 0.001) / 2)
+    with pytest.raises(ValueError, match="`steps` must be an integer >= 1, got 0"):
+        SelfNPOConfig(steps=0)
+    with pytest.raises(ValueError, match="`ema_decay` must be in"):
+        SelfNPOConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match=r"`mixed_precision` must be one of \['no', 'fp16', 'bf16'\]"):
+        SelfNPOConfig(mixed_precision="fp8")
+
+
+def test_command_line(tmp_path, capsys):
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, action.dest
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    argv = ["--model", "tiny:sd", "--prompts-file", str(prompts), "--output-dir", str(tmp_path / "npo"), "--steps",
+            "2", "--batch-size", "2", "--pool-size", "2", "--pool-steps", "2", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "npo" / "pytorch_lora_weights.safetensors").is_file()
+    assert "pipe.load_lora_weights(folder, adapter_name='npo')" in capsys.readouterr().out
+    for bad, message in [
+        (["--images", str(tmp_path)], "give `--prompts-file` (data-free) or `--images`"),
+        (["--model", "tiny:flux"], "is a flux model; Self-NPO training takes SD 1.x/2.x, SDXL and SD3"),
+        (["--rank", "0"], "`rank` must be an integer >= 1, got 0"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([*argv, *bad])
+        assert message in capsys.readouterr().err
+
+
+def test_generate_with_npo_on_every_method(tmp_path, capsys):
+    from pipelines.commands.generate import main as generate
+
+    train(tmp_path / "npo")
+    argv = ["--model", "tiny:sd", "--prompt", "a red circle", "--num-inference-steps", "3", "--height", "16",
+            "--width", "16", "--no-progress"]  # fmt: skip
+    for method in ("cfg", "ag", "scheduled"):
+        plain, negative = tmp_path / f"{method}-plain", tmp_path / f"{method}-npo"
+        assert generate([*argv, "--guidance", method, "--output-dir", str(plain)]) == 0
+        assert (
+            generate([*argv, "--guidance", method, "--output-dir", str(negative), "--npo", str(tmp_path / "npo")]) == 0
+        )
+        a, b = (np.asarray(PIL.Image.open(folder / "00000.png"), dtype=int) for folder in (plain, negative))
+        assert np.abs(a - b).max() > 0, method
+        record = json.loads((negative / "results.jsonl").read_text())
+        assert record["policy"]["_class_name"] and json.loads((negative / "run.json").read_text())["npo"]
+    with pytest.raises(SystemExit):
+        generate([*argv, "--output-dir", str(tmp_path / "x"), "--npo", str(tmp_path / "nothing")])
+    assert "`npo` must be a folder holding a LoRA .safetensors file" in capsys.readouterr().err
+
+
+def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+
+    def command(folder):
+        return [sys.executable, "-m", "pipelines.commands.train_npo", "--model", "tiny:sd", "--prompts-file",
+                str(prompts), "--output-dir", str(folder), "--steps", "12", "--batch-size", "2", "--pool-size", "3",
+                "--pool-steps", "2", "--rank", "2", "--lora-alpha", "2", "--learning-rate", "0.01",
+                "--checkpoint-every", "2", "--no-progress"]  # fmt: skip
+
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    subprocess.run(command(tmp_path / "straight"), env=environment, cwd=root, check=True, capture_output=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed), env=environment, cwd=root)
+    state = killed / "checkpoint" / "trainer.json"
+    deadline = time.monotonic() + 300
+    while process.poll() is None and time.monotonic() < deadline:
+        if state.is_file() and json.loads(state.read_text())["step"] >= 4:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    stopped_at = json.loads(state.read_text())["step"]
+    assert 4 <= stopped_at < 12, "the run was not killed mid-way"
+    subprocess.run(command(killed), env=environment, cwd=root, check=True, capture_output=True)
+
+    def losses(folder):
+        return {
+            row["step"]: row["loss"] for row in map(json.loads, (folder / "losses.jsonl").read_text().splitlines())
+        }
+
+    straight, resumed = losses(tmp_path / "straight"), losses(killed)  # a step redone after the kill: its last loss
+    assert sorted(resumed) == list(range(1, 13))
+    np.testing.assert_allclose([resumed[k] for k in range(1, 13)], [straight[k] for k in range(1, 13)], rtol=1e-5)
+    a, b = (load_file(folder / "pytorch_lora_weights.safetensors") for folder in (tmp_path / "straight", killed))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_sd3_trains_from_the_velocity_and_its_adapter_loads_in_diffusers(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = build("sd3")
+    pipe.set_progress_bar_config(disable=True)
+    losses = train_self_npo(pipe, PROMPTS, tmp_path, SelfNPOConfig(**SMALL, target_modules=["to_q", "to_k", "to_v"]),
+                            progress=False, max_sequence_length=16)  # fmt: skip
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    plain = StableDiffusion3Pipeline(**tiny_components("sd3"))
+    plain.set_progress_bar_config(disable=True)
+    before = plain(**call_kwargs("sd3", prompt="a red circle"), generator=seeded(0)).images
+    plain.load_lora_weights(tmp_path, adapter_name="npo")
+    after = plain(**call_kwargs("sd3", prompt="a red circle"), generator=seeded(0)).images
+    assert np.abs(after - before).max() > 1e-4
