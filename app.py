@@ -6,20 +6,24 @@ Run `python app.py` (needs the `demo` extra: `pip install -e ".[demo]"`).
 
 from __future__ import annotations
 
-import argparse
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
+from guidance.npo import NegativeAdapter, load_npo_adapter
 from guidance.plot import plot_trace
-from pipelines.commands.guidance_options import METHODS, make_guidance
 from pipelines.loading import DEFAULT_MODEL, call_defaults, load_pipeline
+from pipelines.policies import METHODS, policy_from_options
 
 
 @lru_cache(maxsize=2)
-def cached_pipeline(model: str):
+def cached_pipeline(model: str, npo: str = ""):
+    """The pipeline of `model`, with the Self-NPO adapter folder `npo` loaded (kept off but for NPO's rows)."""
     pipe, family = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
+    if npo:
+        load_npo_adapter(pipe, npo)
     return pipe, family
 
 
@@ -38,6 +42,7 @@ def generate(
     model: str = DEFAULT_MODEL,
     threshold: float = 0.995,
     coefficients: str = "",
+    npo: str = "",
 ):
     """Images, a figure of the per-step scales and a one-line summary; ValueError on bad input."""
     if not prompt.strip():
@@ -46,6 +51,9 @@ def generate(
         raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
     if int(num_inference_steps) < 1 or int(num_images) < 1:
         raise ValueError(f"steps and images must be >= 1, got {num_inference_steps} and {num_images}")
+    npo = (npo or "").strip()
+    if npo and not (Path(npo).is_dir() and any(Path(npo).glob("*.safetensors"))):
+        raise ValueError(f"the Self-NPO adapter must be a folder holding a LoRA .safetensors file, got {npo!r}")
     options = dict(
         guidance=method,
         guidance_scale=float(guidance_scale),
@@ -57,11 +65,10 @@ def generate(
         threshold=float(threshold),
         compared="x0",
         coefficients=coefficients or None,
-        model=model,
-        num_inference_steps=int(num_inference_steps),
     )
-    guidance = make_guidance(argparse.Namespace(**options))
-    pipe, family = cached_pipeline(model)
+    unconditional = NegativeAdapter("npo") if npo else None
+    guidance = policy_from_options(options, model, int(num_inference_steps), unconditional)
+    pipe, family = cached_pipeline(model, npo)
     extra = call_defaults(model, family)
     result = pipe(
         prompt,
@@ -103,6 +110,13 @@ def build_demo():
                     gr.Number(value=0, precision=0, label="seed"),
                     gr.Textbox(
                         value=DEFAULT_MODEL, label="model (shapes:sd, shapes:sd3, a diffusers folder, tiny:<family>)"
+                    ),
+                    gr.Number(value=0.995, label="AG threshold (ag)"),
+                    gr.Textbox(value="", label="LinearAG coefficients folder (linear-ag; empty: the shipped ones)"),
+                    gr.Textbox(
+                        value="",
+                        label="Self-NPO adapter folder in the unconditional branch (empty: off; assets/shapes-sd-npo "
+                        "for shapes:sd)",
                     ),
                 ]
                 button = gr.Button("Generate", variant="primary")

@@ -151,8 +151,9 @@ class SelfNPOTrainer:
         named = dict(unet.named_parameters())
         self.student = {n: p for n, p in named.items() if f".{STUDENT}." in n}
         self.teacher = {n: named[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n in self.student}
-        for name, parameter in self.student.items():
+        for name, parameter in self.student.items():  # peft makes every added adapter trainable: only the student is
             parameter.requires_grad_(True)
+            self.teacher[name].requires_grad_(False)
             self.teacher[name].data.copy_(parameter.data)
         self.optimizer = torch.optim.AdamW(self.student.values(), lr=config.learning_rate,
                                            weight_decay=config.weight_decay)  # fmt: skip
@@ -182,12 +183,15 @@ class SelfNPOTrainer:
                         **self.prepare_kwargs)  # fmt: skip
         return out.images, torch.arange(c.pool_size) % len(self.prompts)
 
-    def _eps(self, x, t, rows, branch):
+    def _eps(self, x, t, rows, branch, model=None):
+        """x0 and eps of `model` (default: the prepared, possibly distributed, student; the teacher's no-grad passes
+        use the bare module)."""
+        model = self.unet if model is None else model
         inputs = self.conditioning.rows([branch], {branch: rows})
         if self.diffusion.flow:  # the transformer takes sigma * 1000
-            out = self.pipe._predict(self.unet, None, x, t.float(), inputs, self.conditioning.shared)
+            out = self.pipe._predict(model, None, x, t.float(), inputs, self.conditioning.shared)
         else:  # the VP x_t as it is (no scheduler input scaling)
-            out = self.unet(x, t, **inputs, **self.conditioning.shared, return_dict=False)[0]
+            out = model(x, t, **inputs, **self.conditioning.shared, return_dict=False)[0]
         return self.diffusion.x0_eps(out, x, t)
 
     def _draws(self, step: int):
@@ -212,11 +216,12 @@ class SelfNPOTrainer:
         x0, width = self.pool.to(device)[index].float(), 1000 // c.grid_steps
         a, s = self.diffusion.a_s(start, x0)
         x, t = a * x0 + s * noise, start
+        bare = self.accelerator.unwrap_model(self.unet)
         with torch.no_grad():  # the teacher's K DDIM steps with the CFG-combined estimates
             use_adapter(self.layers, TEACHER)
             for _ in range(c.rollout_steps + 1):
-                x0_c, eps_c = self._eps(x, t, rows, "cond")
-                x0_u, eps_u = self._eps(x, t, rows, "uncond")
+                x0_c, eps_c = self._eps(x, t, rows, "cond", bare)
+                x0_u, eps_u = self._eps(x, t, rows, "uncond", bare)
                 x0_hat = x0_c + c.teacher_weight * (x0_c - x0_u)
                 eps_hat = eps_c + c.teacher_weight * (eps_c - eps_u)
                 moving = t > end

@@ -50,3 +50,16 @@ def test_default_model_is_the_shapes_world_sd_and_dynamic_guidance_runs():
     assert sum(r > 150 and g < 120 and b < 120 for r, g, b in pixels) >= 20  # a red shape (placed anywhere)
     assert "8 model evaluations per image over 4 steps" in summary
     assert set(figure.axes[0].lines[0].get_ydata()) <= {1.0, 3.0, 7.5, 11.0, 15.0}
+
+
+def test_the_npo_switch_puts_the_shipped_adapter_in_the_unconditional_branch():
+    from guidance.shapes.assets import ASSETS
+
+    common = dict(method="cfg", num_inference_steps=4, num_images=1, model="shapes:sd")
+    plain, _, summary = app.generate("a large red circle at the center on white", **common)
+    negative, _, npo_summary = app.generate("a large red circle at the center on white", **common,
+                                            npo=str(ASSETS / "shapes-sd-npo"))  # fmt: skip
+    assert "unconditional=NegativeAdapter('npo'" in npo_summary and "8 model evaluations" in npo_summary
+    assert list(plain[0].getdata()) != list(negative[0].getdata())
+    with pytest.raises(ValueError, match="the Self-NPO adapter must be a folder holding a LoRA .safetensors file"):
+        app.generate("x", model="tiny:sd", npo="/no/such/folder")

@@ -168,3 +168,35 @@ def test_sd3_trains_from_the_velocity_and_its_adapter_loads_in_diffusers(tmp_pat
     plain.load_lora_weights(tmp_path, adapter_name="npo")
     after = plain(**call_kwargs("sd3", prompt="a red circle"), generator=seeded(0)).images
     assert np.abs(after - before).max() > 1e-4
+
+
+def test_two_processes_train_like_one(tmp_path):
+    """accelerate launch with two CPU processes: each takes half of every step's batch; the averaged gradients give
+    the one-process run's losses and adapter."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    args = ["--model", "tiny:sd", "--prompts-file", str(prompts), "--steps", "4", "--batch-size", "4",
+            "--pool-size", "4", "--pool-steps", "2", "--rank", "2", "--lora-alpha", "2", "--learning-rate", "0.01",
+            "--no-progress"]  # fmt: skip
+    assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "-m", "pipelines.commands.train_npo"]  # fmt: skip
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([*launch, *args, "--output-dir", str(tmp_path / "two")], env=environment, cwd=root,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    def losses(folder):
+        return [json.loads(line)["loss"] for line in (folder / "losses.jsonl").read_text().splitlines()]
+
+    np.testing.assert_allclose(losses(tmp_path / "two"), losses(tmp_path / "one"), rtol=1e-5)
+    a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
+    worst = max((a[k] - b[k]).abs().max().item() / a[k].abs().max().clamp_min(1e-8).item() for k in a)
+    assert worst < 1e-3, worst  # Adam divides tiny gradients by their own size: summation order shows, barely
