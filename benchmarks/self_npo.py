@@ -5,7 +5,8 @@ captions x seeds. Columns: attribute accuracy (the attribute scorer, never seen 
 distance between generated and real held-out images on the shapes-world CLIP's image features, CLIP score, NFEs,
 wall-time ratio to CFG 7.5 (alternated rounds), peak memory (CUDA only). Figure: the same seeds with and without NPO.
 
-    python benchmarks/self_npo.py [--seeds 4] [--adapter assets/shapes-sd-npo]
+    python benchmarks/self_npo.py [--seeds 4]
+    python benchmarks/self_npo.py --model shapes-sd3 --seeds 2 --no-dynamic
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance  
 from guidance.evaluators import ClipEvaluator  # noqa: E402
 from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
 from guidance.npo import load_npo_adapter, lora_layers  # noqa: E402
-from guidance.shapes.assets import ASSETS  # noqa: E402
+from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
 from pipelines.loading import load_shapes_pipeline  # noqa: E402
 
 SCALES = (3.0, 5.0, 7.5, 10.0)
@@ -50,7 +51,7 @@ class AdapterEverywhere:
     """The NPO model alone: the adapter on for every row of every pass (then off again)."""
 
     def __init__(self, pipe):
-        self.layers = lora_layers(pipe.unet)
+        self.layers = lora_layers(pipe.denoiser)
 
     def __enter__(self):
         for layer in self.layers:
@@ -61,42 +62,76 @@ class AdapterEverywhere:
             layer._active_adapter = []
 
 
+def memory_probe(args, name: str) -> float:
+    """MiB: the peak resident set of a fresh process that loads the model and the adapter and generates one timing
+    batch with method `name` (the same load in every probe, so differences are the method's)."""
+    import json
+    import subprocess
+
+    command = [sys.executable, __file__, "--model", args.model, "--adapter", args.adapter, "--steps", str(args.steps),
+               "--probe", name] + (["--captions", str(args.captions)] if args.captions else [])  # fmt: skip
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def probe(args, pipe, captions, extra, policy) -> None:
+    """Run one timing batch and print the process's peak resident memory (Linux: ru_maxrss in KiB)."""
+    import json
+    import resource
+
+    generate(pipe, captions, [0], args.steps, policy, **extra)
+    print(json.dumps({"peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, default=4, help="seeds per held-out caption")
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
     parser.add_argument("--repeats", type=int, default=4, help="timing: alternated rounds")
-    parser.add_argument("--adapter", default=str(ASSETS / "shapes-sd-npo"), help="the Self-NPO LoRA folder")
+    parser.add_argument("--no-dynamic", action="store_true", help="leave out the dynamic-guidance rows (slow on SD3)")
+    parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # memory_probe's child process
+    parser.add_argument("--model", choices=("shapes-sd", "shapes-sd3"), default="shapes-sd", help="the model")
+    parser.add_argument("--adapter", default=None, help="the Self-NPO LoRA folder (default: assets/<model>-npo)")
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     parser.add_argument("--figures", default=str(ASSETS), help="folder for the figure")
     args = parser.parse_args()
     env = environment()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
     prompts = [caption for _ in seeds for caption in captions]
-    pipe = load_shapes_pipeline("shapes-sd")
+    pipe = load_shapes_pipeline(args.model)
     pipe.set_progress_bar_config(disable=True)
+    args.adapter = args.adapter or str(ASSETS / f"{args.model}-npo")
     npo = load_npo_adapter(pipe, args.adapter)
     clip = ClipEvaluator()
-    heads = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
+    sd3 = args.model == "shapes-sd3"
+    extra = {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH} if sd3 else {}
+    if sd3:  # the latent heads are shapes-sd's; the CLIP scores decoded x0 estimates
+        heads, dynamic = [ClipEvaluator()], "dynamic (CLIP)"
+    else:
+        heads = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
+        dynamic = "dynamic (latent heads)"
     methods = {}
     for scale in SCALES:
         methods[f"CFG {scale:g}"] = lambda s=scale: ClassifierFreeGuidance(s)
         methods[f"CFG {scale:g} + NPO"] = lambda s=scale: ClassifierFreeGuidance(s, unconditional=npo)
     methods["AG 7.5"] = lambda: AdaptiveGuidance(7.5)
     methods["AG 7.5 + NPO"] = lambda: AdaptiveGuidance(7.5, unconditional=npo)
-    methods["dynamic (latent heads)"] = lambda: DynamicGuidance((5, 7.5, 10, 15), heads)
-    methods["dynamic (latent heads) + NPO"] = lambda: DynamicGuidance((5, 7.5, 10, 15), heads, unconditional=npo)
+    if not args.no_dynamic:
+        methods[dynamic] = lambda: DynamicGuidance((5, 7.5, 10, 15), heads)
+        methods[f"{dynamic} + NPO"] = lambda: DynamicGuidance((5, 7.5, 10, 15), heads, unconditional=npo)
+    if args.probe:
+        probe(args, pipe, captions, extra, methods[args.probe]())
+        return
     real = world.render(truth, torch.Generator().manual_seed(1))
     with torch.no_grad():
         real_features = clip.image_features(real)
     results = {}
     for name, policy in tqdm(methods.items(), desc="methods"):
-        results[name] = generate(pipe, captions, seeds, args.steps, policy())[:2]
+        results[name] = generate(pipe, captions, seeds, args.steps, policy(), **extra)[:2]
     with AdapterEverywhere(pipe):
-        results["NPO model alone, CFG 7.5"] = generate(pipe, captions, seeds, args.steps, ClassifierFreeGuidance(7.5))[
-            :2
-        ]
+        alone = generate(pipe, captions, seeds, args.steps, ClassifierFreeGuidance(7.5), **extra)
+    results["NPO model alone, CFG 7.5"] = alone[:2]
     timed = ["CFG 7.5", "CFG 7.5 + NPO", "AG 7.5 + NPO"]
     ratios, peak = {name: [] for name in timed}, {}
     for round_index in tqdm(range(args.repeats), desc="timing"):
@@ -104,19 +139,22 @@ def main() -> None:
         for name in timed if round_index % 2 == 0 else timed[::-1]:
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
-            seconds[name] = generate(pipe, captions, seeds[:1], args.steps, methods[name]())[2]
+            seconds[name] = generate(pipe, captions, seeds[:1], args.steps, methods[name](), **extra)[2]
             if torch.cuda.is_available():
                 peak[name] = torch.cuda.max_memory_allocated() / 2**20
+    if not torch.cuda.is_available():  # on the CPU: the peak resident memory of a fresh process per method
+        peak = {name: memory_probe(args, name) for name in timed}
         for name in timed:
             ratios[name].append(seconds[name] / seconds["CFG 7.5"])
     judged = len(truth) * len(FOLLOWED)
     lines = [
         f"Held-out captions: {len(captions)} x {len(seeds)} seeds = {len(truth)} images, {args.steps} steps, "
-        f"shapes-sd, adapter {Path(args.adapter).name}. Accuracy (%) by the attribute scorer; attribute accuracy: "
+        f"{args.model}, adapter {Path(args.adapter).name}. Accuracy (%) by the attribute scorer; attribute accuracy: "
         f"the mean of {', '.join(FOLLOWED)}; errors: wrong attributes of those {judged}. FD: Fréchet distance to "
         f"{len(truth)} real held-out renders on the shapes-world CLIP's image features (lower is better). CLIP "
         f"score: 100 cos. Time ratio: wall time over CFG 7.5's on {machine(env)}, median of {args.repeats} "
-        "alternated rounds. Peak memory: CUDA only.",
+        "alternated rounds. Peak memory: CUDA's peak allocation, or on the CPU the peak resident set of a fresh "
+        "process per method (model and adapter loaded, one timing batch).",
         "",
         "| method | " + " | ".join(ATTRIBUTES) + " | attribute accuracy | errors | FD | CLIP score | NFE | time ratio "
         "| peak MiB |",
@@ -139,12 +177,13 @@ def main() -> None:
         )
     table = "\n".join(lines)
     print(table)
-    write_results("self-npo", table, rows, args.out, env)
+    name = "self-npo" if not sd3 else "self-npo-sd3"
+    write_results(name, table, rows, args.out, env)
     Path(args.figures).mkdir(parents=True, exist_ok=True)
-    figure(results, len(captions), Path(args.figures) / "self-npo.png")
+    figure(results, len(captions), Path(args.figures) / f"{name}.png", args.model)
 
 
-def figure(results, count: int, path: Path) -> None:
+def figure(results, count: int, path: Path, model: str) -> None:
     """Seed 0, the first captions: CFG 7.5, CFG 7.5 + NPO, the NPO model alone."""
     import matplotlib
 
@@ -160,7 +199,7 @@ def figure(results, count: int, path: Path) -> None:
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
         axes[r][0].set_ylabel(name.replace(", CFG 7.5", ""), fontsize=7)
-    fig.suptitle("the same seeds with and without the Self-NPO adapter (shapes-sd, held-out captions)", fontsize=8)
+    fig.suptitle(f"the same seeds with and without the Self-NPO adapter ({model}, held-out captions)", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

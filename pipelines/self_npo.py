@@ -21,6 +21,7 @@ accelerate (mixed precision, gradient accumulation, several processes: each take
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -59,6 +60,7 @@ class SelfNPOConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
     checkpoint_every: int = 50
+    full: bool = False
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "rank", "grid_steps", "rollout_steps", "pool_size", "pool_steps",
@@ -143,14 +145,22 @@ class SelfNPOTrainer:
         self.prepare_kwargs = dict(prepare_kwargs or {})
         unet = pipe.denoiser
         unet.requires_grad_(False)
-        lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
-                          init_lora_weights=True)  # fmt: skip
-        unet.add_adapter(lora, adapter_name=STUDENT)
-        unet.add_adapter(lora, adapter_name=TEACHER)
-        self.layers = lora_layers(unet)
-        named = dict(unet.named_parameters())
-        self.student = {n: p for n, p in named.items() if f".{STUDENT}." in n}
-        self.teacher = {n: named[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n in self.student}
+        self.teacher_model = None
+        if config.full:  # the public code's form: the whole denoiser, the teacher a frozen EMA copy of it
+            self.teacher_model = copy.deepcopy(unet)
+            unet.requires_grad_(True)
+            self.layers = []
+            self.student = dict(unet.named_parameters())
+            self.teacher = dict(self.teacher_model.named_parameters())
+        else:
+            lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
+                              init_lora_weights=True)  # fmt: skip
+            unet.add_adapter(lora, adapter_name=STUDENT)
+            unet.add_adapter(lora, adapter_name=TEACHER)
+            self.layers = lora_layers(unet)
+            named = dict(unet.named_parameters())
+            self.student = {n: p for n, p in named.items() if f".{STUDENT}." in n}
+            self.teacher = {n: named[n.replace(f".{STUDENT}.", f".{TEACHER}.")] for n in self.student}
         for name, parameter in self.student.items():  # peft makes every added adapter trainable: only the student is
             parameter.requires_grad_(True)
             self.teacher[name].requires_grad_(False)
@@ -216,7 +226,7 @@ class SelfNPOTrainer:
         x0, width = self.pool.to(device)[index].float(), 1000 // c.grid_steps
         a, s = self.diffusion.a_s(start, x0)
         x, t = a * x0 + s * noise, start
-        bare = self.accelerator.unwrap_model(self.unet)
+        bare = self.teacher_model if self.teacher_model is not None else self.accelerator.unwrap_model(self.unet)
         with torch.no_grad():  # the teacher's K DDIM steps with the CFG-combined estimates
             use_adapter(self.layers, TEACHER)
             for _ in range(c.rollout_steps + 1):
@@ -302,12 +312,16 @@ class SelfNPOTrainer:
         self.step = saved["step"]
 
     def save_lora(self, folder: Path) -> Path:
-        """The student adapter as a diffusers-format LoRA folder (`pipe.load_lora_weights(folder,
-        adapter_name="npo")`)."""
+        """The student: a diffusers-format LoRA folder (`pipe.load_lora_weights(folder, adapter_name="npo")`), or with
+        `full` the whole denoiser in `folder/unet` (`folder/transformer`), a model for `SeparateModel`."""
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         unet = self.accelerator.unwrap_model(self.unet)
+        if self.config.full:
+            if self.accelerator.is_main_process:
+                unet.save_pretrained(folder / ("transformer" if self.diffusion.flow else "unet"))
+            return folder
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=STUDENT))
         if self.accelerator.is_main_process:
             key = "transformer_lora_layers" if self.diffusion.flow else "unet_lora_layers"

@@ -73,11 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
         "gradient_accumulation_steps": "accelerate's gradient accumulation",
         "mixed_precision": "accelerate's mixed precision: no, fp16, bf16",
         "checkpoint_every": "steps between checkpoints",
+        "full": "full fine-tuning of the denoiser instead of a LoRA (the public code's form; writes "
+        "<output-dir>/unet, used with guidance.SeparateModel, a second model copy)",
     }
     for spec in fields(SelfNPOConfig):
         default = getattr(defaults, spec.name)
         option = "--" + spec.name.replace("_", "-")
-        if isinstance(default, list):
+        if isinstance(default, bool):
+            parser.add_argument(option, action="store_true", help=helps[spec.name])
+        elif isinstance(default, list):
             parser.add_argument(option, nargs="+", default=default, help=helps[spec.name])
         else:
             parser.add_argument(option, type=type(default), default=default, help=helps[spec.name])
@@ -113,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"steps {config.steps}: mean loss of this run's last {len(recent)} steps {sum(recent) / len(recent):.4f}"
         )
-    print(f"adapter: {Path(args.output_dir).resolve()} (pipe.load_lora_weights(folder, adapter_name='npo'))")
+    if config.full:
+        print(f"negative model: {Path(args.output_dir).resolve()} (a full denoiser for guidance.SeparateModel)")
+    else:
+        print(f"adapter: {Path(args.output_dir).resolve()} (pipe.load_lora_weights(folder, adapter_name='npo'))")
     return 0
 
 

@@ -11,6 +11,7 @@ from conftest import build, call_kwargs, seeded
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
+from guidance import ClassifierFreeGuidance
 from pipelines.commands.train_npo import build_parser, main
 from pipelines.self_npo import SelfNPOConfig, pseudo_huber, train_self_npo
 from pipelines.tiny import tiny_components
@@ -154,22 +155,6 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
-def test_sd3_trains_from_the_velocity_and_its_adapter_loads_in_diffusers(tmp_path):
-    from diffusers import StableDiffusion3Pipeline
-
-    pipe = build("sd3")
-    pipe.set_progress_bar_config(disable=True)
-    losses = train_self_npo(pipe, PROMPTS, tmp_path, SelfNPOConfig(**SMALL, target_modules=["to_q", "to_k", "to_v"]),
-                            progress=False, max_sequence_length=16)  # fmt: skip
-    assert len(losses) == 4 and all(np.isfinite(losses))
-    plain = StableDiffusion3Pipeline(**tiny_components("sd3"))
-    plain.set_progress_bar_config(disable=True)
-    before = plain(**call_kwargs("sd3", prompt="a red circle"), generator=seeded(0)).images
-    plain.load_lora_weights(tmp_path, adapter_name="npo")
-    after = plain(**call_kwargs("sd3", prompt="a red circle"), generator=seeded(0)).images
-    assert np.abs(after - before).max() > 1e-4
-
-
 def test_two_processes_train_like_one(tmp_path):
     """accelerate launch with two CPU processes: each takes half of every step's batch; the averaged gradients give
     the one-process run's losses and adapter."""
@@ -200,3 +185,43 @@ def test_two_processes_train_like_one(tmp_path):
     a, b = (load_file(tmp_path / name / "pytorch_lora_weights.safetensors") for name in ("one", "two"))
     worst = max((a[k] - b[k]).abs().max().item() / a[k].abs().max().clamp_min(1e-8).item() for k in a)
     assert worst < 1e-3, worst  # Adam divides tiny gradients by their own size: summation order shows, barely
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides", "extra"),
+    [
+        ("sdxl", {"teacher_weight": -5.0}, {}),  # the public code's SDXL weight
+        ("sd3", {"target_modules": ["to_q", "to_k", "to_v"]}, {"max_sequence_length": 16}),  # x0 from the velocity
+    ],
+)
+def test_sdxl_and_sd3_train_and_their_adapters_load_in_diffusers(tmp_path, family, overrides, extra):
+    from conftest import REFERENCE
+
+    pipe = build(family)
+    pipe.set_progress_bar_config(disable=True)
+    losses = train_self_npo(pipe, PROMPTS, tmp_path, SelfNPOConfig(**{**SMALL, **overrides}), progress=False, **extra)
+    assert len(losses) == 4 and all(np.isfinite(losses))
+    plain = REFERENCE[family][0](**tiny_components(family))
+    plain.set_progress_bar_config(disable=True)
+    before = plain(**call_kwargs(family, prompt="a red circle"), generator=seeded(0)).images
+    plain.load_lora_weights(tmp_path, adapter_name="npo")
+    after = plain(**call_kwargs(family, prompt="a red circle"), generator=seeded(0)).images
+    assert np.abs(after - before).max() > 1e-4
+
+
+def test_full_fine_tuning_resumes_exactly_and_writes_a_denoiser(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    from guidance import SeparateModel
+
+    straight = train(tmp_path / "straight", full=True)
+    first = train(tmp_path / "resumed", stop_after=2, full=True)
+    second = train(tmp_path / "resumed", full=True)
+    np.testing.assert_allclose(first + second, straight, rtol=1e-5, atol=1e-7)
+    negative = UNet2DConditionModel.from_pretrained(tmp_path / "resumed" / "unet")
+    base = build("sd")
+    changed = [n for n, p in negative.named_parameters() if not torch.equal(p, dict(base.unet.named_parameters())[n])]
+    assert changed  # the whole denoiser was trained
+    out = base(**call_kwargs("sd", prompt="a red circle"), generator=seeded(0),
+               guidance=ClassifierFreeGuidance(4.0, unconditional=SeparateModel(negative)))  # fmt: skip
+    assert np.isfinite(out.images).all()
