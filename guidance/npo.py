@@ -27,6 +27,10 @@ def lora_layers(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
     return [module for module in denoiser.modules() if isinstance(module, LoraLayer)]
 
 
+def _active(layer) -> list[str]:
+    return [layer._active_adapter] if isinstance(layer._active_adapter, str) else list(layer._active_adapter)
+
+
 def lora_output(layer: torch.nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
     """`B(A(x)) * scaling` of one adapter of a LoRA layer (Linear or Conv)."""
     lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
@@ -69,6 +73,14 @@ class NegativeAdapter(UnconditionalModel):
                     f"the denoiser has no LoRA adapter {name!r} (it has {sorted(names)}): load it with "
                     f"`pipe.load_lora_weights(folder, adapter_name={name!r})`"
                 )
+        if self.delta_adapter is not None:
+            inactive = [layer for layer in layers if self.delta_adapter in layer.lora_A and
+                        self.delta_adapter not in _active(layer)]  # fmt: skip
+            if inactive:
+                raise ValueError(
+                    f"`delta_adapter` {self.delta_adapter!r} must be active (the fine-tune the conditional rows use): "
+                    f"`pipe.set_adapters([{self.delta_adapter!r}])`"
+                )
         merged = sorted({name for layer in layers for name in getattr(layer, "merged_adapters", [])})
         if self.adapter_name in merged:
             raise ValueError(
@@ -109,8 +121,7 @@ class NegativeAdapter(UnconditionalModel):
         handles = []
         try:
             for layer in layers:  # never on the conditional rows, even when loaded active
-                active = [layer._active_adapter] if isinstance(layer._active_adapter, str) else layer._active_adapter
-                layer._active_adapter = [name for name in active if name != self.adapter_name]
+                layer._active_adapter = [name for name in _active(layer) if name != self.adapter_name]
                 if rows:
                     handles.append(layer.register_forward_hook(add_to_unconditional_rows))
             yield
@@ -129,9 +140,10 @@ def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> Negat
     """Load a diffusers-format LoRA folder (a Self-NPO or Diffusion-NPO release) into `pipe` as `adapter_name`, off
     for every pass but the unconditional rows of a policy given the returned `NegativeAdapter(adapter_name, **kwargs)`
     as its `unconditional`."""
-    pipe.load_lora_weights(folder, adapter_name=adapter_name)
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    if any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):  # loading again replaces it
+        pipe.delete_adapters(adapter_name)
+    pipe.load_lora_weights(folder, adapter_name=adapter_name)
     for layer in lora_layers(denoiser):
-        active = [layer._active_adapter] if isinstance(layer._active_adapter, str) else layer._active_adapter
-        layer._active_adapter = [name for name in active if name != adapter_name]
+        layer._active_adapter = [name for name in _active(layer) if name != adapter_name]
     return NegativeAdapter(adapter_name, **kwargs)

@@ -40,7 +40,7 @@ class SelfNPOConfig:
     """Training settings; defaults follow the public code where it applies to a LoRA (its full fine-tune uses lr
     1e-6; a LoRA needs a larger one)."""
 
-    steps: int = 400
+    steps: int = 400  # optimisation steps (each of gradient_accumulation_steps micro-batches)
     batch_size: int = 8
     learning_rate: float = 1e-4
     weight_decay: float = 1e-3
@@ -141,6 +141,10 @@ class SelfNPOTrainer:
         self.pipe, self.prompts, self.config = pipe, list(prompts), config
         self.accelerator = Accelerator(mixed_precision=config.mixed_precision,
                                        gradient_accumulation_steps=config.gradient_accumulation_steps)  # fmt: skip
+        if config.batch_size % self.accelerator.num_processes:
+            processes = self.accelerator.num_processes
+            raise ValueError(f"`batch_size` {config.batch_size} must be a multiple of the {processes} processes "
+                             "(each takes an equal share)")  # fmt: skip
         self.diffusion = _Diffusion(pipe.scheduler, flow)
         self.prepare_kwargs = dict(prepare_kwargs or {})
         unet = pipe.denoiser
@@ -155,8 +159,10 @@ class SelfNPOTrainer:
         else:
             lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
                               init_lora_weights=True)  # fmt: skip
-            unet.add_adapter(lora, adapter_name=STUDENT)
-            unet.add_adapter(lora, adapter_name=TEACHER)
+            with torch.random.fork_rng(devices=[]):  # the adapter's initial A from the seed too
+                torch.manual_seed(config.seed)
+                unet.add_adapter(lora, adapter_name=STUDENT)
+                unet.add_adapter(lora, adapter_name=TEACHER)
             self.layers = lora_layers(unet)
             named = dict(unet.named_parameters())
             self.student = {n: p for n, p in named.items() if f".{STUDENT}." in n}
@@ -170,7 +176,9 @@ class SelfNPOTrainer:
         self.unet, self.optimizer = self.accelerator.prepare(unet, self.optimizer)
         self.step = 0
         self.pool, self.pool_prompts = self._pool(images)
-        inputs = pipe.prepare(prompt=self.prompts, negative_prompt=[""] * len(self.prompts), num_inference_steps=1,
+        # the unconditional branch as the public code: "" (SD), zero embeddings (SDXL: diffusers' default for none)
+        negative = None if "XL" in type(pipe).__name__ else [""] * len(self.prompts)
+        inputs = pipe.prepare(prompt=self.prompts, negative_prompt=negative, num_inference_steps=1,
                               **self.prepare_kwargs)  # fmt: skip
         self.conditioning = inputs.conditioning
         width = 1000 // config.grid_steps  # VP: 39, 79, ..., 999; flow: sigma 0.04, 0.08, ..., 1
@@ -204,10 +212,11 @@ class SelfNPOTrainer:
             out = model(x, t, **inputs, **self.conditioning.shared, return_dict=False)[0]
         return self.diffusion.x0_eps(out, x, t)
 
-    def _draws(self, step: int):
-        """Everything random of a step, from (seed, step): sample indices, start points, noises, re-noise times."""
+    def _draws(self, step: int, micro: int = 0):
+        """Everything random of a micro-batch of a step, from (seed, step, micro): sample indices, start points,
+        noises, re-noise times."""
         c = self.config
-        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        generator = torch.Generator().manual_seed(c.seed * 1_000_003 + step + micro * 1_000_000_007)
         index = torch.randint(len(self.pool), (c.batch_size,), generator=generator)
         start = torch.tensor(self.grid)[torch.randint(len(self.grid), (c.batch_size,), generator=generator)]
         shape = (c.batch_size, *self.pool.shape[1:])
@@ -220,8 +229,18 @@ class SelfNPOTrainer:
         return index[share], start[share], noise[share], renoise[share], end[share], later[share]
 
     def train_step(self) -> float:
+        """One optimisation step: `gradient_accumulation_steps` micro-batches of `batch_size`, then the update and the
+        EMA. Returns the mean loss."""
+        losses = [self._micro_step(micro) for micro in range(self.config.gradient_accumulation_steps)]
+        with torch.no_grad():
+            for name, parameter in self.student.items():
+                self.teacher[name].lerp_(parameter.detach(), 1 - self.config.ema_decay)
+        self.step += 1
+        return sum(losses) / len(losses)
+
+    def _micro_step(self, micro: int) -> float:
         c, device = self.config, self.accelerator.device
-        index, start, noise, renoise, end, later = (x.to(device) for x in self._draws(self.step))
+        index, start, noise, renoise, end, later = (x.to(device) for x in self._draws(self.step, micro))
         rows = self.pool_prompts.to(device)[index]
         x0, width = self.pool.to(device)[index].float(), 1000 // c.grid_steps
         a, s = self.diffusion.a_s(start, x0)
@@ -244,9 +263,8 @@ class SelfNPOTrainer:
                 t = torch.where(moving, t_prev, t)
             target = x0_hat
             a_e, s_e = self.diffusion.a_s(end, x)
-            a_l, s_l = self.diffusion.a_s(
-                later, x
-            )  # x_t' = a_t' x_te / a_te + sqrt(s_t'^2 - (a_t' s_te / a_te)^2) eps'
+            a_l, s_l = self.diffusion.a_s(later, x)
+            # x_t' = a_t' x_te / a_te + sqrt(s_t'^2 - (a_t' s_te / a_te)^2) eps'
             x_later = a_l / a_e * x + (s_l**2 - (a_l * s_e / a_e) ** 2).clamp_min(0).sqrt() * renoise
         use_adapter(self.layers, STUDENT)
         with self.accelerator.accumulate(self.unet):
@@ -257,11 +275,6 @@ class SelfNPOTrainer:
                 self.accelerator.clip_grad_norm_(list(self.student.values()), c.grad_clip)
             self.optimizer.step()
             self.optimizer.zero_grad()
-        if self.accelerator.sync_gradients:
-            with torch.no_grad():
-                for name, parameter in self.student.items():
-                    self.teacher[name].lerp_(parameter.detach(), 1 - c.ema_decay)
-        self.step += 1
         return self.accelerator.reduce(loss.detach(), reduction="mean").item()
 
     # checkpoints: the trainable state only, as safetensors + JSON
@@ -285,10 +298,19 @@ class SelfNPOTrainer:
                 else:
                     scalars["state"].setdefault(str(key), {})[name] = value
         save_file(tensors, temporary / "optimizer.safetensors")
-        (temporary / "trainer.json").write_text(json.dumps({"step": self.step, "optimizer": scalars,
+        scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None  # fp16
+        (temporary / "trainer.json").write_text(json.dumps({"step": self.step, "optimizer": scalars, "scaler": scaler,
                                                             "config": asdict(self.config)}))  # fmt: skip
-        shutil.rmtree(folder, ignore_errors=True)
+        for path in temporary.iterdir():  # on disk before the swap
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        # the swap: the previous checkpoint stays whole (as `.old`) until the new one is in place
+        old = folder.with_name(folder.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        if folder.exists():
+            os.replace(folder, old)
         os.replace(temporary, folder)
+        shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, folder: Path) -> None:
         saved = json.loads((folder / "trainer.json").read_text())
@@ -309,7 +331,17 @@ class SelfNPOTrainer:
         for index, values in saved["optimizer"]["state"].items():
             state["state"].setdefault(int(index), {}).update(values)
         self.optimizer.load_state_dict(state)
+        if saved.get("scaler") and self.accelerator.scaler is not None:
+            self.accelerator.scaler.load_state_dict(saved["scaler"])
         self.step = saved["step"]
+
+    def close(self) -> None:
+        """Leave the pipeline usable: the training adapters removed (LoRA) and accelerate's wrappers undone; with
+        `full` its denoiser stays the trained student."""
+        unet = self.accelerator.unwrap_model(self.unet, keep_fp32_wrapper=False)
+        if not self.config.full:
+            unet.delete_adapters([STUDENT, TEACHER])
+        unet.requires_grad_(False)
 
     def save_lora(self, folder: Path) -> Path:
         """The student: a diffusers-format LoRA folder (`pipe.load_lora_weights(folder, adapter_name="npo")`), or with
@@ -337,11 +369,16 @@ def train_self_npo(pipe, prompts, output_dir, config: SelfNPOConfig | None = Non
     output_dir = Path(output_dir)
     trainer = SelfNPOTrainer(pipe, prompts, config, images, prepare_kwargs)
     checkpoint = output_dir / "checkpoint"
-    if (checkpoint / "trainer.json").is_file():
-        trainer.load_checkpoint(checkpoint)
+    for candidate in (checkpoint, checkpoint.with_name("checkpoint.old")):  # `.old`: killed during the swap
+        if (candidate / "trainer.json").is_file():
+            trainer.load_checkpoint(candidate)
+            break
     losses, bar = [], tqdm(total=config.steps, initial=trainer.step, desc="Self-NPO", disable=not progress)
     log = output_dir / "losses.jsonl"
     output_dir.mkdir(parents=True, exist_ok=True)
+    if log.is_file() and trainer.accelerator.is_main_process:  # steps after the checkpoint are done again
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= trainer.step]
+        log.write_text("".join(line + "\n" for line in kept))
     while trainer.step < config.steps and (stop_after is None or len(losses) < stop_after):
         loss = trainer.train_step()
         losses.append(loss)
@@ -355,4 +392,5 @@ def train_self_npo(pipe, prompts, output_dir, config: SelfNPOConfig | None = Non
     bar.close()
     if trainer.step == config.steps:
         trainer.save_lora(output_dir)
+    trainer.close()
     return losses

@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         "lora_alpha": "LoRA alpha",
         "target_modules": "modules that get a LoRA",
         "ema_decay": "decay of the teacher's EMA of the adapter",
-        "teacher_weight": "w of the teacher's x0_c + w (x0_c - x0_u): -1 for SD 1.x/2.x, -5 for SDXL",
+        "teacher_weight": "w of the teacher's x0_c + w (x0_c - x0_u) (default: -5 for SDXL, else -1)",
         "grid_steps": "the DDIM grid of start points",
         "rollout_steps": "K, the teacher's DDIM steps",
         "huber_c": "c of the pseudo-Huber loss",
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in fields(SelfNPOConfig):
         default = getattr(defaults, spec.name)
         option = "--" + spec.name.replace("_", "-")
-        if isinstance(default, bool):
+        if spec.name == "teacher_weight":
+            parser.add_argument(option, type=float, default=None, help=helps[spec.name])
+        elif isinstance(default, bool):
             parser.add_argument(option, action="store_true", help=helps[spec.name])
         elif isinstance(default, list):
             parser.add_argument(option, nargs="+", default=default, help=helps[spec.name])
@@ -94,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = SelfNPOConfig(**{spec.name: getattr(args, spec.name) for spec in fields(SelfNPOConfig)})
+        settings = {spec.name: getattr(args, spec.name) for spec in fields(SelfNPOConfig)}
+        settings["teacher_weight"] = -1.0  # set below for SDXL when not given
+        SelfNPOConfig(**settings)  # the settings' checks, before the model loads
         if bool(args.prompts_file) == bool(args.images):
             raise ValueError("give `--prompts-file` (data-free) or `--images` (a captioned image folder), one of them")
         images, prompts = read_images(args.images) if args.images else (None, read_prompt_file(args.prompts_file))
@@ -106,6 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"`--model` {args.model!r} is a {family} model; Self-NPO training takes SD 1.x/2.x, SDXL and SD3"
             )
+        default_weight = -5.0 if family == "sdxl" else -1.0  # the public code's
+        settings["teacher_weight"] = default_weight if args.teacher_weight is None else args.teacher_weight
+        config = SelfNPOConfig(**settings)
     except (ValueError, TypeError, FileNotFoundError) as error:
         parser.error(str(error))
     pipe.set_progress_bar_config(disable=True)

@@ -113,4 +113,7 @@ def test_bad_adapters_are_refused():
         NegativeAdapter(delta_adapter="npo")
     with pytest.raises(TypeError, match="`adapter_name` must be a non-empty string"):
         NegativeAdapter("")
+    two = with_adapters("sd", "npo", "style")  # "style" not active: the conditional rows do not use it
+    with pytest.raises(ValueError, match="`delta_adapter` 'style' must be active"):
+        images(two, "sd", ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter(delta_adapter="style", beta=0.5)))
     assert all(not layer._forward_hooks for layer in lora_layers(pipe.unet))
