@@ -32,6 +32,7 @@ from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
 from guidance.npo import load_npo_adapter, lora_layers  # noqa: E402
 from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
 from pipelines.loading import load_shapes_pipeline  # noqa: E402
+from pipelines.self_npo import use_adapter  # noqa: E402
 
 SCALES = (3.0, 5.0, 7.5, 10.0)
 
@@ -54,12 +55,10 @@ class AdapterEverywhere:
         self.layers = lora_layers(pipe.denoiser)
 
     def __enter__(self):
-        for layer in self.layers:
-            layer._active_adapter = ["npo"]
+        use_adapter(self.layers, "npo")
 
     def __exit__(self, *exc):
-        for layer in self.layers:
-            layer._active_adapter = []
+        use_adapter(self.layers, None)
 
 
 def memory_probe(args, name: str) -> float:

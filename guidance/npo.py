@@ -98,7 +98,12 @@ class NegativeAdapter(UnconditionalModel):
         terms = self._terms()
 
         block = rows == list(range(rows[0], rows[0] + len(rows))) if rows else False  # the usual case: a slice
-        index: dict[torch.device, torch.Tensor] = {}
+        indices: dict[torch.device, torch.Tensor] = {}
+
+        def index(device: torch.device) -> torch.Tensor:  # made once per device and pass, not per layer
+            if device not in indices:
+                indices[device] = torch.tensor(rows, device=device)
+            return indices[device]
 
         def add_to_unconditional_rows(layer, args, output):
             x = args[0]
@@ -107,15 +112,14 @@ class NegativeAdapter(UnconditionalModel):
             if block:
                 picked = x[rows[0] : rows[0] + len(rows)]
             else:
-                picked = x[index.setdefault(x.device, torch.tensor(rows, device=x.device))]
+                picked = x[index(x.device)]
             extra = sum(weight * lora_output(layer, name, picked) for name, weight in terms if name in layer.lora_A)
             if isinstance(extra, int):
                 return output
             if block and not torch.is_grad_enabled():
                 output[rows[0] : rows[0] + len(rows)] += extra.to(output.dtype)
                 return output
-            return output.index_add(0, index.setdefault(x.device, torch.tensor(rows, device=x.device)),
-                                    extra.to(output.dtype))  # fmt: skip
+            return output.index_add(0, index(x.device), extra.to(output.dtype))
 
         saved = [(layer, layer._active_adapter) for layer in layers]
         handles = []

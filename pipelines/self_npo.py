@@ -201,11 +201,12 @@ class SelfNPOTrainer:
                         **self.prepare_kwargs)  # fmt: skip
         return out.images, torch.arange(c.pool_size) % len(self.prompts)
 
-    def _eps(self, x, t, rows, branch, model=None):
+    def _eps(self, x, t, rows, branches=("cond",), model=None):
         """x0 and eps of `model` (default: the prepared, possibly distributed, student; the teacher's no-grad passes
-        use the bare module)."""
+        use the bare module) for the rows of each branch in turn, in one batched pass."""
         model = self.unet if model is None else model
-        inputs = self.conditioning.rows([branch], {branch: rows})
+        inputs = self.conditioning.rows(list(branches), dict.fromkeys(branches, rows))
+        x, t = torch.cat([x] * len(branches)), torch.cat([t] * len(branches))
         if self.diffusion.flow:  # the transformer takes sigma * 1000
             out = self.pipe._predict(model, None, x, t.float(), inputs, self.conditioning.shared)
         else:  # the VP x_t as it is (no scheduler input scaling)
@@ -249,8 +250,8 @@ class SelfNPOTrainer:
         with torch.no_grad():  # the teacher's K DDIM steps with the CFG-combined estimates
             use_adapter(self.layers, TEACHER)
             for _ in range(c.rollout_steps + 1):
-                x0_c, eps_c = self._eps(x, t, rows, "cond", bare)
-                x0_u, eps_u = self._eps(x, t, rows, "uncond", bare)
+                x0, eps = self._eps(x, t, rows, ("uncond", "cond"), bare)  # one pass, as CFG batches them
+                (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
                 x0_hat = x0_c + c.teacher_weight * (x0_c - x0_u)
                 eps_hat = eps_c + c.teacher_weight * (eps_c - eps_u)
                 moving = t > end
@@ -268,7 +269,7 @@ class SelfNPOTrainer:
             x_later = a_l / a_e * x + (s_l**2 - (a_l * s_e / a_e) ** 2).clamp_min(0).sqrt() * renoise
         use_adapter(self.layers, STUDENT)
         with self.accelerator.accumulate(self.unet):
-            x0_student, _ = self._eps(x_later, later, rows, "cond")
+            x0_student, _ = self._eps(x_later, later, rows)
             loss = pseudo_huber(x0_student, target, c.huber_c)
             self.accelerator.backward(loss)
             if self.accelerator.sync_gradients:
