@@ -1,130 +1,835 @@
-"""Gradio demo: generate with a chosen guidance method and see what it did at every step.
+"""Gradio demo: compare guidance policies side by side on the same seeds, and edit or invert images with FlowOpt,
+iterate by iterate.
 
-A thin shell: widgets, validation and plots; the pipelines and guidance schedulers do the work.
-Run `python app.py` (needs the `demo` extra: `pip install -e ".[demo]"`).
+A thin shell: widgets, validation and plots; the pipelines and guidance schedulers do the work. Every event is a
+plain function of this module (`compare`, `edit`, `request_stop`, `take_from_compare`, `upload`, `apply_preset`,
+`method_controls`), so the page, `gradio_client` and tests call the same code. Run `python app.py` (needs the `demo`
+extra: `pip install -e ".[demo]"`).
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
+import inspect
+import math
+import os
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import astuple, dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from guidance import ClassifierFreeGuidance
 from guidance.npo import NegativeAdapter, load_npo_adapter
-from guidance.plot import plot_trace
-from pipelines.loading import DEFAULT_MODEL, call_defaults, load_pipeline
-from pipelines.policies import METHODS, policy_from_options
+from guidance.plot import plot_dynamic_trace, plot_residuals, plot_trace
+from guidance.shapes.assets import ASSETS
+from pipelines.loading import DEFAULT_MODEL, SHAPES_MODELS, call_defaults, load_pipeline, model_family
+from pipelines.policies import DEFAULT_CANDIDATES, METHODS, policy_from_options
+from pipelines.tiny import FAMILIES
+
+MAX_POLICIES = 4
+OFF = "off"
+EDIT_MODEL = "shapes:sd3"
+EDIT_MODES = ("FlowOpt edit", "invert, then regenerate", "FlowEdit", "Invert (reconstruction)")
+MAX_SCALE, MAX_STEPS, MAX_IMAGES, MAX_ITERATIONS = 30.0, 100, 8, 50
+CONCURRENCY = 2  # calls of one event in progress at once; calls on one model still take turns (its lock)
+METHOD_NAMES = {"cfg": "CFG", "scheduled": "scheduled CFG", "ag": "AG", "linear-ag": "LinearAG", "dynamic": "dynamic",
+                "none": "no guidance"}  # fmt: skip
 
 
-@lru_cache(maxsize=2)
-def cached_pipeline(model: str, npo: str = ""):
-    """The pipeline of `model`, with the Self-NPO adapter folder `npo` loaded (kept off but for NPO's rows)."""
-    pipe, family = load_pipeline(model)
-    pipe.set_progress_bar_config(disable=True)
-    if npo:
-        load_npo_adapter(pipe, npo)
-    return pipe, family
+def evaluator_choices() -> list[tuple[str, str]]:
+    """(label, `load_evaluator` spec) of the evaluators dynamic guidance can be given in the page."""
+    return [
+        ("latent CLIP head (shapes:sd, no decode)", str(ASSETS / "shapes-sd-latent-clip")),
+        ("latent fidelity head (shapes:sd, no decode)", str(ASSETS / "shapes-sd-latent-fidelity")),
+        ("CLIP on decoded pixels", "clip"),
+        ("fidelity discriminator on decoded pixels (shapes:sd)", str(ASSETS / "shapes-sd-fidelity")),
+    ]
 
 
-def generate(
-    prompt: str,
-    negative_prompt: str = "",
-    method: str = "cfg",
-    guidance_scale: float = 7.5,
-    final_guidance_scale: float | None = None,
-    schedule: str = "linear",
-    start: float = 0.0,
-    stop: float = 1.0,
-    num_inference_steps: int = 20,
-    num_images: int = 4,
-    seed: int = 0,
-    model: str = DEFAULT_MODEL,
-    threshold: float = 0.995,
-    coefficients: str = "",
-    npo: str = "",
-):
-    """Images, a figure of the per-step scales and a one-line summary; ValueError on bad input."""
-    if not prompt.strip():
-        raise ValueError("`prompt` must not be empty")
-    if method not in METHODS:
-        raise ValueError(f"`method` must be one of {list(METHODS)}, got {method!r}")
-    if int(num_inference_steps) < 1 or int(num_images) < 1:
-        raise ValueError(f"steps and images must be >= 1, got {num_inference_steps} and {num_images}")
-    npo = (npo or "").strip()
-    if npo and not (Path(npo).is_dir() and any(Path(npo).glob("*.safetensors"))):
-        raise ValueError(f"the Self-NPO adapter must be a folder holding a LoRA .safetensors file, got {npo!r}")
-    options = dict(
-        guidance=method,
-        guidance_scale=float(guidance_scale),
-        final_guidance_scale=None if final_guidance_scale in (None, "") else float(final_guidance_scale),
-        schedule=schedule,
-        guidance_rescale=0.0,
-        guidance_start=float(start),
-        guidance_stop=float(stop),
-        threshold=float(threshold),
-        compared="x0",
-        coefficients=coefficients or None,
-    )
-    unconditional = NegativeAdapter("npo") if npo else None
-    guidance = policy_from_options(options, model, int(num_inference_steps), unconditional)
-    pipe, family = cached_pipeline(model, npo)
-    extra = call_defaults(model, family)
-    result = pipe(
-        prompt,
-        negative_prompt=negative_prompt or None,
-        num_images_per_prompt=int(num_images),
-        num_inference_steps=int(num_inference_steps),
-        generator=[torch.Generator().manual_seed(int(seed) + k) for k in range(int(num_images))],
-        guidance=guidance,
-        **extra,
-    )
-    summary = f"{guidance!r}: {result.trace.nfe:g} model evaluations per image over {num_inference_steps} steps"
-    return result.images, plot_trace(result.trace), summary
+# --------------------------------------------------------------------------------------------------- validation
+
+
+def read_number(value: Any, name: str, low: float, high: float, integer: bool = False) -> float | int:
+    """`value` (a number, or text holding one) checked to lie in [low, high]; a ValueError naming the field."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{name} must be a number, got an empty box")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+    if integer and value != int(value):
+        raise ValueError(f"{name} must be a whole number, got {value:g}")
+    return int(value) if integer else float(value)
+
+
+def read_prompt(value: Any, name: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    return value.strip()
+
+
+def read_model(model: Any, flow: bool = False) -> str:
+    """A model name of the picker: a shipped shapes model, `tiny:<family>` or an existing local diffusers folder."""
+    if not isinstance(model, str) or not model.strip():
+        raise ValueError(f"model must be one of {list(SHAPES_MODELS)} or a local diffusers folder, got an empty box")
+    model = model.strip()
+    if model.startswith("shapes:") and model not in SHAPES_MODELS:
+        raise ValueError(f"model {model!r}: the shipped shapes models are {list(SHAPES_MODELS)}")
+    if model.startswith("tiny:") and model.removeprefix("tiny:") not in FAMILIES:
+        raise ValueError(f"model {model!r}: tiny:<family> takes a family in {list(FAMILIES)}")
+    if not model.startswith(("shapes:", "tiny:")) and not os.path.isdir(model):
+        raise ValueError(f"model {model!r} is neither a shipped shapes model {list(SHAPES_MODELS)} nor an "
+                         "existing local diffusers folder")  # fmt: skip
+    if flow and family_of(model) not in ("sd3", "flux"):
+        raise ValueError(f"model {model!r} is a {family_of(model).upper()} model: editing needs a flow model "
+                         "(SD3 or Flux), e.g. shapes:sd3")  # fmt: skip
+    return model
+
+
+def family_of(model: str) -> str:
+    if model in SHAPES_MODELS:
+        return "sd3" if model == "shapes:sd3" else "sd"
+    if model.startswith("tiny:"):
+        return model.removeprefix("tiny:")
+    return model_family(model)
+
+
+def device_and_dtype(family: str) -> tuple[str, torch.dtype]:
+    """CUDA in float16 (bfloat16 for Flux, which overflows in float16) when there is a GPU, else the CPU in float32."""
+    if torch.cuda.is_available():
+        return "cuda", torch.bfloat16 if family == "flux" else torch.float16
+    return "cpu", torch.float32
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+class LoadedModels:
+    """Pipelines loaded once and shared by every session, a lock each: runs on one model take turns, since a
+    Self-NPO pass puts hooks on the shared denoiser for its length (per-call state otherwise lives in the call)."""
+
+    def __init__(self, size: int = 2):
+        self.size, self.models, self.lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, model: str) -> tuple[Any, str, threading.Lock]:
+        with self.lock:
+            if model not in self.models:
+                family = family_of(model)
+                device, dtype = device_and_dtype(family)
+                try:
+                    pipe, family = load_pipeline(model, dtype=dtype, device=device)
+                except Exception as error:  # any failure to load is the user's model: say so in the page
+                    raise ValueError(f"model {model!r} could not be loaded: {error}") from error
+                pipe.set_progress_bar_config(disable=True)
+                self.models[model] = (pipe, family, threading.Lock(), {})
+                while len(self.models) > self.size:
+                    self.models.popitem(last=False)
+            self.models.move_to_end(model)
+            pipe, family, lock, _ = self.models[model]
+            return pipe, family, lock
+
+    def negative_adapter(self, model: str, folder: str) -> NegativeAdapter:
+        """Self-NPO's `NegativeAdapter` for adapter `folder`, loaded into the model's pipeline on first use (kept off
+        but for the unconditional rows of the policies that ask for it). Call with the model's lock held."""
+        pipe, _, _, adapters = self.models[model]
+        if folder not in adapters:
+            name = f"npo{len(adapters)}"
+            try:
+                load_npo_adapter(pipe, folder, adapter_name=name)
+            except Exception as error:
+                raise ValueError(f"Self-NPO adapter {folder!r} could not be loaded into {model!r}: {error}") from error
+            adapters[folder] = name
+        return NegativeAdapter(adapters[folder])
+
+
+MODELS = LoadedModels()
+
+
+def npo_folder(folder: Any, model: str) -> str:
+    """The Self-NPO adapter folder: the one given, else the adapter shipped for a shapes model."""
+    folder = (folder or "").strip() if isinstance(folder, str) else ""
+    if not folder:
+        shipped = ASSETS / f"{SHAPES_MODELS.get(model, '')}-npo"
+        if model not in SHAPES_MODELS or not shipped.is_dir():
+            raise ValueError(f"no Self-NPO adapter is shipped for {model!r}: give an adapter folder")
+        return str(shipped)
+    if not (Path(folder).is_dir() and any(Path(folder).glob("*.safetensors"))):
+        raise ValueError(f"the Self-NPO adapter must be a folder holding a LoRA .safetensors file, got {folder!r}")
+    return folder
+
+
+# --------------------------------------------------------------------------------------------------- Compare
+
+
+@dataclass
+class PolicyControls:
+    """One policy slot of the Compare tab, in the order of its widgets."""
+
+    method: str = OFF
+    guidance_scale: Any = 7.5
+    final_guidance_scale: Any = 1.0
+    schedule: str = "linear"
+    threshold: Any = 0.995
+    coefficients: str = ""
+    candidates: str = ", ".join(f"{c:g}" for c in DEFAULT_CANDIDATES)
+    evaluators: list | tuple = ()
+    guidance_start: Any = 0.0
+    guidance_stop: Any = 1.0
+    npo: bool = False
+
+
+POLICY_FIELDS = [f.name for f in fields(PolicyControls)]
+# which controls each method shows (the rest are hidden): what `policy_from_options` reads, and the NPO switch
+SHOWN = {
+    OFF: (),
+    "none": (),
+    "cfg": ("guidance_scale", "guidance_start", "guidance_stop", "npo"),
+    "scheduled": ("guidance_scale", "final_guidance_scale", "schedule", "guidance_start", "guidance_stop", "npo"),
+    "ag": ("guidance_scale", "threshold", "guidance_start", "guidance_stop", "npo"),
+    "linear-ag": ("guidance_scale", "coefficients", "guidance_start", "guidance_stop", "npo"),
+    "dynamic": ("candidates", "evaluators", "guidance_start", "guidance_stop", "npo"),
+}
+
+
+def policy_options(controls: PolicyControls, where: str) -> dict:
+    """The guidance options of a slot (checked; only what its method reads), for `policy_from_options`."""
+    method = controls.method
+    if method not in SHOWN:
+        raise ValueError(f"{where}: method must be one of {[OFF, *METHODS]}, got {method!r}")
+    shown, options = SHOWN[method], {"guidance": method}
+    if "guidance_scale" in shown:
+        options["guidance_scale"] = read_number(controls.guidance_scale, f"{where}: guidance scale", 0, MAX_SCALE)
+    if "final_guidance_scale" in shown:
+        options["final_guidance_scale"] = read_number(controls.final_guidance_scale, f"{where}: final guidance scale",
+                                                      0, MAX_SCALE)  # fmt: skip
+        options["schedule"] = controls.schedule
+    if "threshold" in shown:
+        options["threshold"] = read_number(controls.threshold, f"{where}: AG threshold", 0, 1)
+    if "coefficients" in shown and (controls.coefficients or "").strip():
+        options["coefficients"] = controls.coefficients.strip()
+    if "candidates" in shown:
+        text = str(controls.candidates or "").replace(",", " ").split()
+        if not text:
+            raise ValueError(f"{where}: candidate scales must be numbers separated by commas, got an empty box")
+        options["candidates"] = [read_number(c, f"{where}: candidate scale", 0, MAX_SCALE) for c in text]
+        options["evaluator"] = list(controls.evaluators) or None
+    if "guidance_start" in shown:
+        start = read_number(controls.guidance_start, f"{where}: guidance interval start", 0, 1)
+        stop = read_number(controls.guidance_stop, f"{where}: guidance interval stop", 0, 1)
+        if start > stop:
+            raise ValueError(f"{where}: guidance interval start ({start:g}) must be <= its stop ({stop:g})")
+        options.update(guidance_start=start, guidance_stop=stop)
+    return options
+
+
+def policy_label(options: dict, npo: bool) -> str:
+    method, label = options["guidance"], METHOD_NAMES[options["guidance"]]
+    if "guidance_scale" in options:
+        label += f" {options['guidance_scale']:g}"
+    if method == "scheduled":
+        label += f" -> {options['final_guidance_scale']:g} ({options['schedule']})"
+    if method == "ag":
+        label += f" (threshold {options['threshold']:g})"
+    if method == "dynamic":
+        label += f" (candidates {' '.join(f'{c:g}' for c in options['candidates'])})"
+    if (options.get("guidance_start", 0), options.get("guidance_stop", 1)) != (0, 1):
+        label += f", interval [{options['guidance_start']:g}, {options['guidance_stop']:g}]"
+    return label + (" + Self-NPO" if npo else "")
+
+
+@dataclass
+class PolicyResult:
+    label: str
+    images: list
+    figure: Any
+    nfe: float
+    seconds: float
+
+
+def compare_summary(results: dict[int, PolicyResult], steps: int, device: str) -> str:
+    """A table of NFEs and wall time per policy, and which one was cheapest (fewest NFEs, then time)."""
+    rows = [f"| {slot + 1} | {r.label} | {r.nfe:g} | {r.seconds:.2f} |" for slot, r in results.items()]
+    table = "\n".join(["| policy | method | NFEs per image | wall time (s) |", "| --- | --- | --- | --- |", *rows])
+    slot, cheapest = min(results.items(), key=lambda item: (item[1].nfe, item[1].seconds))
+    most = max(r.nfe for r in results.values())
+    note = f"**Cheapest: policy {slot + 1}, {cheapest.label}**: {cheapest.nfe:g} model evaluations per image"
+    if len(results) > 1 and most > 0:
+        note += f" ({cheapest.nfe / most:.2f} of the most expensive's {most:g})"
+    return f"{table}\n\n{note}; {steps} steps on {device}."
+
+
+def run_policy(model: str, family: str, prompt: str, negative: str, steps: int, images: int, seed: int,
+               options: dict, npo: str | None, on_step: Callable[[int], None]) -> PolicyResult:  # fmt: skip
+    """One policy on the shared seeds `seed + k`, timed, with the model's lock held for the run."""
+    pipe, _, lock = MODELS.get(model)
+    with lock:
+        unconditional = MODELS.negative_adapter(model, npo) if npo else None
+        guidance = policy_from_options(options, model, steps, unconditional)
+
+        def step_end(pipe, step, timestep, tensors):
+            on_step(step + 1)
+            return tensors
+
+        started = time.perf_counter()
+        out = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=images, num_inference_steps=steps,
+                   generator=[torch.Generator().manual_seed(seed + k) for k in range(images)], guidance=guidance,
+                   callback_on_step_end=step_end, **call_defaults(model, family))  # fmt: skip
+        seconds = time.perf_counter() - started
+    dynamic = any("candidate_scores" in extras for extras in out.trace.extras)
+    figure = closed(plot_dynamic_trace(out.trace) if dynamic else plot_trace(out.trace))
+    return PolicyResult(policy_label(options, bool(npo)), out.images, figure, out.trace.nfe, seconds)
+
+
+def compare(prompt, negative_prompt, model, num_inference_steps, num_images, seed, npo_adapter, *policy_values,
+            progress: Callable | None = None) -> Iterator[tuple]:  # fmt: skip
+    """The Compare tab: up to `MAX_POLICIES` policies (slots of `PolicyControls` values, flat) on the same prompt
+    and seeds. Yields the page's outputs after each policy: per slot (images, scale plot, NFEs and time), then the
+    summary, the images kept for the Edit tab and the choices of its picker."""
+    prompt = read_prompt(prompt, "prompt")
+    model = read_model(model)
+    steps = read_number(num_inference_steps, "steps", 1, MAX_STEPS, integer=True)
+    images = read_number(num_images, "images per policy", 1, MAX_IMAGES, integer=True)
+    seed = read_number(seed, "seed", 0, 2**31 - 1, integer=True)
+    width = len(POLICY_FIELDS)
+    if len(policy_values) != MAX_POLICIES * width:
+        raise TypeError(f"compare takes {MAX_POLICIES} policies of {width} values, got {len(policy_values)} values")
+    slots = [PolicyControls(*policy_values[k * width : (k + 1) * width]) for k in range(MAX_POLICIES)]
+    chosen = {k: slot for k, slot in enumerate(slots) if slot.method != OFF}
+    if not chosen:
+        raise ValueError("choose a method for at least one policy")
+    options = {k: policy_options(slot, f"policy {k + 1}") for k, slot in chosen.items()}
+    adapters = {k: npo_folder(npo_adapter, model) if chosen[k].npo and "npo" in SHOWN[chosen[k].method] else None
+                for k in chosen}  # fmt: skip
+    family = MODELS.get(model)[1]
+    device = device_and_dtype(family)[0]
+    results: dict[int, PolicyResult] = {}
+    for done, (k, slot_options) in enumerate(options.items()):
+        if progress is not None:
+            progress((done * steps, len(options) * steps), desc=f"policy {k + 1}")
+
+        def on_step(step, done=done, k=k):
+            if progress is not None:
+                progress((done * steps + step, len(options) * steps), desc=f"policy {k + 1}: step {step}/{steps}")
+
+        results[k] = run_policy(model, family, prompt, negative_prompt, steps, images, seed, slot_options, adapters[k],
+                                on_step)  # fmt: skip
+        yield compare_outputs(results, steps, device, prompt, finished=done + 1 == len(options))
+
+
+def compare_outputs(results: dict[int, PolicyResult], steps: int, device: str, prompt: str, finished: bool) -> tuple:
+    outputs = []
+    for k in range(MAX_POLICIES):
+        result = results.get(k)
+        outputs += [result.images, result.figure,
+                    f"**{result.label}**: {result.nfe:g} NFEs per image, {result.seconds:.2f} s"] if result else [
+                    None, None, ""]  # fmt: skip
+    summary = compare_summary(results, steps, device) if finished else f"running... ({len(results)} done)"
+    kept = [(f"policy {k + 1} ({r.label}), image {i + 1}", image, prompt) for k, r in results.items()
+            for i, image in enumerate(r.images)]  # fmt: skip
+    return (*outputs, summary, kept)
+
+
+# --------------------------------------------------------------------------------------------------- Edit
+
+
+def upload(path: Any) -> Any:
+    """The uploaded file as an RGB image; a readable error if it is not an image."""
+    import PIL.Image
+
+    if path is None:
+        return None
+    path = getattr(path, "name", path)
+    try:
+        with PIL.Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, PIL.UnidentifiedImageError):
+        raise ValueError(f"the uploaded file {Path(path).name!r} is not an image (PNG, JPEG, WebP, ...)") from None
+
+
+def take_from_compare(kept: list | None, choice: str | None) -> tuple:
+    """The Compare image picked (its label), as the Edit tab's source image, with its prompt as the source prompt."""
+    for label, image, prompt in kept or []:
+        if label == choice:
+            return image, prompt
+    raise ValueError("run a comparison first, then pick one of its images")
+
+
+def request_stop(session: dict | None) -> str:
+    """The Stop button: the running edit of this session stops after its current iteration, keeping the best."""
+    if session and "stop" in session:
+        session["stop"].set()
+        return "stopping after the current iteration..."
+    return "nothing is running"
+
+
+def in_background(work: Callable[[Callable], Any]) -> Iterator[tuple[str, Any]]:
+    """Run `work(emit)` in a thread; yield what it emits, as it emits it, then ("done", its result); its exception
+    is raised here."""
+    events: queue.Queue = queue.Queue()
+
+    def target():
+        try:
+            events.put(("done", work(lambda *event: events.put(event))))
+        except BaseException as error:  # handed to the caller's thread
+            events.put(("error", error))
+
+    threading.Thread(target=target, daemon=True).start()
+    while True:
+        event = events.get()
+        if event[0] == "error":
+            raise event[1]
+        yield event
+        if event[0] == "done":
+            return
+
+
+def psnr(image, reference) -> float:
+    """PSNR in dB of two PIL images of one size, in [0, 255]."""
+    a, b = (torch.tensor(list(i.getdata()), dtype=torch.float64) for i in (image, reference))
+    mse = ((a - b) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+# the settings each mode starts from: T, n_max, iterations, step size, target guidance scale (FlowOpt's were chosen
+# on the shapes world's training scenes, see the README; FlowEdit's and the inversion's are their defaults there)
+MODE_DEFAULTS = {
+    EDIT_MODES[0]: (15, 15, 4, "0.02", 3.5),
+    EDIT_MODES[1]: (15, 15, 0, "0.02", 3.5),
+    EDIT_MODES[2]: (50, 33, 0, "0.02", 13.5),
+    EDIT_MODES[3]: (10, 10, 30, "0.2", 1.0),
+}
+
+
+def mode_defaults(mode: str) -> tuple:
+    """The Edit tab's settings when a mode is picked (T, n_max, iterations, step size, target guidance scale)."""
+    if mode not in MODE_DEFAULTS:
+        raise ValueError(f"mode must be one of {list(EDIT_MODES)}, got {mode!r}")
+    return MODE_DEFAULTS[mode]
+
+
+@dataclass
+class EditState:
+    """What an edit shows so far: the iterates, their residuals and which one is kept (the lowest residual)."""
+
+    iterates: list
+    residuals: list
+    status: str = ""
+
+    @property
+    def best(self) -> int | None:
+        return min(range(len(self.residuals)), key=lambda k: self.residuals[k][0]) if self.residuals else None
+
+    def outputs(self, result: Any = None) -> tuple:
+        best = self.best
+        image = result if result is not None else (self.iterates[best] if best is not None else None)
+        gallery = [(image, f"iteration {k}") for k, image in enumerate(self.iterates)]
+        figure = closed(plot_residuals(self.residuals, best)) if self.residuals else None
+        return gallery, image, figure, self.status
+
+
+def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, n_max, iterations, step_size,
+         guidance_scale, seed, session, progress: Callable | None = None) -> Iterator[tuple]:  # fmt: skip
+    """The Edit tab: FlowOpt editing with iterates streamed as they are computed (Stop keeps the best so far),
+    "invert, then regenerate" (iterate 0), FlowEdit, or inversion with the reconstruction's PSNR. Yields (iterates,
+    kept image, residual plot, status)."""
+    model = read_model(model, flow=True)
+    if image is None:
+        raise ValueError("give a source image: upload one, or take one from the Compare tab")
+    mode_defaults(mode)
+    inverting, flowedit = mode == EDIT_MODES[3], mode == EDIT_MODES[2]
+    source_prompt = read_prompt(source_prompt, "source prompt")
+    target_prompt = source_prompt if inverting else read_prompt(target_prompt, "target prompt")
+    steps = read_number(num_inference_steps, "steps T", 1, MAX_STEPS, integer=True)
+    n_max = read_number(n_max, "n_max", 1, steps, integer=True)
+    iterations = 0 if mode == EDIT_MODES[1] else read_number(iterations, "iterations", 0, MAX_ITERATIONS, integer=True)
+    auto = isinstance(step_size, str) and step_size.strip() == "auto"
+    eta = "auto" if auto else read_number(step_size, "step size (a number or 'auto')", 1e-6, 10)
+    scale = read_number(guidance_scale, "target guidance scale", 0, MAX_SCALE)
+    seed = read_number(seed, "seed", 0, 2**31 - 1, integer=True)
+    pipe, family, lock = MODELS.get(model)
+    multiple = pipe.pixel_multiple()
+    if min(image.size) < multiple:
+        raise ValueError(f"the image ({image.width}x{image.height}) is too small for {model!r}: its sides must be at "
+                         f"least {multiple} pixels")  # fmt: skip
+    stop = threading.Event()
+    if isinstance(session, dict):
+        session["stop"] = stop
+    height, width = image.height - image.height % multiple, image.width - image.width % multiple
+    source = image.convert("RGB").crop((0, 0, width, height))
+
+    def work(emit):
+        def on_iteration(pipe, iteration, tensors):
+            emit("iterate", iteration, decoded_image(pipe, tensors["latents"], height, width), tensors["residuals"])
+            return {"stop": True} if stop.is_set() else None
+
+        flux = family == "flux"
+        common = dict(num_inference_steps=steps, n_max=n_max, generator=torch.Generator().manual_seed(seed),
+                      **call_defaults(model, family))  # fmt: skip
+        run = dict(iterations=iterations, step_size=eta, callback_on_iteration=on_iteration, **common)
+        with lock:
+            if flowedit:
+                target = dict(guidance_scale=scale) if flux else dict(target_guidance=ClassifierFreeGuidance(scale))
+                return pipe.flowedit(source, source_prompt, target_prompt, **target, **common)
+            if inverting:
+                return pipe.invert(source, source_prompt, **run)
+            target = dict(guidance_scale=scale) if flux else dict(guidance=ClassifierFreeGuidance(scale))
+            return pipe.edit(source, source_prompt, target_prompt, **target, **run)
+
+    state = EditState([], [], f"running {mode} on {device_and_dtype(family)[0]}...")
+    yield state.outputs()
+    for event in in_background(work):
+        if event[0] == "iterate":
+            _, iteration, picture, residuals = event
+            state.iterates.append(picture)
+            state.residuals.append(residuals)
+            state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
+            if progress is not None:
+                progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}")
+            yield state.outputs()
+            continue
+        out = event[1]
+        if flowedit:
+            state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
+            yield state.outputs(out.images[0])
+            return
+        why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
+        best = state.best
+        state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; kept "
+                        f"iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}); {out.nfe:g} model "
+                        "evaluations")  # fmt: skip
+        if inverting:
+            ceiling = psnr(round_trip(pipe, source), source)
+            state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's round "
+                             f"trip alone: {ceiling:.2f} dB)")  # fmt: skip
+        yield state.outputs()
+
+
+@torch.no_grad()
+def decoded_image(pipe, latents: torch.Tensor, height: int, width: int):
+    """The PIL image of denoised latents in the denoiser's layout (Flux: packed)."""
+    vae_latents = pipe.unpack_latents(latents.to(pipe.vae.dtype), height, width)
+    return pipe.image_processor.postprocess(pipe.decode_for_guidance(vae_latents), output_type="pil")[0]
+
+
+@torch.no_grad()
+def round_trip(pipe, image):
+    """The image through the VAE and back: the best any inversion can reconstruct."""
+    latents = pipe.encode_pixels(pipe.image_processor.preprocess(image).to(pipe.device, pipe.vae.dtype))
+    return decoded_image(pipe, latents, image.height, image.width)
+
+
+# --------------------------------------------------------------------------------------------------- presets
+
+
+PRESETS = {
+    "AG and LinearAG against CFG (README: Adaptive Guidance)": dict(
+        model="shapes:sd", steps=20, policies=[
+            PolicyControls("cfg", 7.5), PolicyControls("ag", 7.5, threshold=0.995),
+            PolicyControls("ag", 7.5, threshold=0.999), PolicyControls("linear-ag", 7.5)]),
+    "Dynamic guidance against fixed scales (README: dynamic guidance)": dict(
+        model="shapes:sd", steps=20, policies=[
+            PolicyControls("cfg", 7.5), PolicyControls("cfg", 15.0),
+            PolicyControls("dynamic", candidates="5, 7.5, 10, 15", evaluators=[s for _, s in evaluator_choices()[:2]]),
+            PolicyControls("dynamic", evaluators=[s for _, s in evaluator_choices()[:2]])]),
+    "Self-NPO in the unconditional branch (README: Self-NPO)": dict(
+        model="shapes:sd", steps=20, policies=[
+            PolicyControls("cfg", 7.5), PolicyControls("cfg", 7.5, npo=True),
+            PolicyControls("ag", 7.5), PolicyControls("ag", 7.5, npo=True)]),
+    "Scheduled CFG and a guidance interval": dict(
+        model="shapes:sd", steps=20, policies=[
+            PolicyControls("cfg", 7.5), PolicyControls("scheduled", 15.0, final_guidance_scale=1.0),
+            PolicyControls("scheduled", 15.0, final_guidance_scale=1.0, schedule="cosine"),
+            PolicyControls("cfg", 7.5, guidance_start=0.0, guidance_stop=0.5)]),
+}  # fmt: skip
+
+
+def apply_preset(name: str) -> tuple:
+    """The model, steps and every slot's values of a preset (the headline comparisons of the README)."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
+    preset = PRESETS[name]
+    slots = preset["policies"] + [PolicyControls()] * (MAX_POLICIES - len(preset["policies"]))
+    values = [value for slot in slots for value in astuple(replace(slot, evaluators=list(slot.evaluators)))]
+    return (preset["model"], preset["steps"], *values)
+
+
+def method_controls(method: str) -> list[bool]:
+    """Which of a slot's controls (`POLICY_FIELDS` after the method) its method shows."""
+    if method not in SHOWN:
+        raise ValueError(f"method must be one of {[OFF, *METHODS]}, got {method!r}")
+    return [name in SHOWN[method] for name in POLICY_FIELDS[1:]]
+
+
+# --------------------------------------------------------------------------------------------------- the page
+
+
+def page_event(function: Callable, names: list[str], streams: bool = False) -> Callable:
+    """`function` as a Gradio event: parameters named after the widgets (what gradio_client's API shows), a progress
+    bar in the page for the streaming ones, and bad input (ValueError, TypeError) shown as a readable error in the
+    page instead of a traceback."""
+    import gradio as gr
+
+    def readable(error: Exception) -> gr.Error:
+        return gr.Error(str(error), print_exception=False)
+
+    def stream(*values):
+        *values, progress = values
+        try:
+            yield from function(*values, progress=progress)
+        except (ValueError, TypeError) as error:
+            raise readable(error) from error
+
+    def call(*values):
+        try:
+            return function(*values)
+        except (ValueError, TypeError) as error:
+            raise readable(error) from error
+
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    if streams:
+        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+        parameters.append(inspect.Parameter("progress", keyword, default=gr.Progress()))
+    event = stream if streams else call
+    event.__signature__ = inspect.Signature(parameters)
+    event.__name__ = function.__name__
+    return event
+
+
+def closed(figure):
+    """A matplotlib figure detached from pyplot (Gradio draws it; pyplot would keep every one open)."""
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return figure
 
 
 def build_demo():
     import gradio as gr
 
-    def run(*values):
-        try:
-            return generate(*values)
-        except (ValueError, TypeError) as error:
-            raise gr.Error(str(error)) from error
-
     with gr.Blocks(title="Guidance schedulers") as demo:
-        gr.Markdown("## Guidance schedulers\nPick a guidance method; the plot shows the scale applied at each step.")
-        with gr.Row():
-            with gr.Column():
-                inputs = [
-                    gr.Textbox(label="prompt", value="a large red circle at the center on white"),
-                    gr.Textbox(label="negative prompt"),
-                    gr.Dropdown(list(METHODS), value="cfg", label="guidance method"),
-                    gr.Slider(0.0, 15.0, value=7.5, step=0.5, label="guidance scale (first step if scheduled)"),
-                    gr.Number(value=None, label="final guidance scale (scheduled)"),
-                    gr.Dropdown(["constant", "linear", "cosine"], value="linear", label="schedule (scheduled)"),
-                    gr.Slider(0.0, 1.0, value=0.0, step=0.05, label="guidance interval start"),
-                    gr.Slider(0.0, 1.0, value=1.0, step=0.05, label="guidance interval stop"),
-                    gr.Slider(1, 50, value=20, step=1, label="steps"),
-                    gr.Slider(1, 8, value=4, step=1, label="images"),
-                    gr.Number(value=0, precision=0, label="seed"),
-                    gr.Textbox(
-                        value=DEFAULT_MODEL, label="model (shapes:sd, shapes:sd3, a diffusers folder, tiny:<family>)"
-                    ),
-                    gr.Number(value=0.995, label="AG threshold (ag)"),
-                    gr.Textbox(value="", label="LinearAG coefficients folder (linear-ag; empty: the shipped ones)"),
-                    gr.Textbox(
-                        value="",
-                        label="Self-NPO adapter folder in the unconditional branch (empty: off; assets/shapes-sd-npo "
-                        "for shapes:sd)",
-                    ),
-                ]
-                button = gr.Button("Generate", variant="primary")
-            with gr.Column():
-                outputs = [gr.Gallery(label="images", columns=4), gr.Plot(label="per-step guidance"), gr.Markdown()]
-        button.click(run, inputs=inputs, outputs=outputs)
+        gr.Markdown(
+            "## Guidance schedulers\n**Compare** guidance policies on the same prompt and seeds (images, the scale "
+            "applied at every step, NFEs and time); **Edit** an image with FlowOpt and watch its iterates arrive. "
+            f"Running on **{device_and_dtype('sd')[0]}**."
+        )
+        kept = gr.State([])
+        session = gr.State({})
+        with gr.Tab("Compare"):
+            with gr.Row():
+                preset = gr.Dropdown(list(PRESETS), value=None, label="preset (the README's comparisons)", scale=3)
+                apply = gr.Button("Load preset", scale=1)
+            with gr.Row():
+                prompt = gr.Textbox(label="prompt", value="a large red circle at the center on white", scale=3)
+                negative = gr.Textbox(label="negative prompt", scale=2)
+            with gr.Row():
+                model = gr.Dropdown(list(SHAPES_MODELS), value=DEFAULT_MODEL, allow_custom_value=True,
+                                    label="model (a shapes model, or a local diffusers folder)")  # fmt: skip
+                steps = gr.Number(20, label="steps", precision=None)
+                images = gr.Number(2, label="images per policy", precision=None)
+                seed = gr.Number(0, label="seed (image k uses seed + k)", precision=None)
+                adapter = gr.Textbox(label="Self-NPO adapter folder (empty: the shipped one)")
+            slots, results = [], []
+            with gr.Row():
+                for k in range(MAX_POLICIES):
+                    default = PolicyControls("cfg" if k == 0 else ("ag" if k == 1 else OFF))
+                    with gr.Column(elem_id=f"policy-{k + 1}", min_width=220):
+                        slots.append(policy_slot(gr, k, default))
+            run = gr.Button("Compare", variant="primary", elem_id="compare-button")
+            summary = gr.Markdown(
+                "*Results arrive below, policy by policy; here: the costs and the cheapest policy.*",
+                elem_id="compare-summary",
+                min_height=70,
+            )
+            with gr.Row():
+                for k in range(MAX_POLICIES):
+                    with gr.Column(min_width=220):
+                        results += [
+                            gr.Gallery(
+                                label=f"policy {k + 1}", columns=2, height=220, format="png", elem_id=f"images-{k + 1}"
+                            ),
+                            gr.Plot(label=f"policy {k + 1}: per-step guidance", elem_id=f"plot-{k + 1}"),
+                            gr.Markdown(elem_id=f"cost-{k + 1}"),
+                        ]
+        with gr.Tab("Edit"):
+            with gr.Row():
+                with gr.Column():
+                    with gr.Row():
+                        label = "flow model (shapes:sd3 or a local SD3/Flux folder)"
+                        edit_model = gr.Dropdown([EDIT_MODEL], value=EDIT_MODEL, allow_custom_value=True, label=label)
+                        mode = gr.Radio(list(EDIT_MODES), value=EDIT_MODES[0], label="mode")
+                    file = gr.File(label="upload an image", type="filepath", elem_id="upload")
+                    with gr.Row():
+                        pick = gr.Dropdown(
+                            [], label="or take an image of the Compare tab", scale=3, allow_custom_value=True
+                        )
+                        take = gr.Button("Take it", scale=1)
+                    source = gr.Image(
+                        type="pil", label="source image", interactive=False, height=200, elem_id="source-image"
+                    )
+                    source_prompt = gr.Textbox(label="source prompt", value=prompt.value)
+                    target_prompt = gr.Textbox(label="target prompt (not used by Invert)",
+                                               value="a large blue circle at the center on white")  # fmt: skip
+                    with gr.Row():
+                        edit_steps = gr.Number(15, label="steps T", precision=None)
+                        n_max = gr.Number(15, label="n_max", precision=None)
+                        iterations = gr.Number(4, label="iterations", precision=None)
+                    with gr.Row():
+                        step_size = gr.Textbox("0.02", label="step size (a number or auto)")
+                        target_scale = gr.Number(3.5, label="target guidance scale", precision=None)
+                        edit_seed = gr.Number(0, label="seed", precision=None)
+                    with gr.Row():
+                        start = gr.Button("Run", variant="primary", elem_id="edit-button")
+                        stop = gr.Button("Stop (keep the best so far)", elem_id="stop-button")
+                with gr.Column():
+                    kept_image = gr.Image(
+                        label="result (the iterate kept)", elem_id="edit-result", height=256, format="png"
+                    )
+                    status = gr.Markdown(
+                        "*Upload an image or take one from Compare, then Run.*", elem_id="edit-status", min_height=70
+                    )
+                    iterates = gr.Gallery(
+                        label="iterates, as they arrive", columns=6, height=160, format="png", elem_id="iterates"
+                    )
+                    residuals = gr.Plot(label="residual per iteration", elem_id="residuals")
+
+        slot_names = [f"policy{k + 1}_{name}" for k in range(MAX_POLICIES) for name in POLICY_FIELDS]
+        compare_inputs = [prompt, negative, model, steps, images, seed, adapter] + [c for slot in slots for c in slot]
+        compare_names = ["prompt", "negative_prompt", "model", "num_inference_steps", "num_images", "seed",
+                         "npo_adapter", *slot_names]  # fmt: skip
+        run.click(page_event(compare, compare_names, streams=True), compare_inputs, [*results, summary, kept],
+                  api_name="compare", concurrency_limit=CONCURRENCY, show_progress_on=[summary])  # fmt: skip
+        kept.change(lambda items: gr.update(choices=[item[0] for item in items or []],
+                                            value=items[0][0] if items else None), kept, pick,
+                    api_name=False)  # fmt: skip
+        apply.click(page_event(apply_preset, ["preset"]), [preset],
+                    [model, steps, *[c for slot in slots for c in slot]], api_name="apply_preset")  # fmt: skip
+
+        def show_controls(method: str) -> list:
+            return [gr.update(visible=visible) for visible in method_controls(method)]
+
+        for k, slot in enumerate(slots):
+            slot[0].change(page_event(show_controls, ["method"]), slot[0], slot[1:],
+                           api_name=f"method_controls_{k + 1}")  # fmt: skip
+        settings = [edit_steps, n_max, iterations, step_size, target_scale]
+        mode.change(page_event(mode_defaults, ["mode"]), mode, settings, api_name="mode_defaults")
+        file.upload(page_event(upload, ["file"]), file, source, api_name="upload")
+        take.click(page_event(take_from_compare, ["kept", "choice"]), [kept, pick],
+                   [source, source_prompt], api_name="take_from_compare")  # fmt: skip
+        edit_inputs = [edit_model, source, source_prompt, target_prompt, mode, edit_steps, n_max, iterations,
+                       step_size, target_scale, edit_seed, session]  # fmt: skip
+        edit_names = ["model", "image", "source_prompt", "target_prompt", "mode", "num_inference_steps", "n_max",
+                      "iterations", "step_size", "guidance_scale", "seed", "session"]  # fmt: skip
+        start.click(page_event(edit, edit_names, streams=True), edit_inputs, [iterates, kept_image, residuals, status],
+                    api_name="edit", concurrency_limit=CONCURRENCY, show_progress_on=[status])  # fmt: skip
+        stop.click(page_event(request_stop, ["session"]), session, status, api_name="stop",
+                   concurrency_limit=None)  # fmt: skip
+    demo.queue(default_concurrency_limit=CONCURRENCY)
     return demo
 
 
+def policy_slot(gr, k: int, default: PolicyControls) -> list:
+    """The widgets of policy slot `k`, in `POLICY_FIELDS` order; those its method does not read are hidden."""
+    shown = SHOWN[default.method]
+    show = lambda name: name in shown  # noqa: E731
+    return [
+        gr.Dropdown([OFF, *METHODS], value=default.method, label=f"policy {k + 1}: method"),
+        gr.Number(default.guidance_scale, label="guidance scale", visible=show("guidance_scale"), precision=None),
+        gr.Number(
+            default.final_guidance_scale,
+            label="final guidance scale",
+            visible=show("final_guidance_scale"),
+            precision=None,
+        ),  # fmt: skip
+        gr.Dropdown(
+            ["constant", "linear", "cosine"], value=default.schedule, label="schedule", visible=show("schedule")
+        ),  # fmt: skip
+        gr.Number(default.threshold, label="AG threshold", visible=show("threshold"), precision=None),
+        gr.Textbox(
+            default.coefficients, label="LinearAG coefficients folder (empty: shipped)", visible=show("coefficients")
+        ),  # fmt: skip
+        gr.Textbox(default.candidates, label="candidate scales", visible=show("candidates")),
+        gr.CheckboxGroup(
+            evaluator_choices(),
+            value=list(default.evaluators),
+            visible=show("evaluators"),
+            label="evaluators (none: the model's default)",
+        ),  # fmt: skip
+        gr.Number(default.guidance_start, label="guidance from (0-1)", visible=show("guidance_start"), precision=None),
+        gr.Number(default.guidance_stop, label="guidance until (0-1)", visible=show("guidance_stop"), precision=None),
+        gr.Checkbox(default.npo, label="Self-NPO in the unconditional branch", visible=show("npo")),
+    ]
+
+
+def free_port() -> int:
+    """A free local TCP port (for a server the tests or the screenshots start)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def save_screenshots(folder: str | os.PathLike, chromium: str) -> list[Path]:
+    """The README's pictures of the page: a comparison (the AG preset) and a FlowOpt edit, each in headless Chromium
+    (`chromium`: its executable, e.g. Debian's /usr/bin/chromium)."""
+    from playwright.sync_api import expect, sync_playwright
+
+    from guidance.shapes.world import ShapesWorld
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    image = folder / "demo-source.png"
+    world = ShapesWorld.from_json(ASSETS / "shapes-world.json")
+    scene = world.scene(color="red", shape="circle", size="large", position="center", background="white")
+    world.render_images([scene])[0].save(image)
+    demo = build_demo()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    paths = [folder / "demo-compare.png", folder / "demo-edit.png"]
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, headless=True)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url)
+            page.get_by_label("preset (the README's comparisons)").click()
+            page.get_by_role("option", name=next(iter(PRESETS))).click()
+            page.get_by_role("button", name="Load preset").click()
+            expect(page.get_by_label("policy 4: method")).to_have_value("linear-ag")  # the preset is in the page
+            page.locator("#compare-button").click()
+            expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=120_000)
+            page.screenshot(path=paths[0], full_page=True)
+            page.get_by_role("tab", name="Edit").click()
+            page.locator("#upload input[type=file]").set_input_files(str(image))
+            expect(page.locator("#source-image img")).to_be_visible(timeout=30_000)
+            page.locator("#edit-button").click()
+            expect(page.locator("#edit-status")).to_contain_text("kept iteration", timeout=120_000)
+            page.screenshot(path=paths[1], full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+        image.unlink()
+    return paths
+
+
 if __name__ == "__main__":
-    build_demo().launch()
+    import argparse
+
+    parser = argparse.ArgumentParser(description="The guidance schedulers demo (Gradio).")
+    parser.add_argument("--server-name", default=None, help="address to listen on (Gradio's default: 127.0.0.1)")
+    parser.add_argument("--server-port", type=int, default=None, help="port (Gradio's default: 7860)")
+    parser.add_argument("--screenshots", metavar="FOLDER", help="save the README's screenshots there, then exit")
+    parser.add_argument("--chromium", default="/usr/bin/chromium", help="Chromium executable for --screenshots")
+    arguments = parser.parse_args()
+    if arguments.screenshots:
+        print(*save_screenshots(arguments.screenshots, arguments.chromium), sep="\n")
+    else:
+        build_demo().launch(server_name=arguments.server_name, server_port=arguments.server_port)

@@ -73,3 +73,26 @@ def plot_dynamic_trace(trace: GuidanceTrace, path: str | os.PathLike | None = No
     if path is not None:
         figure.savefig(path)
     return figure
+
+
+def plot_residuals(residuals: list[list[float]], best: int | None = None, title: str | None = None):
+    """FlowOpt's residual `|f_c(z_k) - y|` (RMS per latent element) per iteration, one line per image; `best` marks an
+    iteration (e.g. the one kept)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    iterations = range(len(residuals))
+    for b in range(len(residuals[0]) if residuals else 0):
+        axis.plot(iterations, [row[b] for row in residuals], marker=".", label=f"image {b}")
+    if best is not None:
+        axis.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"kept: iteration {best}")
+        axis.legend(fontsize=7)
+    axis.set_xlabel("FlowOpt iteration (0: invert, then solve)")
+    axis.set_ylabel("residual |f(z) - y|")
+    axis.set_title(title or "FlowOpt residual")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return figure

@@ -46,3 +46,43 @@ def build(family: str, guided: bool = True, **component_overrides):
 @pytest.fixture(scope="session")
 def sd_pipe():
     return build("sd")
+
+
+# ----- the demo (tests/app): its policy slots' values, a shapes-world image, the page served once per session
+
+
+def policy_values(*slots) -> list:
+    """The flat values of the demo's Compare policy slots (`app.PolicyControls`; the rest off)."""
+    from dataclasses import astuple
+
+    import app
+
+    slots = [*slots, *[app.PolicyControls()] * (app.MAX_POLICIES - len(slots))]
+    return [value for slot in slots for value in astuple(slot)]
+
+
+def rendered_scene(**attributes: str):
+    """A PIL image of a shapes-world scene (a real render, not a model sample)."""
+    from guidance.shapes.assets import ASSETS
+    from guidance.shapes.world import ShapesWorld
+
+    world = ShapesWorld.from_json(ASSETS / "shapes-world.json")
+    return world.render_images([world.scene(**attributes)])[0]
+
+
+@pytest.fixture(scope="session")
+def red_circle_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images") / "red-circle.png"
+    rendered_scene(color="red", shape="circle", size="large", position="center", background="white").save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_url():
+    import app
+
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    demo = app.build_demo()
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=app.free_port(), quiet=True)
+    yield url
+    demo.close()

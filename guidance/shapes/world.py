@@ -157,6 +157,13 @@ class ShapesWorld:
         bg = torch.tensor([palette[s.background] for s in scenes], dtype=torch.float32).view(n, 3, 1, 1) / 255
         return (bg * (1 - alpha) + fg * alpha) * 2 - 1
 
+    def render_images(self, scenes: list[Scene]) -> list:
+        """The scenes as RGB PIL images (`render` without jitter, rounded to 8 bits)."""
+        from PIL import Image
+
+        pixels = ((self.render(scenes).permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        return [Image.fromarray(array) for array in pixels]
+
     def labels(self, scenes: list[Scene]) -> dict[str, torch.Tensor]:
         """Class indices of every attribute, for the attribute scorer."""
         return {name: torch.tensor([self.values[name].index(getattr(s, name)) for s in scenes]) for name in ATTRIBUTES}

@@ -1,65 +1,244 @@
+"""The demo's events as plain functions: the Compare and Edit tabs' results, and every bad-input message."""
+
+import json
+import re
+import threading
+
 import pytest
+import torch
+from conftest import policy_values, rendered_scene
+from PIL import Image
 
 import app
+from guidance.shapes.assets import ASSETS
+
+PROMPT = "a large red circle at the center on white"
+CFG, AG = app.PolicyControls("cfg", 5.0), app.PolicyControls("ag", 7.5)
 
 
-def test_generate_returns_images_plot_and_summary():
-    images, figure, summary = app.generate(
-        "a red circle",
-        method="cfg",
-        guidance_scale=5.0,
-        start=0.5,
-        num_inference_steps=4,
-        num_images=2,
-        model="tiny:sd",
-    )
+def run_compare(*slots, model="tiny:sd", steps=4, images=2, seed=0, prompt=PROMPT, negative="", adapter=""):
+    return list(app.compare(prompt, negative, model, steps, images, seed, adapter, *policy_values(*slots)))
+
+
+def pixels(image) -> torch.Tensor:
+    return torch.tensor(list(image.getdata()), dtype=torch.float32)
+
+
+def test_compare_streams_one_result_per_policy_on_the_same_seeds():
+    interval = app.PolicyControls("cfg", 5.0, guidance_start=0.5)
+    first, last = run_compare(interval, CFG)
+    assert first[3:6] == (None, None, "") and first[12] == "running... (1 done)"  # policy 2 not done yet
+    images, figure, cost = last[0:3]
     assert len(images) == 2 and images[0].size == (32, 32)
-    line = figure.axes[0].lines[0]
-    assert list(line.get_ydata()) == [1.0, 1.0, 5.0, 5.0]
-    assert "6 model evaluations per image over 4 steps" in summary
+    assert list(figure.axes[0].lines[0].get_ydata()) == [1.0, 1.0, 5.0, 5.0]
+    assert cost.startswith("**CFG 5, interval [0.5, 1]**: 6 NFEs per image")
+    assert [pixels(a).tolist() for a in last[3]] != [pixels(a).tolist() for a in images]  # the interval changed them
+    assert last[6:12] == (None, None, "", None, None, "")  # slots 3 and 4 are off
+    assert "| 1 | CFG 5, interval [0.5, 1] | 6 |" in last[12] and "| 2 | CFG 5 | 8 |" in last[12]
+    assert "**Cheapest: policy 1, CFG 5, interval [0.5, 1]**: 6 model evaluations per image (0.75 of" in last[12]
+    assert [label for label, _, _ in last[13]] == [
+        "policy 1 (CFG 5, interval [0.5, 1]), image 1", "policy 1 (CFG 5, interval [0.5, 1]), image 2",
+        "policy 2 (CFG 5), image 1", "policy 2 (CFG 5), image 2"]  # fmt: skip
+    again = run_compare(app.PolicyControls(app.OFF), CFG)[-1]  # slot 1 off: slot 2 alone, on the same seeds
+    assert again[0] is None and [pixels(a).tolist() for a in again[3]] == [pixels(a).tolist() for a in last[3]]
+
+
+def test_the_ag_preset_reproduces_the_readme_headline_costs():
+    model, steps, *values = app.apply_preset("AG and LinearAG against CFG (README: Adaptive Guidance)")
+    assert (model, steps, len(values)) == ("shapes:sd", 20, app.MAX_POLICIES * len(app.POLICY_FIELDS))
+    last = list(app.compare(PROMPT, "", model, steps, 1, 0, "", *values))[-1]
+    nfes = [float(re.search(r"\*\*: ([\d.]+) NFEs", last[2 + 3 * k]).group(1)) for k in range(4)]
+    assert nfes[0] == 40 and nfes[3] == 24 and nfes[1] < nfes[2] < 40  # CFG, AG 0.995 < AG 0.999, LinearAG
+    assert "**Cheapest: policy 4, LinearAG 7.5**" in last[12]
+
+
+@pytest.mark.parametrize("name", list(app.PRESETS))
+def test_every_preset_runs(name):
+    model, steps, *values = app.apply_preset(name)
+    last = list(app.compare(PROMPT, "", model, steps, 1, 0, "", *values))[-1]
+    assert all(last[3 * k] is not None for k in range(app.MAX_POLICIES)) and "Cheapest" in last[12]
+
+
+def test_dynamic_plots_its_candidate_scores_and_npo_changes_the_images_at_the_same_cost():
+    heads = [spec for _, spec in app.evaluator_choices()[:2]]
+    dynamic = app.PolicyControls("dynamic", candidates="3, 7.5, 15", evaluators=heads)
+    last = run_compare(dynamic, app.PolicyControls("cfg", 7.5), app.PolicyControls("cfg", 7.5, npo=True),
+                       model="shapes:sd", images=1)[-1]  # fmt: skip
+    figure = last[1]
+    labels = ["chosen scale", "shapes-sd-latent-clip score", "shapes-sd-latent-fidelity score", "weights (image 0)"]
+    assert [axis.get_ylabel() for axis in figure.axes] == labels
+    assert set(figure.axes[0].lines[0].get_ydata()) <= {3.0, 7.5, 15.0}
+    assert last[8].startswith("**CFG 7.5 + Self-NPO**: 8 NFEs") and last[5].startswith("**CFG 7.5**: 8 NFEs")
+    assert pixels(last[3][0]).tolist() != pixels(last[6][0]).tolist()
+
+
+def test_two_sessions_at_once_each_get_their_own_results():
+    """Compare calls in two threads (NPO hooks on the shared model in one): each equals its run alone."""
+    calls = {"a": dict(seed=0, adapter="", slots=(app.PolicyControls("cfg", 7.5, npo=True),)),
+             "b": dict(seed=5, adapter="", slots=(app.PolicyControls("cfg", 7.5),))}  # fmt: skip
+    alone = {k: run_compare(*c["slots"], model="shapes:sd", seed=c["seed"])[-1][0] for k, c in calls.items()}
+    together, threads = {}, []
+    for key, call in calls.items():
+        work = lambda key=key, call=call: together.__setitem__(  # noqa: E731
+            key, run_compare(*call["slots"], model="shapes:sd", seed=call["seed"])[-1][0]
+        )
+        threads.append(threading.Thread(target=work))
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for key in calls:
+        assert [pixels(a).tolist() for a in together[key]] == [pixels(a).tolist() for a in alone[key]]
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"),
+    ("change", "message"),
     [
-        ({"prompt": " "}, "`prompt` must not be empty"),
-        (
-            {"prompt": "x", "method": "magic"},
-            r"`method` must be one of \['cfg', 'scheduled', 'ag', 'linear-ag', 'dynamic', 'none'\], got 'magic'",
-        ),
-        ({"prompt": "x", "guidance_scale": -1.0}, "`guidance_scale` must be a finite number >= 0, got -1.0"),
-        ({"prompt": "x", "start": 0.9, "stop": 0.1}, "`start` must be <= `stop`"),
-        ({"prompt": "x", "num_inference_steps": 0}, "steps and images must be >= 1, got 0 and 4"),
+        ({"prompt": " "}, "prompt must not be empty"),
+        ({"steps": 0}, r"steps must be in \[1, 100\], got 0"),
+        ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
+        ({"images": 9}, r"images per policy must be in \[1, 8\], got 9"),
+        ({"seed": "x"}, "seed must be a number, got 'x'"),
+        ({"slot": {"guidance_scale": "abc"}}, "policy 1: guidance scale must be a number, got 'abc'"),
+        ({"slot": {"guidance_scale": None}}, "policy 1: guidance scale must be a number, got an empty box"),
+        ({"slot": {"guidance_scale": 45}}, r"policy 1: guidance scale must be in \[0, 30\], got 45"),
+        ({"slot": {"method": "ag", "threshold": 2}}, r"policy 1: AG threshold must be in \[0, 1\], got 2"),
+        ({"slot": {"method": "dynamic", "candidates": "1, x"}}, "policy 1: candidate scale must be a number, got 'x'"),
+        ({"slot": {"method": "dynamic", "candidates": " "}},
+         "policy 1: candidate scales must be numbers separated by commas, got an empty box"),
+        ({"slot": {"guidance_start": 0.8, "guidance_stop": 0.2}},
+         r"policy 1: guidance interval start \(0.8\) must be <= its stop \(0.2\)"),
+        ({"slot": {"method": "magic"}}, r"policy 1: method must be one of \['off', 'cfg', .*\], got 'magic'"),
+        ({"slot": {"method": "off"}}, "choose a method for at least one policy"),
+        ({"model": ""}, r"model must be one of \['shapes:sd', 'shapes:sd3'\] or a local diffusers folder, got an"),
+        ({"model": "shapes:xl"}, r"model 'shapes:xl': the shipped shapes models are \['shapes:sd', 'shapes:sd3'\]"),
+        ({"model": "/no/such/folder"},
+         "model '/no/such/folder' is neither a shipped shapes model .* nor an existing local diffusers folder"),
+        ({"adapter": "/no/such/folder", "slot": {"npo": True}},
+         "the Self-NPO adapter must be a folder holding a LoRA .safetensors file, got '/no/such/folder'"),
+        ({"slot": {"npo": True}}, "no Self-NPO adapter is shipped for 'tiny:sd': give an adapter folder"),
+    ],
+)  # fmt: skip
+def test_bad_compare_input_is_a_readable_error(change, message):
+    slot = app.PolicyControls(**{"method": "cfg", "guidance_scale": 5.0, **change.pop("slot", {})})
+    with pytest.raises(ValueError, match=message):
+        run_compare(slot, **change)
+
+
+def test_model_folders_that_are_not_a_supported_family_or_do_not_load_are_readable_errors(tmp_path):
+    (tmp_path / "kandinsky").mkdir()
+    (tmp_path / "kandinsky" / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(ValueError, match="is a KandinskyPipeline; supported: "):
+        run_compare(CFG, model=str(tmp_path / "kandinsky"))
+    (tmp_path / "empty-sd").mkdir()
+    (tmp_path / "empty-sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(ValueError, match="model '.*empty-sd' could not be loaded: "):
+        run_compare(CFG, model=str(tmp_path / "empty-sd"))
+    with pytest.raises(TypeError, match="compare takes 4 policies of 11 values, got 3 values"):
+        list(app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, "", "cfg", 5.0, 1.0))
+
+
+def test_each_method_shows_only_its_controls():
+    shown = {m: [n for n, v in zip(app.POLICY_FIELDS[1:], app.method_controls(m), strict=True) if v]
+             for m in [app.OFF, *app.SHOWN]}  # fmt: skip
+    interval = ["guidance_start", "guidance_stop", "npo"]
+    assert shown["off"] == shown["none"] == []
+    assert shown["cfg"] == ["guidance_scale", *interval]
+    assert shown["scheduled"] == ["guidance_scale", "final_guidance_scale", "schedule", *interval]
+    assert shown["ag"] == ["guidance_scale", "threshold", *interval]
+    assert shown["linear-ag"] == ["guidance_scale", "coefficients", *interval]
+    assert shown["dynamic"] == ["candidates", "evaluators", *interval]
+    with pytest.raises(ValueError, match=r"method must be one of \['off', 'cfg', .*\], got 'x'"):
+        app.method_controls("x")
+    with pytest.raises(ValueError, match="preset must be one of"):
+        app.apply_preset("x")
+    assert app.mode_defaults(app.EDIT_MODES[3]) == (10, 10, 30, "0.2", 1.0)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        app.mode_defaults("x")
+
+
+def test_upload_and_take_from_compare(tmp_path, red_circle_png):
+    assert app.upload(str(red_circle_png)).size == (32, 32) and app.upload(None) is None
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match=r"the uploaded file 'notes.txt' is not an image \(PNG, JPEG, WebP, ...\)"):
+        app.upload(str(tmp_path / "notes.txt"))
+    kept = run_compare(CFG, images=1)[-1][13]
+    image, prompt = app.take_from_compare(kept, "policy 1 (CFG 5), image 1")
+    assert image is kept[0][1] and prompt == PROMPT
+    with pytest.raises(ValueError, match="run a comparison first, then pick one of its images"):
+        app.take_from_compare([], None)
+
+
+SCENE = dict(color="red", shape="circle", size="large", position="center", background="white")
+
+
+def run_edit(mode=app.EDIT_MODES[0], image="scene", session=None, **change):
+    settings = dict(zip(["num_inference_steps", "n_max", "iterations", "step_size", "guidance_scale"],
+                        app.mode_defaults(mode), strict=True))  # fmt: skip
+    arguments = dict(model="shapes:sd3", source_prompt=PROMPT, target_prompt=PROMPT.replace("red", "blue"), seed=0)
+    arguments.update(settings, **change)
+    image = rendered_scene(**SCENE) if image == "scene" else image
+    return app.edit(image=image, mode=mode, session={} if session is None else session, **arguments)
+
+
+def test_edit_streams_its_iterates_and_keeps_the_lowest_residual():
+    outputs = list(run_edit())
+    assert outputs[0][0] == [] and outputs[0][3] == "running FlowOpt edit on cpu..."
+    assert [len(o[0]) for o in outputs[1:]] == [1, 2, 3, 4, 5, 5]  # iterates 0..4 one at a time, then the result
+    gallery, kept, figure, status = outputs[-1]
+    residuals = [line.get_ydata()[k] for line in figure.axes[0].lines[:1] for k in range(5)]
+    best = min(range(5), key=residuals.__getitem__)
+    assert kept is gallery[best][0] and f"kept iteration {best} (the lowest residual" in status
+    assert status.startswith("all iterations done at iteration 4") and "166 model evaluations" in status
+    red, green, blue = pixels(kept).view(32, 32, 3)[12:20, 12:20].mean((0, 1)).tolist()
+    assert blue > red + 50  # the red circle turned blue
+
+
+def test_stop_keeps_the_best_iterate_so_far():
+    session, outputs = {}, []
+    for output in run_edit(iterations=30, session=session):
+        outputs.append(output)
+        if len(output[0]) == 2:
+            assert app.request_stop(session) == "stopping after the current iteration..."
+    gallery, kept, _, status = outputs[-1]
+    assert 2 <= len(gallery) <= 4 and re.match(r"stopped by you at iteration [1-3]; kept iteration", status)
+    assert app.request_stop({}) == "nothing is running"
+
+
+def test_invert_reconstructs_within_a_decibel_of_the_vae_and_the_other_modes_run():
+    *_, (gallery, kept, _, status) = run_edit(app.EDIT_MODES[3], iterations=3)
+    reconstruction, ceiling = map(float, re.search(r"PSNR ([\d.]+) dB \(the VAE's round trip alone: ([\d.]+) dB",
+                                                   status).groups())  # fmt: skip
+    assert len(gallery) == 4 and ceiling - 1 < reconstruction <= ceiling + 0.5
+    *_, (gallery, kept, _, status) = run_edit(app.EDIT_MODES[1])
+    assert len(gallery) == 1 and "kept iteration 0" in status and "46 model evaluations" in status
+    *_, (gallery, kept, _, status) = run_edit(app.EDIT_MODES[2], num_inference_steps=10, n_max=7)
+    assert gallery == [] and kept.size == (32, 32) and status == "FlowEdit done: 28 model evaluations"
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model": "shapes:sd"}, "model 'shapes:sd' is a SD model: editing needs a flow model"),
+        ({"image": None}, "give a source image: upload one, or take one from the Compare tab"),
+        ({"image": Image.new("RGB", (2, 32))}, r"the image \(2x32\) is too small for 'shapes:sd3'"),
+        ({"mode": "x"}, "mode must be one of"),
+        ({"source_prompt": ""}, "source prompt must not be empty"),
+        ({"target_prompt": " "}, "target prompt must not be empty"),
+        ({"n_max": 20}, r"n_max must be in \[1, 15\], got 20"),
+        ({"iterations": -1}, r"iterations must be in \[0, 50\], got -1"),
+        ({"step_size": "fast"}, r"step size \(a number or 'auto'\) must be a number, got 'fast'"),
+        ({"guidance_scale": 31}, r"target guidance scale must be in \[0, 30\], got 31"),
     ],
 )
-def test_bad_input_is_rejected(kwargs, message):
+def test_bad_edit_input_is_a_readable_error(change, message):
     with pytest.raises(ValueError, match=message):
-        app.generate(model="tiny:sd", **kwargs)
+        next(run_edit(**change))
 
 
-def test_demo_builds():
-    demo = app.build_demo()
-    assert demo.title == "Guidance schedulers"
-
-
-def test_default_model_is_the_shapes_world_sd_and_dynamic_guidance_runs():
-    images, figure, summary = app.generate(
-        "a large red circle at the center on white", method="dynamic", num_inference_steps=4, num_images=1
-    )
-    pixels = list(images[0].getdata())
-    assert sum(r > 150 and g < 120 and b < 120 for r, g, b in pixels) >= 20  # a red shape (placed anywhere)
-    assert "8 model evaluations per image over 4 steps" in summary
-    assert set(figure.axes[0].lines[0].get_ydata()) <= {1.0, 3.0, 7.5, 11.0, 15.0}
-
-
-def test_the_npo_switch_puts_the_shipped_adapter_in_the_unconditional_branch():
-    from guidance.shapes.assets import ASSETS
-
-    common = dict(method="cfg", num_inference_steps=4, num_images=1, model="shapes:sd")
-    plain, _, summary = app.generate("a large red circle at the center on white", **common)
-    negative, _, npo_summary = app.generate("a large red circle at the center on white", **common,
-                                            npo=str(ASSETS / "shapes-sd-npo"))  # fmt: skip
-    assert "unconditional=NegativeAdapter('npo'" in npo_summary and "8 model evaluations" in npo_summary
-    assert list(plain[0].getdata()) != list(negative[0].getdata())
-    with pytest.raises(ValueError, match="the Self-NPO adapter must be a folder holding a LoRA .safetensors file"):
-        app.generate("x", model="tiny:sd", npo="/no/such/folder")
+def test_models_load_once_on_the_cpu_without_a_gpu_and_the_shipped_npo_adapter_is_found():
+    assert app.device_and_dtype("flux") == ("cpu", torch.float32) or torch.cuda.is_available()
+    first, second = app.MODELS.get("tiny:sd"), app.MODELS.get("tiny:sd")
+    assert first[0] is second[0] and first[2] is second[2]
+    assert app.npo_folder("", "shapes:sd") == str(ASSETS / "shapes-sd-npo")
+    assert app.npo_folder(" ", "shapes:sd3") == str(ASSETS / "shapes-sd3-npo")

@@ -1,0 +1,85 @@
+"""Every event of the demo through `gradio_client`, against the served page: values, streaming, per-session state and
+the readable errors."""
+
+import re
+import time
+
+import pytest
+from conftest import policy_values
+from PIL import Image
+
+import app
+
+gradio_client = pytest.importorskip("gradio_client")
+PROMPT = "a large red circle at the center on white"
+
+
+@pytest.fixture
+def client(demo_url):
+    return gradio_client.Client(demo_url, verbose=False)
+
+
+def test_every_event_has_a_named_endpoint(client):
+    endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    methods = {f"/method_controls_{k + 1}" for k in range(app.MAX_POLICIES)}
+    assert endpoints == {"/compare", "/apply_preset", "/mode_defaults", "/upload", "/take_from_compare", "/edit",
+                         "/stop"} | methods  # fmt: skip
+
+
+def test_compare_then_take_an_image_into_the_edit_tab(client):
+    slots = policy_values(app.PolicyControls("cfg", 5.0), app.PolicyControls("ag", 5.0))
+    outputs = client.predict(PROMPT, "", "shapes:sd", 6, 2, 0, "", *slots, api_name="/compare")
+    assert [len(outputs[k]) for k in (0, 3)] == [2, 2] and not outputs[6]  # slot 3 is off
+    assert Image.open(outputs[0][0]["image"]).size == (32, 32)
+    assert outputs[2].startswith("**CFG 5**: 12 NFEs per image") and "**Cheapest: policy 2, AG 5" in outputs[12]
+    assert outputs[1]["type"] == "matplotlib" and outputs[1]["plot"].startswith("data:image/")
+    image, prompt = client.predict("policy 2 (AG 5 (threshold 0.995)), image 2", api_name="/take_from_compare")
+    assert Image.open(image).size == (32, 32) and prompt == PROMPT
+    other = gradio_client.Client(client.src, verbose=False)  # another session has no comparison of its own
+    with pytest.raises(gradio_client.exceptions.AppError, match="run a comparison first"):
+        other.predict("policy 1 (CFG 5), image 1", api_name="/take_from_compare")
+
+
+def test_bad_input_comes_back_as_its_message(client):
+    slots = policy_values(app.PolicyControls("cfg", 45))
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"policy 1: guidance scale must be in \[0, 30\]"):
+        client.predict(PROMPT, "", "shapes:sd", 4, 1, 0, "", *slots, api_name="/compare")
+    with pytest.raises(gradio_client.exceptions.AppError, match="is neither a shipped shapes model"):
+        client.predict(PROMPT, "", "/no/such/model", 4, 1, 0, "", *slots, api_name="/compare")
+
+
+def test_presets_controls_and_modes(client):
+    model, steps, *values = client.predict("Self-NPO in the unconditional branch (README: Self-NPO)",
+                                           api_name="/apply_preset")  # fmt: skip
+    width = len(app.POLICY_FIELDS)
+    assert (model, steps) == ("shapes:sd", 20) and [values[k * width + width - 1] for k in range(4)] == [
+        False, True, False, True]  # fmt: skip
+    for k in range(app.MAX_POLICIES):
+        updates = client.predict("ag", api_name=f"/method_controls_{k + 1}")
+        assert [update["visible"] for update in updates] == app.method_controls("ag")
+    assert client.predict("FlowEdit", api_name="/mode_defaults") == (50, 33, 0, "0.02", 13.5)
+
+
+def test_upload(client, tmp_path, red_circle_png):
+    image = client.predict(gradio_client.handle_file(str(red_circle_png)), api_name="/upload")
+    assert Image.open(image).size == (32, 32)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(gradio_client.exceptions.AppError, match="'notes.txt' is not an image"):
+        client.predict(gradio_client.handle_file(str(tmp_path / "notes.txt")), api_name="/upload")
+
+
+def test_edit_streams_iterates_and_stop_keeps_the_best_so_far(client, red_circle_png):
+    arguments = dict(model="shapes:sd3", image=gradio_client.handle_file(str(red_circle_png)), source_prompt=PROMPT,
+                     target_prompt=PROMPT.replace("red", "blue"), mode="FlowOpt edit", num_inference_steps=15,
+                     n_max=15, step_size="0.02", guidance_scale=3.5, seed=0)  # fmt: skip
+    job = client.submit(iterations=40, api_name="/edit", **arguments)
+    while len(job.outputs()) < 3 and not job.done():  # the first iterates have arrived
+        time.sleep(0.05)
+    assert client.predict(api_name="/stop") == "stopping after the current iteration..."
+    gallery, kept, _, status = job.result()
+    counts = [len(output[0]) for output in job.outputs()]
+    assert counts[:3] == [0, 1, 2] and len(gallery) < 41  # one at a time, and stopped well before the end
+    assert re.match(r"stopped by you at iteration \d+; kept iteration \d+ \(the lowest residual", status)
+    assert Image.open(kept).size == (32, 32)
+    with pytest.raises(gradio_client.exceptions.AppError, match="editing needs a flow model"):
+        client.predict(iterations=1, api_name="/edit", **{**arguments, "model": "shapes:sd"})
