@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import astuple, dataclass, fields, replace
+from dataclasses import astuple, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +28,14 @@ from guidance.npo import NegativeAdapter, load_npo_adapter
 from guidance.plot import plot_dynamic_trace, plot_residuals, plot_trace
 from guidance.shapes.assets import ASSETS
 from pipelines.loading import DEFAULT_MODEL, SHAPES_MODELS, call_defaults, load_pipeline, model_family
-from pipelines.policies import DEFAULT_CANDIDATES, METHODS, policy_from_options
+from pipelines.policies import DEFAULT_CANDIDATES, METHOD_OPTIONS, METHODS, policy_from_options, shipped_coefficients
 from pipelines.tiny import FAMILIES
 
 MAX_POLICIES = 4
 OFF = "off"
 EDIT_MODEL = "shapes:sd3"
 EDIT_MODES = ("FlowOpt edit", "invert, then regenerate", "FlowEdit", "Invert (reconstruction)")
-MAX_SCALE, MAX_STEPS, MAX_IMAGES, MAX_ITERATIONS = 30.0, 100, 8, 50
+MAX_SCALE, MAX_STEPS, MAX_IMAGES, MAX_ITERATIONS, MAX_EDIT_SIDE = 30.0, 100, 8, 50, 2048
 CONCURRENCY = 2  # calls of one event in progress at once; calls on one model still take turns (its lock)
 METHOD_NAMES = {"cfg": "CFG", "scheduled": "scheduled CFG", "ag": "AG", "linear-ag": "LinearAG", "dynamic": "dynamic",
                 "none": "no guidance"}  # fmt: skip
@@ -114,42 +114,60 @@ def device_and_dtype(family: str) -> tuple[str, torch.dtype]:
 # --------------------------------------------------------------------------------------------------- models
 
 
+@dataclass
+class LoadedModel:
+    """A pipeline shared by every session, with its lock: runs on one model take turns, since a Self-NPO pass puts
+    hooks on the shared denoiser for its length (per-call state otherwise lives in the call)."""
+
+    name: str
+    pipe: Any
+    family: str
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    adapters: dict = field(default_factory=dict)  # Self-NPO adapter folder -> its adapter name in the pipeline
+
+    def negative_adapter(self, folder: str) -> NegativeAdapter:
+        """Self-NPO's `NegativeAdapter` for adapter `folder`, loaded on first use (kept off but for the unconditional
+        rows of the policies that ask for it). Call with the lock held."""
+        if folder not in self.adapters:
+            name = f"npo{len(self.adapters)}"
+            try:
+                load_npo_adapter(self.pipe, folder, adapter_name=name)
+            except Exception as error:
+                raise ValueError(
+                    f"Self-NPO adapter {folder!r} could not be loaded into {self.name!r}: {error}"
+                ) from error
+            self.adapters[folder] = name
+        return NegativeAdapter(self.adapters[folder])
+
+
 class LoadedModels:
-    """Pipelines loaded once and shared by every session, a lock each: runs on one model take turns, since a
-    Self-NPO pass puts hooks on the shared denoiser for its length (per-call state otherwise lives in the call)."""
+    """The models of the page, each loaded once (a lock per name, so one slow load does not hold up the others), at
+    most `size` kept: the least recently used one that is not running is let go."""
 
     def __init__(self, size: int = 2):
-        self.size, self.models, self.lock = size, OrderedDict(), threading.Lock()
+        self.size, self.models, self.loading, self.lock = size, OrderedDict(), {}, threading.Lock()
 
-    def get(self, model: str) -> tuple[Any, str, threading.Lock]:
+    def get(self, model: str) -> LoadedModel:
         with self.lock:
-            if model not in self.models:
-                family = family_of(model)
-                device, dtype = device_and_dtype(family)
-                try:
-                    pipe, family = load_pipeline(model, dtype=dtype, device=device)
-                except Exception as error:  # any failure to load is the user's model: say so in the page
-                    raise ValueError(f"model {model!r} could not be loaded: {error}") from error
-                pipe.set_progress_bar_config(disable=True)
-                self.models[model] = (pipe, family, threading.Lock(), {})
-                while len(self.models) > self.size:
-                    self.models.popitem(last=False)
-            self.models.move_to_end(model)
-            pipe, family, lock, _ = self.models[model]
-            return pipe, family, lock
-
-    def negative_adapter(self, model: str, folder: str) -> NegativeAdapter:
-        """Self-NPO's `NegativeAdapter` for adapter `folder`, loaded into the model's pipeline on first use (kept off
-        but for the unconditional rows of the policies that ask for it). Call with the model's lock held."""
-        pipe, _, _, adapters = self.models[model]
-        if folder not in adapters:
-            name = f"npo{len(adapters)}"
+            loading = self.loading.setdefault(model, threading.Lock())
+        with loading:
+            with self.lock:
+                if model in self.models:
+                    self.models.move_to_end(model)
+                    return self.models[model]
+            family = family_of(model)
+            device, dtype = device_and_dtype(family)
             try:
-                load_npo_adapter(pipe, folder, adapter_name=name)
-            except Exception as error:
-                raise ValueError(f"Self-NPO adapter {folder!r} could not be loaded into {model!r}: {error}") from error
-            adapters[folder] = name
-        return NegativeAdapter(adapters[folder])
+                pipe, family = load_pipeline(model, dtype=dtype, device=device)
+            except Exception as error:  # any failure to load is the user's model: say so in the page
+                raise ValueError(f"model {model!r} could not be loaded: {error}") from error
+            pipe.set_progress_bar_config(disable=True)
+            with self.lock:
+                self.models[model] = entry = LoadedModel(model, pipe, family)
+                idle = [name for name, other in self.models.items() if name != model and not other.lock.locked()]
+                for name in idle[: max(0, len(self.models) - self.size)]:
+                    del self.models[name]
+            return entry
 
 
 MODELS = LoadedModels()
@@ -189,19 +207,18 @@ class PolicyControls:
 
 
 POLICY_FIELDS = [f.name for f in fields(PolicyControls)]
-# which controls each method shows (the rest are hidden): what `policy_from_options` reads, and the NPO switch
-SHOWN = {
-    OFF: (),
-    "none": (),
-    "cfg": ("guidance_scale", "guidance_start", "guidance_stop", "npo"),
-    "scheduled": ("guidance_scale", "final_guidance_scale", "schedule", "guidance_start", "guidance_stop", "npo"),
-    "ag": ("guidance_scale", "threshold", "guidance_start", "guidance_stop", "npo"),
-    "linear-ag": ("guidance_scale", "coefficients", "guidance_start", "guidance_stop", "npo"),
-    "dynamic": ("candidates", "evaluators", "guidance_start", "guidance_stop", "npo"),
+OPTION_OF_FIELD = {"evaluators": "evaluator"}  # a slot's field -> the guidance option it sets (same name otherwise)
+# the controls each method shows (the rest are hidden): the options `policy_from_options` reads for it, and the NPO
+# switch for every guided method
+SHOWN = {OFF: (), "none": ()} | {
+    method: tuple(name for name in POLICY_FIELDS if OPTION_OF_FIELD.get(name, name) in read) + ("npo",)
+    for method, read in METHOD_OPTIONS.items()
+    if method != "none"
 }
+SHAPES_SD_EVALUATORS = [spec for _, spec in evaluator_choices() if spec != "clip"]  # trained on shapes:sd only
 
 
-def policy_options(controls: PolicyControls, where: str) -> dict:
+def policy_options(controls: PolicyControls, where: str, model: str, steps: int) -> dict:
     """The guidance options of a slot (checked; only what its method reads), for `policy_from_options`."""
     method = controls.method
     if method not in SHOWN:
@@ -215,14 +232,21 @@ def policy_options(controls: PolicyControls, where: str) -> dict:
         options["schedule"] = controls.schedule
     if "threshold" in shown:
         options["threshold"] = read_number(controls.threshold, f"{where}: AG threshold", 0, 1)
-    if "coefficients" in shown and (controls.coefficients or "").strip():
-        options["coefficients"] = controls.coefficients.strip()
+    if "coefficients" in shown:
+        options["coefficients"] = (controls.coefficients or "").strip() or shipped_coefficients(model, steps)
+        if not options["coefficients"]:
+            raise ValueError(f"{where}: LinearAG needs a coefficients folder (written by guided-calibrate-linear-ag); "
+                             "shipped only for shapes:sd and shapes:sd3 at 20 steps")  # fmt: skip
     if "candidates" in shown:
         text = str(controls.candidates or "").replace(",", " ").split()
         if not text:
             raise ValueError(f"{where}: candidate scales must be numbers separated by commas, got an empty box")
         options["candidates"] = [read_number(c, f"{where}: candidate scale", 0, MAX_SCALE) for c in text]
         options["evaluator"] = list(controls.evaluators) or None
+        foreign = [Path(e).name for e in options["evaluator"] or [] if e in SHAPES_SD_EVALUATORS]
+        if foreign and model != "shapes:sd":
+            raise ValueError(f"{where}: the evaluators {foreign} were trained on shapes:sd, not {model!r}; pick "
+                             "'CLIP on decoded pixels' or none (the model's default)")  # fmt: skip
     if "guidance_start" in shown:
         start = read_number(controls.guidance_start, f"{where}: guidance interval start", 0, 1)
         stop = read_number(controls.guidance_stop, f"{where}: guidance interval stop", 0, 1)
@@ -268,33 +292,31 @@ def compare_summary(results: dict[int, PolicyResult], steps: int, device: str) -
     return f"{table}\n\n{note}; {steps} steps on {device}."
 
 
-def run_policy(model: str, family: str, prompt: str, negative: str, steps: int, images: int, seed: int,
-               options: dict, npo: str | None, on_step: Callable[[int], None]) -> PolicyResult:  # fmt: skip
+def run_policy(loaded: LoadedModel, prompt: str, negative: str, steps: int, images: int, seed: int, guidance,
+               label: str, on_step: Callable[[int], None]) -> PolicyResult:  # fmt: skip
     """One policy on the shared seeds `seed + k`, timed, with the model's lock held for the run."""
-    pipe, _, lock = MODELS.get(model)
-    with lock:
-        unconditional = MODELS.negative_adapter(model, npo) if npo else None
-        guidance = policy_from_options(options, model, steps, unconditional)
 
-        def step_end(pipe, step, timestep, tensors):
-            on_step(step + 1)
-            return tensors
+    def step_end(pipe, step, timestep, tensors):
+        on_step(step + 1)
+        return tensors
 
+    with loaded.lock:
         started = time.perf_counter()
-        out = pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=images, num_inference_steps=steps,
-                   generator=[torch.Generator().manual_seed(seed + k) for k in range(images)], guidance=guidance,
-                   callback_on_step_end=step_end, **call_defaults(model, family))  # fmt: skip
+        out = loaded.pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=images,
+                          num_inference_steps=steps, guidance=guidance, callback_on_step_end=step_end,
+                          generator=[torch.Generator().manual_seed(seed + k) for k in range(images)],
+                          **call_defaults(loaded.name, loaded.family))  # fmt: skip
         seconds = time.perf_counter() - started
     dynamic = any("candidate_scores" in extras for extras in out.trace.extras)
-    figure = closed(plot_dynamic_trace(out.trace) if dynamic else plot_trace(out.trace))
-    return PolicyResult(policy_label(options, bool(npo)), out.images, figure, out.trace.nfe, seconds)
+    figure = plot_dynamic_trace(out.trace) if dynamic else plot_trace(out.trace)
+    return PolicyResult(label, out.images, figure, out.trace.nfe, seconds)
 
 
 def compare(prompt, negative_prompt, model, num_inference_steps, num_images, seed, npo_adapter, *policy_values,
             progress: Callable | None = None) -> Iterator[tuple]:  # fmt: skip
     """The Compare tab: up to `MAX_POLICIES` policies (slots of `PolicyControls` values, flat) on the same prompt
-    and seeds. Yields the page's outputs after each policy: per slot (images, scale plot, NFEs and time), then the
-    summary, the images kept for the Edit tab and the choices of its picker."""
+    and seeds. Every policy is checked and built before any runs. Yields the page's outputs after each policy: per
+    slot (images, scale plot, NFEs and time), then the summary and the images kept for the Edit tab."""
     prompt = read_prompt(prompt, "prompt")
     model = read_model(model)
     steps = read_number(num_inference_steps, "steps", 1, MAX_STEPS, integer=True)
@@ -307,23 +329,30 @@ def compare(prompt, negative_prompt, model, num_inference_steps, num_images, see
     chosen = {k: slot for k, slot in enumerate(slots) if slot.method != OFF}
     if not chosen:
         raise ValueError("choose a method for at least one policy")
-    options = {k: policy_options(slot, f"policy {k + 1}") for k, slot in chosen.items()}
-    adapters = {k: npo_folder(npo_adapter, model) if chosen[k].npo and "npo" in SHOWN[chosen[k].method] else None
-                for k in chosen}  # fmt: skip
-    family = MODELS.get(model)[1]
-    device = device_and_dtype(family)[0]
+    options = {k: policy_options(slot, f"policy {k + 1}", model, steps) for k, slot in chosen.items()}
+    adapters = {k: npo_folder(npo_adapter, model) if slot.npo and "npo" in SHOWN[slot.method] else None
+                for k, slot in chosen.items()}  # fmt: skip
+    loaded = MODELS.get(model)
+    policies = {}
+    for k, slot_options in options.items():
+        try:
+            with loaded.lock:
+                unconditional = loaded.negative_adapter(adapters[k]) if adapters[k] else None
+            policies[k] = policy_from_options(slot_options, model, steps, unconditional)
+        except (ValueError, TypeError, OSError) as error:
+            raise ValueError(f"policy {k + 1}: {error}") from error
+    device = device_and_dtype(loaded.family)[0]
     results: dict[int, PolicyResult] = {}
-    for done, (k, slot_options) in enumerate(options.items()):
-        if progress is not None:
-            progress((done * steps, len(options) * steps), desc=f"policy {k + 1}")
+    for done, (k, policy) in enumerate(policies.items()):
 
         def on_step(step, done=done, k=k):
             if progress is not None:
-                progress((done * steps + step, len(options) * steps), desc=f"policy {k + 1}: step {step}/{steps}")
+                progress((done * steps + step, len(policies) * steps), desc=f"policy {k + 1}: step {step}/{steps}")
 
-        results[k] = run_policy(model, family, prompt, negative_prompt, steps, images, seed, slot_options, adapters[k],
-                                on_step)  # fmt: skip
-        yield compare_outputs(results, steps, device, prompt, finished=done + 1 == len(options))
+        on_step(0)
+        label = policy_label(options[k], bool(adapters[k]))
+        results[k] = run_policy(loaded, prompt, negative_prompt, steps, images, seed, policy, label, on_step)
+        yield compare_outputs(results, steps, device, prompt, finished=done + 1 == len(policies))
 
 
 def compare_outputs(results: dict[int, PolicyResult], steps: int, device: str, prompt: str, finished: bool) -> tuple:
@@ -365,11 +394,14 @@ def take_from_compare(kept: list | None, choice: str | None) -> tuple:
 
 
 def request_stop(session: dict | None) -> str:
-    """The Stop button: the running edit of this session stops after its current iteration, keeping the best."""
-    if session and "stop" in session:
-        session["stop"].set()
-        return "stopping after the current iteration..."
-    return "nothing is running"
+    """The Stop button: this session's running FlowOpt run stops after its current iteration, keeping the best."""
+    running = (session or {}).get("running")
+    if running is None:
+        return "nothing is running"
+    if "stop" not in session:
+        return f"{running} has no iterations to stop at: it runs to its end"
+    session["stop"].set()
+    return "stopping after the current iteration..."
 
 
 def in_background(work: Callable[[Callable], Any]) -> Iterator[tuple[str, Any]]:
@@ -395,31 +427,51 @@ def in_background(work: Callable[[Callable], Any]) -> Iterator[tuple[str, Any]]:
 
 def psnr(image, reference) -> float:
     """PSNR in dB of two PIL images of one size, in [0, 255]."""
-    a, b = (torch.tensor(list(i.getdata()), dtype=torch.float64) for i in (image, reference))
-    mse = ((a - b) ** 2).mean().item()
+    import numpy as np
+
+    mse = float(np.mean((np.asarray(image, dtype=np.float64) - np.asarray(reference, dtype=np.float64)) ** 2))
     return float("inf") if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-# the settings each mode starts from: T, n_max, iterations, step size, target guidance scale (FlowOpt's were chosen
-# on the shapes world's training scenes, see the README; FlowEdit's and the inversion's are their defaults there)
-MODE_DEFAULTS = {
-    EDIT_MODES[0]: (15, 15, 4, "0.02", 3.5),
-    EDIT_MODES[1]: (15, 15, 0, "0.02", 3.5),
-    EDIT_MODES[2]: (50, 33, 0, "0.02", 13.5),
-    EDIT_MODES[3]: (10, 10, 30, "0.2", 1.0),
+FLOWOPT_MODES = (EDIT_MODES[0], EDIT_MODES[1], EDIT_MODES[3])
+# the Edit settings each mode reads besides the source prompt (the others are hidden)
+MODE_CONTROLS = {
+    EDIT_MODES[0]: ("target_prompt", "iterations", "step_size", "guidance_scale"),
+    EDIT_MODES[1]: ("target_prompt", "guidance_scale"),
+    EDIT_MODES[2]: ("target_prompt", "guidance_scale"),
+    EDIT_MODES[3]: ("iterations", "step_size"),
 }
+EDIT_CONTROLS = ("target_prompt", "iterations", "step_size", "guidance_scale")
+# FlowOpt's settings chosen for shapes:sd3 on the shapes world's training scenes (README "FlowOpt"): T, n_max,
+# iterations, step size; other models start from the papers' code defaults (chosen at 1024 px)
+SHAPES_FLOWOPT = {"edit": (15, 15, 4, 0.02), "invert": (10, 10, 30, 0.2)}
 
 
-def mode_defaults(mode: str) -> tuple:
-    """The Edit tab's settings when a mode is picked (T, n_max, iterations, step size, target guidance scale)."""
-    if mode not in MODE_DEFAULTS:
+def mode_settings(mode: str, model: str) -> tuple[tuple, list[bool]]:
+    """The Edit tab's settings when a mode is picked for `model`: (T, n_max, iterations, step size, target guidance
+    scale), and which of `EDIT_CONTROLS` the mode shows."""
+    from guidance.flowedit import DEFAULTS as FLOWEDIT_DEFAULTS
+    from guidance.flowopt import DEFAULTS as FLOWOPT_DEFAULTS
+    from guidance.flowopt import TARGET_GUIDANCE_SCALE
+
+    if mode not in MODE_CONTROLS:
         raise ValueError(f"mode must be one of {list(EDIT_MODES)}, got {mode!r}")
-    return MODE_DEFAULTS[mode]
+    family = family_of(read_model(model, flow=True))
+    shown = [name in MODE_CONTROLS[mode] for name in EDIT_CONTROLS]
+    if mode == EDIT_MODES[2]:
+        flowedit = FLOWEDIT_DEFAULTS[family]
+        return (flowedit["num_inference_steps"], flowedit["n_max"], 0, "", flowedit["target_guidance_scale"]), shown
+    task = "invert" if mode == EDIT_MODES[3] else "edit"
+    paper = FLOWOPT_DEFAULTS[(family, task)]
+    steps, n_max, iterations, eta = SHAPES_FLOWOPT[task] if model in SHAPES_MODELS else tuple(paper.values())
+    iterations = 0 if mode == EDIT_MODES[1] else iterations
+    return (steps, n_max, iterations, f"{eta:g}", 1.0 if task == "invert" else TARGET_GUIDANCE_SCALE), shown
 
 
 @dataclass
 class EditState:
-    """What an edit shows so far: the iterates, their residuals and which one is kept (the lowest residual)."""
+    """What an edit shows so far: the iterates, their residuals and which one is kept (the lowest residual: FlowOpt's
+    objective, the iterate whose image is closest to the source)."""
 
     iterates: list
     residuals: list
@@ -427,45 +479,53 @@ class EditState:
 
     @property
     def best(self) -> int | None:
-        return min(range(len(self.residuals)), key=lambda k: self.residuals[k][0]) if self.residuals else None
+        finite = [k for k, r in enumerate(self.residuals) if math.isfinite(r[0])]
+        return min(finite, key=lambda k: self.residuals[k][0]) if finite else None
 
     def outputs(self, result: Any = None) -> tuple:
         best = self.best
         image = result if result is not None else (self.iterates[best] if best is not None else None)
         gallery = [(image, f"iteration {k}") for k, image in enumerate(self.iterates)]
-        figure = closed(plot_residuals(self.residuals, best)) if self.residuals else None
+        figure = plot_residuals(self.residuals, best) if self.residuals else None
         return gallery, image, figure, self.status
 
 
 def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, n_max, iterations, step_size,
          guidance_scale, seed, session, progress: Callable | None = None) -> Iterator[tuple]:  # fmt: skip
     """The Edit tab: FlowOpt editing with iterates streamed as they are computed (Stop keeps the best so far),
-    "invert, then regenerate" (iterate 0), FlowEdit, or inversion with the reconstruction's PSNR. Yields (iterates,
-    kept image, residual plot, status)."""
+    "invert, then regenerate" (iterate 0), FlowEdit, or inversion with the reconstruction's PSNR. Settings a mode
+    does not read (`MODE_CONTROLS`; hidden in the page) are not used. Yields (iterates, kept image, residual plot,
+    status)."""
     model = read_model(model, flow=True)
     if image is None:
         raise ValueError("give a source image: upload one, or take one from the Compare tab")
-    mode_defaults(mode)
+    if mode not in MODE_CONTROLS:
+        raise ValueError(f"mode must be one of {list(EDIT_MODES)}, got {mode!r}")
+    reads = MODE_CONTROLS[mode]
     inverting, flowedit = mode == EDIT_MODES[3], mode == EDIT_MODES[2]
     source_prompt = read_prompt(source_prompt, "source prompt")
-    target_prompt = source_prompt if inverting else read_prompt(target_prompt, "target prompt")
+    target_prompt = read_prompt(target_prompt, "target prompt") if "target_prompt" in reads else source_prompt
     steps = read_number(num_inference_steps, "steps T", 1, MAX_STEPS, integer=True)
     n_max = read_number(n_max, "n_max", 1, steps, integer=True)
-    iterations = 0 if mode == EDIT_MODES[1] else read_number(iterations, "iterations", 0, MAX_ITERATIONS, integer=True)
-    auto = isinstance(step_size, str) and step_size.strip() == "auto"
-    eta = "auto" if auto else read_number(step_size, "step size (a number or 'auto')", 1e-6, 10)
-    scale = read_number(guidance_scale, "target guidance scale", 0, MAX_SCALE)
+    iterations = read_number(iterations, "iterations", 0, MAX_ITERATIONS, integer=True) if "iterations" in reads else 0
+    eta = None
+    if "step_size" in reads:
+        auto = isinstance(step_size, str) and step_size.strip() == "auto"
+        eta = "auto" if auto else read_number(step_size, "step size (a number or 'auto')", 1e-6, 10)
+    scale = read_number(guidance_scale, "target guidance scale", 0, MAX_SCALE) if "guidance_scale" in reads else 1.0
     seed = read_number(seed, "seed", 0, 2**31 - 1, integer=True)
-    pipe, family, lock = MODELS.get(model)
+    if max(image.size) > MAX_EDIT_SIDE:
+        raise ValueError(f"the image ({image.width}x{image.height}) is too large for the demo: its sides must be at "
+                         f"most {MAX_EDIT_SIDE} pixels")  # fmt: skip
+    loaded = MODELS.get(model)
+    pipe, family = loaded.pipe, loaded.family
     multiple = pipe.pixel_multiple()
     if min(image.size) < multiple:
         raise ValueError(f"the image ({image.width}x{image.height}) is too small for {model!r}: its sides must be at "
                          f"least {multiple} pixels")  # fmt: skip
-    stop = threading.Event()
-    if isinstance(session, dict):
-        session["stop"] = stop
     height, width = image.height - image.height % multiple, image.width - image.width % multiple
     source = image.convert("RGB").crop((0, 0, width, height))
+    stop = threading.Event()
 
     def work(emit):
         def on_iteration(pipe, iteration, tensors):
@@ -476,42 +536,49 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
         common = dict(num_inference_steps=steps, n_max=n_max, generator=torch.Generator().manual_seed(seed),
                       **call_defaults(model, family))  # fmt: skip
         run = dict(iterations=iterations, step_size=eta, callback_on_iteration=on_iteration, **common)
-        with lock:
+        target = dict(guidance_scale=scale) if flux else dict(guidance=ClassifierFreeGuidance(scale))
+        with loaded.lock:
             if flowedit:
                 target = dict(guidance_scale=scale) if flux else dict(target_guidance=ClassifierFreeGuidance(scale))
-                return pipe.flowedit(source, source_prompt, target_prompt, **target, **common)
+                return pipe.flowedit(source, source_prompt, target_prompt, **target, **common), None
             if inverting:
-                return pipe.invert(source, source_prompt, **run)
-            target = dict(guidance_scale=scale) if flux else dict(guidance=ClassifierFreeGuidance(scale))
-            return pipe.edit(source, source_prompt, target_prompt, **target, **run)
+                return pipe.invert(source, source_prompt, **run), psnr(round_trip(pipe, source), source)
+            return pipe.edit(source, source_prompt, target_prompt, **target, **run), None
 
     state = EditState([], [], f"running {mode} on {device_and_dtype(family)[0]}...")
-    yield state.outputs()
-    for event in in_background(work):
-        if event[0] == "iterate":
-            _, iteration, picture, residuals = event
-            state.iterates.append(picture)
-            state.residuals.append(residuals)
-            state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
-            if progress is not None:
-                progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}")
-            yield state.outputs()
-            continue
-        out = event[1]
-        if flowedit:
-            state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
-            yield state.outputs(out.images[0])
-            return
-        why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
-        best = state.best
-        state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; kept "
-                        f"iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}); {out.nfe:g} model "
-                        "evaluations")  # fmt: skip
-        if inverting:
-            ceiling = psnr(round_trip(pipe, source), source)
-            state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's round "
-                             f"trip alone: {ceiling:.2f} dB)")  # fmt: skip
+    if isinstance(session, dict):
+        session.update(running=mode, **({} if flowedit else {"stop": stop}))
+    try:
         yield state.outputs()
+        for event in in_background(work):
+            if event[0] == "iterate":
+                _, iteration, picture, residuals = event
+                state.iterates.append(picture)
+                state.residuals.append(residuals)
+                state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
+                if progress is not None:
+                    progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}")
+                yield state.outputs()
+                continue
+            out, ceiling = event[1]
+            if flowedit:
+                state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
+                yield state.outputs(out.images[0])
+                return
+            why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
+            best = state.best
+            state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; kept "
+                            f"iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}: the closest to "
+                            f"the source); {out.nfe:g} model evaluations")  # fmt: skip
+            if inverting:
+                state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's "
+                                 f"round trip alone: {ceiling:.2f} dB)")  # fmt: skip
+            yield state.outputs()
+    finally:  # finished, failed, or closed by the page (Stop of the queue, a closed tab): the worker stops too
+        stop.set()
+        if isinstance(session, dict) and session.get("running") == mode:
+            session.pop("running", None)
+            session.pop("stop", None)
 
 
 @torch.no_grad()
@@ -575,24 +642,32 @@ def method_controls(method: str) -> list[bool]:
 
 def page_event(function: Callable, names: list[str], streams: bool = False) -> Callable:
     """`function` as a Gradio event: parameters named after the widgets (what gradio_client's API shows), a progress
-    bar in the page for the streaming ones, and bad input (ValueError, TypeError) shown as a readable error in the
-    page instead of a traceback."""
+    bar in the page for the streaming ones, and every error shown as a readable message in the page, never a
+    traceback (bad input, ValueError and TypeError, as its message; unexpected errors with their type, logged)."""
     import gradio as gr
 
     def readable(error: Exception) -> gr.Error:
-        return gr.Error(str(error), print_exception=False)
+        if isinstance(error, gr.Error):
+            return error
+        if isinstance(error, (ValueError, TypeError)):
+            return gr.Error(str(error), print_exception=False)
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return gr.Error("out of GPU memory: try fewer images, fewer steps or a smaller image")
+        if isinstance(error, ImportError):
+            return gr.Error(f"{error}: install the demo's extra, pip install -e '.[demo]'")
+        return gr.Error(f"{type(error).__name__}: {error}")
 
     def stream(*values):
         *values, progress = values
         try:
             yield from function(*values, progress=progress)
-        except (ValueError, TypeError) as error:
+        except Exception as error:
             raise readable(error) from error
 
     def call(*values):
         try:
             return function(*values)
-        except (ValueError, TypeError) as error:
+        except Exception as error:
             raise readable(error) from error
 
     parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
@@ -603,14 +678,6 @@ def page_event(function: Callable, names: list[str], streams: bool = False) -> C
     event.__signature__ = inspect.Signature(parameters)
     event.__name__ = function.__name__
     return event
-
-
-def closed(figure):
-    """A matplotlib figure detached from pyplot (Gradio draws it; pyplot would keep every one open)."""
-    import matplotlib.pyplot as plt
-
-    plt.close(figure)
-    return figure
 
 
 def build_demo():
@@ -674,7 +741,12 @@ def build_demo():
                         )
                         take = gr.Button("Take it", scale=1)
                     source = gr.Image(
-                        type="pil", label="source image", interactive=False, height=200, elem_id="source-image"
+                        type="pil",
+                        label="source image",
+                        interactive=False,
+                        height=200,
+                        elem_id="source-image",
+                        format="png",
                     )
                     source_prompt = gr.Textbox(label="source prompt", value=prompt.value)
                     target_prompt = gr.Textbox(label="target prompt (not used by Invert)",
@@ -720,8 +792,16 @@ def build_demo():
         for k, slot in enumerate(slots):
             slot[0].change(page_event(show_controls, ["method"]), slot[0], slot[1:],
                            api_name=f"method_controls_{k + 1}")  # fmt: skip
-        settings = [edit_steps, n_max, iterations, step_size, target_scale]
-        mode.change(page_event(mode_defaults, ["mode"]), mode, settings, api_name="mode_defaults")
+
+        def show_mode(mode: str, model: str) -> list:
+            values, shown = mode_settings(mode, model)
+            visible = dict(zip(EDIT_CONTROLS, shown, strict=True))
+            controls = ["steps", "n_max", "iterations", "step_size", "guidance_scale"]
+            return [gr.update(value=value, visible=visible.get(name, True)) for name, value in zip(controls, values,
+                    strict=True)] + [gr.update(visible=visible["target_prompt"])]  # fmt: skip
+
+        settings = [edit_steps, n_max, iterations, step_size, target_scale, target_prompt]
+        mode.change(page_event(show_mode, ["mode", "model"]), [mode, edit_model], settings, api_name="mode_settings")
         file.upload(page_event(upload, ["file"]), file, source, api_name="upload")
         take.click(page_event(take_from_compare, ["kept", "choice"]), [kept, pick],
                    [source, source_prompt], api_name="take_from_compare")  # fmt: skip

@@ -7,15 +7,19 @@ import os
 from .trace import GuidanceTrace
 
 
+def new_figure(width: float, height: float):
+    """A matplotlib figure outside pyplot's global registry: safe to draw from several threads (the demo's calls), and
+    never left open."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100)
+
+
 def plot_trace(trace: GuidanceTrace, path: str | os.PathLike | None = None, title: str | None = None):
     """Per-step guidance scale of every image (dots mark steps whose unconditional pass ran); optional PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     scales = trace.scales_tensor()
-    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    figure = new_figure(6, 3.2)
+    axis = figure.subplots()
     steps = range(trace.num_steps)
     for b in range(trace.batch_size):
         axis.plot(steps, scales[:, b].tolist(), label=f"image {b}", linewidth=1.5)
@@ -36,18 +40,14 @@ def plot_trace(trace: GuidanceTrace, path: str | os.PathLike | None = None, titl
 def plot_dynamic_trace(trace: GuidanceTrace, path: str | os.PathLike | None = None, sample: int = 0):
     """Dynamic guidance at a glance: the chosen scale per step (every image), then for image `sample` each
     evaluator's score of every candidate per step, and the evaluators' weights; optional PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
     scored = [i for i, extras in enumerate(trace.extras) if "candidate_scores" in extras]
     if not scored:
         raise ValueError("`trace` has no candidate scores: it was not produced by DynamicGuidance")
     if not 0 <= sample < trace.batch_size:
         raise ValueError(f"`sample` must be in [0, {trace.batch_size}), got {sample}")
     names = list(trace.extras[scored[0]]["candidate_scores"])
-    figure, axes = plt.subplots(2 + len(names), 1, figsize=(6, 2.2 * (2 + len(names))), dpi=100, sharex=True)
+    figure = new_figure(6, 2.2 * (2 + len(names)))
+    axes = figure.subplots(2 + len(names), 1, sharex=True)
     scales = trace.scales_tensor()
     for b in range(trace.batch_size):
         axes[0].plot(range(trace.num_steps), scales[:, b].tolist(), marker=".", label=f"image {b}")
@@ -78,12 +78,8 @@ def plot_dynamic_trace(trace: GuidanceTrace, path: str | os.PathLike | None = No
 def plot_residuals(residuals: list[list[float]], best: int | None = None, title: str | None = None):
     """FlowOpt's residual `|f_c(z_k) - y|` (RMS per latent element) per iteration, one line per image; `best` marks an
     iteration (e.g. the one kept)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 3.2), dpi=100)
+    figure = new_figure(6, 3.2)
+    axis = figure.subplots()
     iterations = range(len(residuals))
     for b in range(len(residuals[0]) if residuals else 0):
         axis.plot(iterations, [row[b] for row in residuals], marker=".", label=f"image {b}")

@@ -22,7 +22,7 @@ def client(demo_url):
 def test_every_event_has_a_named_endpoint(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     methods = {f"/method_controls_{k + 1}" for k in range(app.MAX_POLICIES)}
-    assert endpoints == {"/compare", "/apply_preset", "/mode_defaults", "/upload", "/take_from_compare", "/edit",
+    assert endpoints == {"/compare", "/apply_preset", "/mode_settings", "/upload", "/take_from_compare", "/edit",
                          "/stop"} | methods  # fmt: skip
 
 
@@ -57,12 +57,14 @@ def test_presets_controls_and_modes(client):
     for k in range(app.MAX_POLICIES):
         updates = client.predict("ag", api_name=f"/method_controls_{k + 1}")
         assert [update["visible"] for update in updates] == app.method_controls("ag")
-    assert client.predict("FlowEdit", api_name="/mode_defaults") == (50, 33, 0, "0.02", 13.5)
+    updates = client.predict("FlowEdit", "shapes:sd3", api_name="/mode_settings")
+    assert [u.get("value") for u in updates] == [50, 33, 0, "", 13.5, None]
+    assert [u["visible"] for u in updates] == [True, True, False, False, True, True]
 
 
-def test_upload(client, tmp_path, red_circle_png):
+def test_upload_is_lossless(client, tmp_path, red_circle_png):
     image = client.predict(gradio_client.handle_file(str(red_circle_png)), api_name="/upload")
-    assert Image.open(image).size == (32, 32)
+    assert list(Image.open(image).convert("RGB").getdata()) == list(Image.open(red_circle_png).getdata())
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(gradio_client.exceptions.AppError, match="'notes.txt' is not an image"):
         client.predict(gradio_client.handle_file(str(tmp_path / "notes.txt")), api_name="/upload")

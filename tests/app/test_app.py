@@ -3,6 +3,7 @@
 import json
 import re
 import threading
+import time
 
 import pytest
 import torch
@@ -117,12 +118,23 @@ def test_two_sessions_at_once_each_get_their_own_results():
         ({"adapter": "/no/such/folder", "slot": {"npo": True}},
          "the Self-NPO adapter must be a folder holding a LoRA .safetensors file, got '/no/such/folder'"),
         ({"slot": {"npo": True}}, "no Self-NPO adapter is shipped for 'tiny:sd': give an adapter folder"),
+        ({"slot": {"method": "linear-ag"}, "steps": 30},
+         "policy 1: LinearAG needs a coefficients folder .*shipped only for shapes:sd and shapes:sd3 at 20 steps"),
+        ({"slot": {"method": "dynamic", "evaluators": [str(ASSETS / "shapes-sd-latent-clip")]}, "model": "shapes:sd3"},
+         r"policy 1: the evaluators \['shapes-sd-latent-clip'\] were trained on shapes:sd, not 'shapes:sd3'"),
     ],
 )  # fmt: skip
 def test_bad_compare_input_is_a_readable_error(change, message):
     slot = app.PolicyControls(**{"method": "cfg", "guidance_scale": 5.0, **change.pop("slot", {})})
     with pytest.raises(ValueError, match=message):
         run_compare(slot, **change)
+
+
+def test_every_policy_is_built_before_any_runs(tmp_path):
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"not a LoRA")
+    slots = policy_values(CFG, app.PolicyControls("cfg", 5.0, npo=True))
+    with pytest.raises(ValueError, match=f"policy 2: Self-NPO adapter '{tmp_path}' could not be loaded into"):
+        next(app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, str(tmp_path), *slots))  # before policy 1 ran
 
 
 def test_model_folders_that_are_not_a_supported_family_or_do_not_load_are_readable_errors(tmp_path):
@@ -152,9 +164,21 @@ def test_each_method_shows_only_its_controls():
         app.method_controls("x")
     with pytest.raises(ValueError, match="preset must be one of"):
         app.apply_preset("x")
-    assert app.mode_defaults(app.EDIT_MODES[3]) == (10, 10, 30, "0.2", 1.0)
+
+
+def test_each_edit_mode_loads_its_settings_for_the_model_and_shows_only_what_it_reads():
+    edit, regenerate, flowedit, invert = app.EDIT_MODES
+    assert app.mode_settings(edit, "shapes:sd3") == ((15, 15, 4, "0.02", 3.5), [True, True, True, True])
+    assert app.mode_settings(regenerate, "shapes:sd3") == ((15, 15, 0, "0.02", 3.5), [True, False, False, True])
+    assert app.mode_settings(invert, "shapes:sd3") == ((10, 10, 30, "0.2", 1.0), [False, True, True, False])
+    assert app.mode_settings(flowedit, "shapes:sd3") == ((50, 33, 0, "", 13.5), [True, False, False, True])
+    assert app.mode_settings(edit, "tiny:sd3")[0] == (15, 12, 8, "0.01", 3.5)  # the paper's, for other models
+    assert app.mode_settings(edit, "tiny:flux")[0] == (15, 13, 8, "0.0025", 3.5)
+    assert app.mode_settings(flowedit, "tiny:flux")[0] == (28, 24, 0, "", 5.5)
     with pytest.raises(ValueError, match="mode must be one of"):
-        app.mode_defaults("x")
+        app.mode_settings("x", "shapes:sd3")
+    with pytest.raises(ValueError, match="model 'shapes:sd' is a SD model: editing needs a flow model"):
+        app.mode_settings(edit, "shapes:sd")
 
 
 def test_upload_and_take_from_compare(tmp_path, red_circle_png):
@@ -174,7 +198,7 @@ SCENE = dict(color="red", shape="circle", size="large", position="center", backg
 
 def run_edit(mode=app.EDIT_MODES[0], image="scene", session=None, **change):
     settings = dict(zip(["num_inference_steps", "n_max", "iterations", "step_size", "guidance_scale"],
-                        app.mode_defaults(mode), strict=True))  # fmt: skip
+                        app.mode_settings(mode, "shapes:sd3")[0], strict=True))  # fmt: skip
     arguments = dict(model="shapes:sd3", source_prompt=PROMPT, target_prompt=PROMPT.replace("red", "blue"), seed=0)
     arguments.update(settings, **change)
     image = rendered_scene(**SCENE) if image == "scene" else image
@@ -202,7 +226,28 @@ def test_stop_keeps_the_best_iterate_so_far():
             assert app.request_stop(session) == "stopping after the current iteration..."
     gallery, kept, _, status = outputs[-1]
     assert 2 <= len(gallery) <= 4 and re.match(r"stopped by you at iteration [1-3]; kept iteration", status)
-    assert app.request_stop({}) == "nothing is running"
+    assert app.request_stop({}) == "nothing is running" and session == {}  # the run is over: nothing left behind
+    assert app.request_stop({"running": "FlowEdit"}) == "FlowEdit has no iterations to stop at: it runs to its end"
+
+
+def test_closing_an_edit_stops_its_worker_and_frees_the_model():
+    """What happens when the page goes away mid-run (Gradio closes the generator)."""
+    session = {}
+    outputs = run_edit(iterations=50, session=session)
+    for _ in range(3):
+        next(outputs)
+    assert session["running"] == app.EDIT_MODES[0]
+    outputs.close()
+    lock, deadline = app.MODELS.get("shapes:sd3").lock, time.monotonic() + 30
+    while lock.locked() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not lock.locked() and session == {}
+
+
+def test_the_kept_iterate_is_the_lowest_finite_residual():
+    state = app.EditState(["a", "b", "c", "d"], [[0.5], [0.2], [float("nan")], [0.3]])
+    assert state.best == 1 and state.outputs()[1] == "b"
+    assert app.EditState([], []).best is None and app.EditState(["a"], [[float("nan")]]).best is None
 
 
 def test_invert_reconstructs_within_a_decibel_of_the_vae_and_the_other_modes_run():
@@ -229,6 +274,10 @@ def test_invert_reconstructs_within_a_decibel_of_the_vae_and_the_other_modes_run
         ({"iterations": -1}, r"iterations must be in \[0, 50\], got -1"),
         ({"step_size": "fast"}, r"step size \(a number or 'auto'\) must be a number, got 'fast'"),
         ({"guidance_scale": 31}, r"target guidance scale must be in \[0, 30\], got 31"),
+        (
+            {"image": Image.new("RGB", (4096, 32))},
+            r"the image \(4096x32\) is too large for the demo: its sides must be",
+        ),
     ],
 )
 def test_bad_edit_input_is_a_readable_error(change, message):
@@ -236,9 +285,13 @@ def test_bad_edit_input_is_a_readable_error(change, message):
         next(run_edit(**change))
 
 
-def test_models_load_once_on_the_cpu_without_a_gpu_and_the_shipped_npo_adapter_is_found():
-    assert app.device_and_dtype("flux") == ("cpu", torch.float32) or torch.cuda.is_available()
-    first, second = app.MODELS.get("tiny:sd"), app.MODELS.get("tiny:sd")
-    assert first[0] is second[0] and first[2] is second[2]
+def test_devices_and_models_load_once(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert app.device_and_dtype("sd") == app.device_and_dtype("flux") == ("cpu", torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert app.device_and_dtype("sd3") == ("cuda", torch.float16) and app.device_and_dtype("flux") == (
+        "cuda", torch.bfloat16)  # fmt: skip
+    monkeypatch.undo()
+    assert app.MODELS.get("tiny:sd") is app.MODELS.get("tiny:sd")
     assert app.npo_folder("", "shapes:sd") == str(ASSETS / "shapes-sd-npo")
     assert app.npo_folder(" ", "shapes:sd3") == str(ASSETS / "shapes-sd3-npo")

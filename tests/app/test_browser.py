@@ -180,14 +180,17 @@ def test_two_sessions_at_once_each_get_their_own_results(browser, demo_url):
         pages[key].goto(demo_url)
         expect(pages[key].locator("#compare-button")).to_be_visible(timeout=30_000)
         pages[key].get_by_label("prompt", exact=True).fill(prompt)
+        pages[key].get_by_label("steps", exact=True).fill("40")
         pages[key].get_by_label("seed (image k uses seed + k)").fill(str(seed))
     for page in pages.values():
         page.locator("#compare-button").click()
+    expect(pages["b"].locator("#compare-summary").get_by_role("progressbar")).to_be_visible(timeout=30_000)
+    assert "Cheapest" not in pages["a"].locator("#compare-summary").inner_text()  # both runs are under way at once
     for key, page in pages.items():
         expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=60_000)
         shot(page, f"11-session-{key}")
     for key, (prompt, seed) in sessions.items():
-        alone = list(app.compare(prompt, "", "shapes:sd", 20, 2, seed, "", *policy_values(
+        alone = list(app.compare(prompt, "", "shapes:sd", 40, 2, seed, "", *policy_values(
             app.PolicyControls("cfg", 7.5), app.PolicyControls("ag", 7.5))))[-1]  # fmt: skip
         shown = gallery_images(pages[key], "images-1") + gallery_images(pages[key], "images-2")
         assert [list(i.getdata()) for i in shown] == [list(i.getdata()) for i in alone[0] + alone[3]]

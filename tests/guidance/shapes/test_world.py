@@ -83,3 +83,12 @@ def test_shipped_world_file_is_the_default():
     from guidance.shapes.assets import load_world
 
     assert load_world().spec == DEFAULT_WORLD
+
+
+def test_render_images_are_the_renders_in_8_bits():
+    world = ShapesWorld()
+    scenes = [world.scene(color="red", shape="circle", size="large", position="center", background="white")]
+    image = world.render_images(scenes)[0]
+    expected = ((world.render(scenes)[0].permute(1, 2, 0) + 1) * 127.5).round()
+    assert image.mode == "RGB" and image.size == (32, 32)
+    assert torch.equal(torch.tensor(list(image.getdata()), dtype=torch.float32).view(32, 32, 3), expected)
