@@ -295,3 +295,21 @@ def test_devices_and_models_load_once(monkeypatch):
     assert app.MODELS.get("tiny:sd") is app.MODELS.get("tiny:sd")
     assert app.npo_folder("", "shapes:sd") == str(ASSETS / "shapes-sd-npo")
     assert app.npo_folder(" ", "shapes:sd3") == str(ASSETS / "shapes-sd3-npo")
+
+
+@pytest.mark.parametrize("model", ["shapes:sd3", "tiny:flux"])
+def test_streamed_iterates_are_the_pipelines_own_images(model):
+    """The page decodes each iterate as it arrives (Flux: unpacking its tokens); they equal the pipeline's iterates."""
+    pipe = app.MODELS.get(model).pipe
+    image = rendered_scene(**SCENE).resize((2 * pipe.pixel_multiple(),) * 2) if model == "tiny:flux" else \
+        rendered_scene(**SCENE)  # fmt: skip
+    target = PROMPT.replace("red", "blue")
+    *_, (gallery, kept, _, status) = app.edit(model, image, PROMPT, target, app.EDIT_MODES[0], 6, 6, 2, "0.02", 3.5,
+                                              0, {})  # fmt: skip
+    extra = app.call_defaults(model, app.MODELS.get(model).family)
+    guidance = {"guidance_scale": 3.5} if model == "tiny:flux" else {"guidance": app.ClassifierFreeGuidance(3.5)}
+    out = pipe.edit(image, PROMPT, target, num_inference_steps=6, n_max=6, iterations=2, step_size=0.02,
+                    return_iterates=True, generator=torch.Generator().manual_seed(0), **guidance, **extra)  # fmt: skip
+    assert len(gallery) == len(out.iterates) >= 2
+    for (shown, _), (expected,) in zip(gallery, out.iterates, strict=True):
+        assert (pixels(shown) - pixels(expected)).abs().max() <= 1
