@@ -37,6 +37,8 @@ EDIT_MODEL = "shapes:sd3"
 EDIT_MODES = ("FlowOpt edit", "invert, then regenerate", "FlowEdit", "Invert (reconstruction)")
 MAX_SCALE, MAX_STEPS, MAX_IMAGES, MAX_ITERATIONS, MAX_EDIT_SIDE = 30.0, 100, 8, 50, 2048
 CONCURRENCY = 2  # calls of one event in progress at once; calls on one model still take turns (its lock)
+METHOD_CHOICES = [("off (slot unused)", "off"), ("CFG", "cfg"), ("scheduled CFG", "scheduled"), ("AG", "ag"),
+                  ("LinearAG", "linear-ag"), ("dynamic", "dynamic"), ("none (no guidance)", "none")]  # fmt: skip
 METHOD_NAMES = {"cfg": "CFG", "scheduled": "scheduled CFG", "ag": "AG", "linear-ag": "LinearAG", "dynamic": "dynamic",
                 "none": "no guidance"}  # fmt: skip
 
@@ -66,7 +68,8 @@ def read_number(value: Any, name: str, low: float, high: float, integer: bool = 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a number, got {value!r}")
     if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value:g}")
+        shown = (lambda x: f"{x:d}") if integer else (lambda x: f"{x:g}")  # noqa: E731
+        raise ValueError(f"{name} must be in [{shown(low)}, {shown(high)}], got {value:g}")
     if integer and value != int(value):
         raise ValueError(f"{name} must be a whole number, got {value:g}")
     return int(value) if integer else float(value)
@@ -90,6 +93,8 @@ def read_model(model: Any, flow: bool = False) -> str:
     if not model.startswith(("shapes:", "tiny:")) and not os.path.isdir(model):
         raise ValueError(f"model {model!r} is neither a shipped shapes model {list(SHAPES_MODELS)} nor an "
                          "existing local diffusers folder")  # fmt: skip
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise ValueError(f"model folder {model!r} is not a diffusers pipeline: it has no model_index.json")
     if flow and family_of(model) not in ("sd3", "flux"):
         raise ValueError(f"model {model!r} is a {family_of(model).upper()} model: editing needs a flow model "
                          "(SD3 or Flux), e.g. shapes:sd3")  # fmt: skip
@@ -101,7 +106,7 @@ def family_of(model: str) -> str:
         return "sd3" if model == "shapes:sd3" else "sd"
     if model.startswith("tiny:"):
         return model.removeprefix("tiny:")
-    return model_family(model)
+    return model_family(model, argument="model")
 
 
 def device_and_dtype(family: str) -> tuple[str, torch.dtype]:
@@ -265,7 +270,8 @@ def policy_label(options: dict, npo: bool) -> str:
     if method == "ag":
         label += f" (threshold {options['threshold']:g})"
     if method == "dynamic":
-        label += f" (candidates {' '.join(f'{c:g}' for c in options['candidates'])})"
+        evaluators = ", ".join(Path(e).name for e in options["evaluator"] or []) or "default evaluators"
+        label += f" (candidates {' '.join(f'{c:g}' for c in options['candidates'])}; {evaluators})"
     if (options.get("guidance_start", 0), options.get("guidance_stop", 1)) != (0, 1):
         label += f", interval [{options['guidance_start']:g}, {options['guidance_stop']:g}]"
     return label + (" + Self-NPO" if npo else "")
@@ -557,7 +563,7 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
                 state.residuals.append(residuals)
                 state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
                 if progress is not None:
-                    progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}")
+                    progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}", unit="iterations")
                 yield state.outputs()
                 continue
             out, ceiling = event[1]
@@ -566,6 +572,8 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
                 yield state.outputs(out.images[0])
                 return
             why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
+            if mode == EDIT_MODES[1]:
+                why["iterations"] = "regenerated from the inversion"
             best = state.best
             state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; kept "
                             f"iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}: the closest to "
@@ -640,8 +648,9 @@ def method_controls(method: str) -> list[bool]:
 # --------------------------------------------------------------------------------------------------- the page
 
 
-def page_event(function: Callable, names: list[str], streams: bool = False) -> Callable:
-    """`function` as a Gradio event: parameters named after the widgets (what gradio_client's API shows), a progress
+def page_event(function: Callable, names: list[str], streams: bool = False, defaults: list | None = None) -> Callable:
+    """`function` as a Gradio event: parameters named after the widgets (what gradio_client's API shows; `defaults`:
+    their initial values, so API calls may leave them out), a progress
     bar in the page for the streaming ones, and every error shown as a readable message in the page, never a
     traceback (bad input, ValueError and TypeError, as its message; unexpected errors with their type, logged)."""
     import gradio as gr
@@ -670,14 +679,29 @@ def page_event(function: Callable, names: list[str], streams: bool = False) -> C
         except Exception as error:
             raise readable(error) from error
 
-    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in names]
+    keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    defaults = [inspect.Parameter.empty] * len(names) if defaults is None else defaults
+    parameters = [inspect.Parameter(n, keyword, default=d) for n, d in zip(names, defaults, strict=True)]
     if streams:
-        keyword = inspect.Parameter.POSITIONAL_OR_KEYWORD
         parameters.append(inspect.Parameter("progress", keyword, default=gr.Progress()))
     event = stream if streams else call
     event.__signature__ = inspect.Signature(parameters)
     event.__name__ = function.__name__
     return event
+
+
+# small images (the shapes world's 32 px) drawn large and sharp
+CSS = """
+#source-image img, #edit-result img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }
+#iterates img, [id^="images-"] img { image-rendering: pixelated; }
+"""
+
+
+def launch_demo(**kwargs) -> tuple[Any, str]:
+    """Build the page and serve it (`kwargs`: Gradio's `launch` arguments); (the Blocks, its local URL)."""
+    demo = build_demo()
+    _, url, _ = demo.launch(css=CSS, **kwargs)
+    return demo, url
 
 
 def build_demo():
@@ -724,7 +748,9 @@ def build_demo():
                             gr.Gallery(
                                 label=f"policy {k + 1}", columns=2, height=220, format="png", elem_id=f"images-{k + 1}"
                             ),
-                            gr.Plot(label=f"policy {k + 1}: per-step guidance", elem_id=f"plot-{k + 1}"),
+                            gr.Plot(
+                                label=f"policy {k + 1}: per-step guidance", show_label=False, elem_id=f"plot-{k + 1}"
+                            ),
                             gr.Markdown(elem_id=f"cost-{k + 1}"),
                         ]
         with gr.Tab("Edit"):
@@ -772,14 +798,15 @@ def build_demo():
                     iterates = gr.Gallery(
                         label="iterates, as they arrive", columns=6, height=160, format="png", elem_id="iterates"
                     )
-                    residuals = gr.Plot(label="residual per iteration", elem_id="residuals")
+                    residuals = gr.Plot(label="residual per iteration", show_label=False, elem_id="residuals")
 
         slot_names = [f"policy{k + 1}_{name}" for k in range(MAX_POLICIES) for name in POLICY_FIELDS]
         compare_inputs = [prompt, negative, model, steps, images, seed, adapter] + [c for slot in slots for c in slot]
         compare_names = ["prompt", "negative_prompt", "model", "num_inference_steps", "num_images", "seed",
                          "npo_adapter", *slot_names]  # fmt: skip
-        run.click(page_event(compare, compare_names, streams=True), compare_inputs, [*results, summary, kept],
-                  api_name="compare", concurrency_limit=CONCURRENCY, show_progress_on=[summary])  # fmt: skip
+        compare_event = page_event(compare, compare_names, True, [c.value for c in compare_inputs])
+        run.click(compare_event, compare_inputs, [*results, summary, kept], api_name="compare",
+                  concurrency_limit=CONCURRENCY, show_progress_on=[summary])  # fmt: skip
         kept.change(lambda items: gr.update(choices=[item[0] for item in items or []],
                                             value=items[0][0] if items else None), kept, pick,
                     api_name=False)  # fmt: skip
@@ -809,8 +836,9 @@ def build_demo():
                        step_size, target_scale, edit_seed, session]  # fmt: skip
         edit_names = ["model", "image", "source_prompt", "target_prompt", "mode", "num_inference_steps", "n_max",
                       "iterations", "step_size", "guidance_scale", "seed", "session"]  # fmt: skip
-        start.click(page_event(edit, edit_names, streams=True), edit_inputs, [iterates, kept_image, residuals, status],
-                    api_name="edit", concurrency_limit=CONCURRENCY, show_progress_on=[status])  # fmt: skip
+        edit_event = page_event(edit, edit_names, True, [c.value for c in edit_inputs])
+        start.click(edit_event, edit_inputs, [iterates, kept_image, residuals, status], api_name="edit",
+                    concurrency_limit=CONCURRENCY, show_progress_on=[status])  # fmt: skip
         stop.click(page_event(request_stop, ["session"]), session, status, api_name="stop",
                    concurrency_limit=None)  # fmt: skip
     demo.queue(default_concurrency_limit=CONCURRENCY)
@@ -822,7 +850,7 @@ def policy_slot(gr, k: int, default: PolicyControls) -> list:
     shown = SHOWN[default.method]
     show = lambda name: name in shown  # noqa: E731
     return [
-        gr.Dropdown([OFF, *METHODS], value=default.method, label=f"policy {k + 1}: method"),
+        gr.Dropdown(METHOD_CHOICES, value=default.method, label=f"policy {k + 1}: method"),
         gr.Number(default.guidance_scale, label="guidance scale", visible=show("guidance_scale"), precision=None),
         gr.Number(
             default.final_guidance_scale,
@@ -872,8 +900,7 @@ def save_screenshots(folder: str | os.PathLike, chromium: str) -> list[Path]:
     world = ShapesWorld.from_json(ASSETS / "shapes-world.json")
     scene = world.scene(color="red", shape="circle", size="large", position="center", background="white")
     world.render_images([scene])[0].save(image)
-    demo = build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
+    demo, url = launch_demo(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True)
     paths = [folder / "demo-compare.png", folder / "demo-edit.png"]
     try:
         with sync_playwright() as playwright:
@@ -883,7 +910,7 @@ def save_screenshots(folder: str | os.PathLike, chromium: str) -> list[Path]:
             page.get_by_label("preset (the README's comparisons)").click()
             page.get_by_role("option", name=next(iter(PRESETS))).click()
             page.get_by_role("button", name="Load preset").click()
-            expect(page.get_by_label("policy 4: method")).to_have_value("linear-ag")  # the preset is in the page
+            expect(page.get_by_label("policy 4: method")).to_have_value("LinearAG")  # the preset is in the page
             page.locator("#compare-button").click()
             expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=120_000)
             page.screenshot(path=paths[0], full_page=True)
@@ -912,4 +939,4 @@ if __name__ == "__main__":
     if arguments.screenshots:
         print(*save_screenshots(arguments.screenshots, arguments.chromium), sep="\n")
     else:
-        build_demo().launch(server_name=arguments.server_name, server_port=arguments.server_port)
+        launch_demo(server_name=arguments.server_name, server_port=arguments.server_port)

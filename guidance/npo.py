@@ -148,6 +148,9 @@ def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> Negat
     if any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):  # loading again replaces it
         pipe.delete_adapters(adapter_name)
     pipe.load_lora_weights(folder, adapter_name=adapter_name)
+    if not any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):
+        raise ValueError(f"{str(folder)!r} holds no LoRA weights for this pipeline's {type(denoiser).__name__}: "
+                         "was it trained for another model?")  # fmt: skip
     for layer in lora_layers(denoiser):
         layer._active_adapter = [name for name in _active(layer) if name != adapter_name]
     return NegativeAdapter(adapter_name, **kwargs)

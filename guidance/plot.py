@@ -86,6 +86,9 @@ def plot_residuals(residuals: list[list[float]], best: int | None = None, title:
     if best is not None:
         axis.axvline(best, color="grey", linestyle="--", linewidth=1, label=f"kept: iteration {best}")
         axis.legend(fontsize=7)
+    from matplotlib.ticker import MaxNLocator
+
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     axis.set_xlabel("FlowOpt iteration (0: invert, then solve)")
     axis.set_ylabel("residual |f(z) - y|")
     axis.set_title(title or "FlowOpt residual")

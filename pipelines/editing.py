@@ -83,6 +83,10 @@ class FlowEditingMixin:
         """What an image's height and width must be multiples of: the VAE's factor times the 2x2 patches."""
         return self.vae_scale_factor * 2
 
+    def largest_side(self) -> int | None:
+        """The largest image height or width the denoiser takes, in pixels (None: no limit)."""
+        return None
+
     def _source_images(self, image: Any, prompts: int) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images in [-1, 1], cropped at the bottom and right to multiples of `pixel_multiple` as FlowOpt's code
         crops them (never resized), and their size; one image per prompt, or one for all."""
@@ -100,6 +104,10 @@ class FlowEditingMixin:
         height, width = size[0] - size[0] % multiple, size[1] - size[1] % multiple
         if height == 0 or width == 0:
             raise ValueError(f"`image` of size {size} is smaller than {multiple} pixels, the model's multiple")
+        largest = self.largest_side()
+        if largest is not None and max(height, width) > largest:
+            raise ValueError(f"`image` of size {size} is larger than this model takes: at most {largest} pixels a "
+                             "side (its transformer's position embedding)")  # fmt: skip
         if (height, width) != size:
             logger.warning(f"cropped the image from {size} to {(height, width)}, multiples of {multiple} (FlowOpt's "
                            "code crops the same way)")  # fmt: skip

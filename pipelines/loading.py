@@ -41,9 +41,9 @@ def pipeline_class(family: str):
     }[family]
 
 
-def model_family(model: str) -> str:
+def model_family(model: str, argument: str = "`--model`") -> str:
     """The family of a diffusers pipeline folder or hub id (the hub's file, or the local cache offline), read from
-    the `_class_name` of its `model_index.json`."""
+    the `_class_name` of its `model_index.json`; `argument` names the model in errors."""
     from diffusers import DiffusionPipeline
 
     check_model_path(model)
@@ -51,10 +51,10 @@ def model_family(model: str) -> str:
         index = DiffusionPipeline.load_config(model)
     except (OSError, ValueError) as error:
         where = "folder" if os.path.isdir(model) else "hub id (reachable, or in the local cache when offline)"
-        raise ValueError(f"`--model` {model!r}: no readable model_index.json in this {where}: {error}") from error
+        raise ValueError(f"{argument} {model!r}: no readable model_index.json in this {where}: {error}") from error
     class_name = str(index.get("_class_name", "")).removeprefix("Guided")
     if class_name not in FAMILY_OF_CLASS:
-        raise ValueError(f"`--model` {model!r} is a {class_name or 'pipeline of unknown class'}; supported: "
+        raise ValueError(f"{argument} {model!r} is a {class_name or 'pipeline of unknown class'}; supported: "
                          f"{sorted(FAMILY_OF_CLASS)}")  # fmt: skip
     return FAMILY_OF_CLASS[class_name]
 

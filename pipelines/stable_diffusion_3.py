@@ -55,6 +55,10 @@ class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeli
     def pixel_multiple(self) -> int:
         return self.vae_scale_factor * self.transformer.config.patch_size
 
+    def largest_side(self) -> int | None:
+        size = self.transformer.config.pos_embed_max_size
+        return None if size is None else size * self.pixel_multiple()
+
     def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0])
         return denoiser(hidden_states=latents, timestep=timestep, **inputs, **shared, return_dict=False)[0]

@@ -82,7 +82,8 @@ def demo_url():
     import app
 
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo = app.build_demo()
-    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=app.free_port(), quiet=True)
+    demo, url = app.launch_demo(
+        prevent_thread_lock=True, server_name="127.0.0.1", server_port=app.free_port(), quiet=True
+    )
     yield url
     demo.close()

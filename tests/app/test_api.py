@@ -40,6 +40,11 @@ def test_compare_then_take_an_image_into_the_edit_tab(client):
         other.predict("policy 1 (CFG 5), image 1", api_name="/take_from_compare")
 
 
+def test_api_calls_may_leave_out_what_keeps_its_default(client):
+    outputs = client.predict(prompt=PROMPT, model="tiny:sd", num_inference_steps=2, api_name="/compare")
+    assert outputs[2].startswith("**CFG 7.5**: 4 NFEs per image") and outputs[5].startswith("**AG 7.5")
+
+
 def test_bad_input_comes_back_as_its_message(client):
     slots = policy_values(app.PolicyControls("cfg", 45))
     with pytest.raises(gradio_client.exceptions.AppError, match=r"policy 1: guidance scale must be in \[0, 30\]"):

@@ -69,6 +69,7 @@ def test_dynamic_plots_its_candidate_scores_and_npo_changes_the_images_at_the_sa
     labels = ["chosen scale", "shapes-sd-latent-clip score", "shapes-sd-latent-fidelity score", "weights (image 0)"]
     assert [axis.get_ylabel() for axis in figure.axes] == labels
     assert set(figure.axes[0].lines[0].get_ydata()) <= {3.0, 7.5, 15.0}
+    assert last[2].startswith("**dynamic (candidates 3 7.5 15; shapes-sd-latent-clip, shapes-sd-latent-fidelity)**")
     assert last[8].startswith("**CFG 7.5 + Self-NPO**: 8 NFEs") and last[5].startswith("**CFG 7.5**: 8 NFEs")
     assert pixels(last[3][0]).tolist() != pixels(last[6][0]).tolist()
 
@@ -100,6 +101,7 @@ def test_two_sessions_at_once_each_get_their_own_results():
         ({"steps": 2.5}, "steps must be a whole number, got 2.5"),
         ({"images": 9}, r"images per policy must be in \[1, 8\], got 9"),
         ({"seed": "x"}, "seed must be a number, got 'x'"),
+        ({"seed": -1}, r"seed must be in \[0, 2147483647\], got -1"),
         ({"slot": {"guidance_scale": "abc"}}, "policy 1: guidance scale must be a number, got 'abc'"),
         ({"slot": {"guidance_scale": None}}, "policy 1: guidance scale must be a number, got an empty box"),
         ({"slot": {"guidance_scale": 45}}, r"policy 1: guidance scale must be in \[0, 30\], got 45"),
@@ -146,6 +148,8 @@ def test_model_folders_that_are_not_a_supported_family_or_do_not_load_are_readab
     (tmp_path / "empty-sd" / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     with pytest.raises(ValueError, match="model '.*empty-sd' could not be loaded: "):
         run_compare(CFG, model=str(tmp_path / "empty-sd"))
+    with pytest.raises(ValueError, match="model folder '.*' is not a diffusers pipeline: it has no model_index.json"):
+        run_compare(CFG, model=str(tmp_path))
     with pytest.raises(TypeError, match="compare takes 4 policies of 11 values, got 3 values"):
         list(app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, "", "cfg", 5.0, 1.0))
 

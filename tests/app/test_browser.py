@@ -93,7 +93,7 @@ def test_changing_the_method_changes_the_controls(page):
         ("linear-ag", ["LinearAG coefficients folder (empty: shipped)"], ["final guidance scale"]),
         ("none", [], ["guidance scale", "Self-NPO in the unconditional branch"]),
     ]:
-        choose(page, "policy 1: method", method)
+        choose(page, "policy 1: method", {value: label for label, value in app.METHOD_CHOICES}[method])
         for label in shown:
             expect(slot.get_by_label(label, exact=True)).to_be_visible()
         for label in hidden:

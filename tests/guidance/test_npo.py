@@ -117,3 +117,13 @@ def test_bad_adapters_are_refused():
     with pytest.raises(ValueError, match="`delta_adapter` 'style' must be active"):
         images(two, "sd", ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter(delta_adapter="style", beta=0.5)))
     assert all(not layer._forward_hooks for layer in lora_layers(pipe.unet))
+
+
+def test_an_adapter_for_another_model_is_refused_at_load():
+    from guidance.npo import load_npo_adapter
+    from guidance.shapes.assets import ASSETS
+    from pipelines.loading import load_shapes_pipeline
+
+    pipe = load_shapes_pipeline("shapes-sd")
+    with pytest.raises(ValueError, match="shapes-sd3-npo' holds no LoRA weights for this pipeline's UNet2DCondition"):
+        load_npo_adapter(pipe, ASSETS / "shapes-sd3-npo")

@@ -204,6 +204,10 @@ def test_half_precision_models_update_in_float32():
         (lambda p: p.invert(source_images(), []), "`source_prompt` must be a non-empty prompt"),
         (lambda p: p.edit(source_images(2), [SOURCE] * 2, [TARGET]), "`target_prompt` must have one prompt per"),
         (lambda p: p.flowedit(source_images(), SOURCE, TARGET, n_avg=0), "`n_avg` must be an int >= 1, got 0"),
+        (
+            lambda p: p.edit(source_images(size=(p.largest_side() + 2, 16)), SOURCE, TARGET),
+            r"`image` of size \(\d+, 16\) is larger than this model takes: at most \d+ pixels a side",
+        ),
     ],
 )
 def test_bad_input_is_rejected_with_the_argument_named(pipes, call, message):
