@@ -17,7 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import astuple, dataclass, field, fields, replace
+from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +205,7 @@ class PolicyControls:
     threshold: Any = 0.995
     coefficients: str = ""
     candidates: str = ", ".join(f"{c:g}" for c in DEFAULT_CANDIDATES)
-    evaluators: list | tuple = ()
+    evaluators: list = field(default_factory=list)
     guidance_start: Any = 0.0
     guidance_stop: Any = 1.0
     npo: bool = False
@@ -541,11 +541,13 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
         flux = family == "flux"
         common = dict(num_inference_steps=steps, n_max=n_max, generator=torch.Generator().manual_seed(seed),
                       **call_defaults(model, family))  # fmt: skip
-        run = dict(iterations=iterations, step_size=eta, callback_on_iteration=on_iteration, **common)
-        target = dict(guidance_scale=scale) if flux else dict(guidance=ClassifierFreeGuidance(scale))
+        # the page shows the iterates decoded as they arrive: no final decode ("latent")
+        run = dict(iterations=iterations, step_size=eta, callback_on_iteration=on_iteration, output_type="latent",
+                   **common)  # fmt: skip
+        policy = "target_guidance" if flowedit else "guidance"
+        target = dict(guidance_scale=scale) if flux else {policy: ClassifierFreeGuidance(scale)}
         with loaded.lock:
             if flowedit:
-                target = dict(guidance_scale=scale) if flux else dict(target_guidance=ClassifierFreeGuidance(scale))
                 return pipe.flowedit(source, source_prompt, target_prompt, **target, **common), None
             if inverting:
                 return pipe.invert(source, source_prompt, **run), psnr(round_trip(pipe, source), source)
@@ -634,7 +636,7 @@ def apply_preset(name: str) -> tuple:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {name!r}")
     preset = PRESETS[name]
     slots = preset["policies"] + [PolicyControls()] * (MAX_POLICIES - len(preset["policies"]))
-    values = [value for slot in slots for value in astuple(replace(slot, evaluators=list(slot.evaluators)))]
+    values = [value for slot in slots for value in astuple(slot)]
     return (preset["model"], preset["steps"], *values)
 
 
