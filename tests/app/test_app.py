@@ -11,6 +11,7 @@ from conftest import policy_values, rendered_scene
 from PIL import Image
 
 import app
+from guidance import AdaptiveGuidance, ClassifierFreeGuidance
 from guidance.shapes.assets import ASSETS
 
 PROMPT = "a large red circle at the center on white"
@@ -317,3 +318,51 @@ def test_streamed_iterates_are_the_pipelines_own_images(model):
     assert len(gallery) == len(out.iterates) >= 2
     for (shown, _), (expected,) in zip(gallery, out.iterates, strict=True):
         assert (pixels(shown) - pixels(expected)).abs().max() <= 1
+
+
+def test_a_local_folder_with_another_scheduler_negative_prompts_and_several_images(tmp_path):
+    """Beyond the shapes models: a saved diffusers folder whose scheduler is DPM-Solver++, with a negative prompt and
+    3 images per policy; each policy's images are the pipeline's own for the same call."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from pipelines import GuidedStableDiffusionPipeline
+    from pipelines.tiny import tiny_components
+
+    pipe = GuidedStableDiffusionPipeline(**tiny_components("sd"))
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "sd")
+    last = run_compare(CFG, AG, model=str(tmp_path / "sd"), images=3, negative="blurry", seed=3)[-1]
+    loaded = app.MODELS.get(str(tmp_path / "sd")).pipe
+    assert isinstance(loaded.scheduler, DPMSolverMultistepScheduler)
+    for slot, policy in ((0, ClassifierFreeGuidance(5.0)), (3, AdaptiveGuidance(7.5))):
+        own = loaded(
+            PROMPT,
+            negative_prompt="blurry",
+            num_images_per_prompt=3,
+            num_inference_steps=4,
+            generator=[torch.Generator().manual_seed(3 + k) for k in range(3)],
+            guidance=policy,
+        ).images
+        assert [pixels(a).tolist() for a in last[slot]] == [pixels(a).tolist() for a in own]
+
+
+def test_unexpected_errors_reach_the_page_as_messages():
+    gr = pytest.importorskip("gradio")
+
+    def failing(error):
+        def function(value):
+            raise error
+
+        return app.page_event(function, ["value"])
+
+    for error, message in [
+        (ValueError("steps must be in [1, 100], got 0"), "steps must be in [1, 100], got 0"),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), "out of GPU memory: try fewer images, fewer steps or"),
+        (ImportError("No module named 'open_clip'"), "No module named 'open_clip': install the demo's extra"),
+        (RuntimeError("shapes do not match"), "RuntimeError: shapes do not match"),
+    ]:
+        with pytest.raises(gr.Error) as raised:
+            failing(error)(1)
+        assert raised.value.message.startswith(message)
+    with pytest.raises(ValueError, match=r"model 'tiny:xl': tiny:<family> takes a family in \['sd', "):
+        app.read_model("tiny:xl")
