@@ -2,9 +2,9 @@
 iterate by iterate.
 
 A thin shell: widgets, validation and plots; the pipelines and guidance schedulers do the work. Every event is a
-plain function of this module (`compare`, `edit`, `request_stop`, `take_from_compare`, `upload`, `apply_preset`,
-`method_controls`), so the page, `gradio_client` and tests call the same code. Run `python app.py` (needs the `demo`
-extra: `pip install -e ".[demo]"`).
+plain function of this module (`compare`, `edit`, `request_stop`, `request_compare_stop`, `take_from_compare`,
+`upload`, `apply_preset`, `method_controls`, `mode_settings`), so the page, `gradio_client` and tests call the same
+code. Run `python app.py` (needs the `demo` extra: `pip install -e ".[demo]"`).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -286,24 +287,55 @@ class PolicyResult:
     seconds: float
 
 
-def compare_summary(results: dict[int, PolicyResult], steps: int, device: str) -> str:
-    """A table of NFEs and wall time per policy, and which one was cheapest (fewest NFEs, then time)."""
-    rows = [f"| {slot + 1} | {r.label} | {r.nfe:g} | {r.seconds:.2f} |" for slot, r in results.items()]
-    table = "\n".join(["| policy | method | NFEs per image | wall time (s) |", "| --- | --- | --- | --- |", *rows])
-    slot, cheapest = min(results.items(), key=lambda item: (item[1].nfe, item[1].seconds))
-    most = max(r.nfe for r in results.values())
-    note = f"**Cheapest: policy {slot + 1}, {cheapest.label}**: {cheapest.nfe:g} model evaluations per image"
-    if len(results) > 1 and most > 0:
-        note += f" ({cheapest.nfe / most:.2f} of the most expensive's {most:g})"
-    return f"{table}\n\n{note}; {steps} steps on {device}."
+def compare_summary(results: dict[int, PolicyResult], steps: int, device: str, notes: list[str]) -> str:
+    """A table of NFEs and wall time per policy, which one was cheapest (fewest NFEs, then time), then `notes`."""
+    parts = []
+    if results:
+        rows = [f"| {slot + 1} | {r.label} | {r.nfe:g} | {r.seconds:.2f} |" for slot, r in results.items()]
+        parts.append("\n".join(["| policy | method | NFEs per image | wall time (s) |", "| --- | --- | --- | --- |",
+                                *rows]))  # fmt: skip
+        slot, cheapest = min(results.items(), key=lambda item: (item[1].nfe, item[1].seconds))
+        most = max(r.nfe for r in results.values())
+        line = f"**Cheapest: policy {slot + 1}, {cheapest.label}**: {cheapest.nfe:g} model evaluations per image"
+        if len(results) > 1 and most > 0:
+            line += f" ({cheapest.nfe / most:.2f} of the most expensive's {most:g})"
+        parts.append(f"{line}; {steps} steps on {device}.")
+    return "\n\n".join(parts + notes)
 
 
-def run_policy(loaded: LoadedModel, prompt: str, negative: str, steps: int, images: int, seed: int, guidance,
-               label: str, on_step: Callable[[int], None]) -> PolicyResult:  # fmt: skip
-    """One policy on the shared seeds `seed + k`, timed, with the model's lock held for the run."""
+def truncation_note(pipe, text: str, name: str) -> str | None:
+    """A note when `text` is longer than the pipeline's (CLIP) tokenizer reads: the pipeline cuts it, as diffusers
+    does, with only a warning in the server's log."""
+    tokenizer = pipe.tokenizer
+    tokens, limit = len(tokenizer(text, verbose=False).input_ids) - 2, tokenizer.model_max_length - 2
+    if tokens <= limit:
+        return None
+    read = tokenizer.decode(tokenizer(text, max_length=limit + 2, truncation=True).input_ids, skip_special_tokens=True)
+    return f"The {name} is {tokens} tokens long: the model's CLIP text encoder reads only its first {limit}, {read!r}."
+
+
+def run_policy(
+    loaded: LoadedModel,
+    prompt: str,
+    negative: str,
+    steps: int,
+    images: int,
+    seed: int,
+    guidance,
+    label: str,
+    on_step: Callable[[int, int], None],
+    stop: threading.Event,
+) -> PolicyResult | None:
+    """One policy on the shared seeds `seed + k`, timed, with the model's lock held for the run; `on_step(step,
+    steps)` after every step. None when `stop` was set before its last step: the run is interrupted after the
+    current step (diffusers' `_interrupt`)."""
+    interrupted = []
 
     def step_end(pipe, step, timestep, tensors):
-        on_step(step + 1)
+        on_step(step + 1, pipe.num_timesteps)
+        if stop.is_set() and step + 1 < pipe.num_timesteps:
+            pipe._interrupt = True
+            interrupted.append(step + 1)
         return tensors
 
     with loaded.lock:
@@ -313,16 +345,19 @@ def run_policy(loaded: LoadedModel, prompt: str, negative: str, steps: int, imag
                           generator=[torch.Generator().manual_seed(seed + k) for k in range(images)],
                           **call_defaults(loaded.name, loaded.family))  # fmt: skip
         seconds = time.perf_counter() - started
+    if interrupted:
+        return None
     dynamic = any("candidate_scores" in extras for extras in out.trace.extras)
     figure = plot_dynamic_trace(out.trace) if dynamic else plot_trace(out.trace)
     return PolicyResult(label, out.images, figure, out.trace.nfe, seconds)
 
 
 def compare(prompt, negative_prompt, model, num_inference_steps, num_images, seed, npo_adapter, *policy_values,
-            progress: Callable | None = None) -> Iterator[tuple]:  # fmt: skip
+            session: dict | None = None, progress: Callable | None = None) -> Iterator[tuple]:  # fmt: skip
     """The Compare tab: up to `MAX_POLICIES` policies (slots of `PolicyControls` values, flat) on the same prompt
     and seeds. Every policy is checked and built before any runs. Yields the page's outputs after each policy: per
-    slot (images, scale plot, NFEs and time), then the summary and the images kept for the Edit tab."""
+    slot (images, scale plot, NFEs and time), then the summary and the images kept for the Edit tab. Its Stop
+    (`request_compare_stop(session)`) ends it after the current step, keeping the policies that finished."""
     prompt = read_prompt(prompt, "prompt")
     model = read_model(model)
     steps = read_number(num_inference_steps, "steps", 1, MAX_STEPS, integer=True)
@@ -348,27 +383,39 @@ def compare(prompt, negative_prompt, model, num_inference_steps, num_images, see
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"policy {k + 1}: {error}") from error
     device = device_and_dtype(loaded.family)[0]
+    texts = {"prompt": prompt, "negative prompt": negative_prompt or ""}
+    notes = [note for name, text in texts.items() if (note := truncation_note(loaded.pipe, text, name))]
     results: dict[int, PolicyResult] = {}
-    for done, (k, policy) in enumerate(policies.items()):
+    stop = threading.Event()
+    with running_in(session, "compare", Running("the comparison", stop, "step")):
+        for done, (k, policy) in enumerate(policies.items()):
 
-        def on_step(step, done=done, k=k):
-            if progress is not None:
-                progress((done * steps + step, len(policies) * steps), desc=f"policy {k + 1}: step {step}/{steps}")
+            def on_step(step, total, done=done, k=k):
+                if progress is not None:
+                    progress((done * total + step, len(policies) * total), desc=f"policy {k + 1}: step {step}/{total}")
 
-        on_step(0)
-        label = policy_label(options[k], bool(adapters[k]))
-        results[k] = run_policy(loaded, prompt, negative_prompt, steps, images, seed, policy, label, on_step)
-        yield compare_outputs(results, steps, device, prompt, finished=done + 1 == len(policies))
+            on_step(0, steps)
+            label = policy_label(options[k], bool(adapters[k]))
+            result = None if stop.is_set() else run_policy(loaded, prompt, negative_prompt, steps, images, seed,
+                                                               policy, label, on_step, stop)  # fmt: skip
+            if result is None:
+                kept = "the policies that finished are kept" if results else "no policy had finished"
+                stopped = f"**Stopped by you** during policy {k + 1} ({label}): {kept}."
+                yield compare_outputs(results, prompt, compare_summary(results, steps, device, [stopped, *notes]))
+                return
+            results[k] = result
+            summary = compare_summary(results, steps, device, notes) if done + 1 == len(policies) else \
+                f"running... ({len(results)} done)"  # fmt: skip
+            yield compare_outputs(results, prompt, summary)
 
 
-def compare_outputs(results: dict[int, PolicyResult], steps: int, device: str, prompt: str, finished: bool) -> tuple:
+def compare_outputs(results: dict[int, PolicyResult], prompt: str, summary: str) -> tuple:
     outputs = []
     for k in range(MAX_POLICIES):
         result = results.get(k)
         outputs += [result.images, result.figure,
                     f"**{result.label}**: {result.nfe:g} NFEs per image, {result.seconds:.2f} s"] if result else [
                     None, None, ""]  # fmt: skip
-    summary = compare_summary(results, steps, device) if finished else f"running... ({len(results)} done)"
     kept = [(f"policy {k + 1} ({r.label}), image {i + 1}", image, prompt) for k, r in results.items()
             for i, image in enumerate(r.images)]  # fmt: skip
     return (*outputs, summary, kept)
@@ -399,15 +446,42 @@ def take_from_compare(kept: list | None, choice: str | None) -> tuple:
     raise ValueError("run a comparison first, then pick one of its images")
 
 
-def request_stop(session: dict | None) -> str:
-    """The Stop button: this session's running FlowOpt run stops after its current iteration, keeping the best."""
-    running = (session or {}).get("running")
+@dataclass
+class Running:
+    """A tab's run in a browser session (`gr.State`): what its Stop button ends, and after what."""
+
+    name: str
+    stop: threading.Event | None  # None: the run has nowhere to stop (FlowEdit)
+    unit: str = "iteration"
+
+
+@contextmanager
+def running_in(session: Any, tab: str, running: Running) -> Iterator[None]:
+    """`running` is `tab`'s run of this session (for `request_stop`) for the length of the block."""
+    if isinstance(session, dict):
+        session[tab] = running
+    try:
+        yield
+    finally:  # finished, failed, or closed by the page
+        if isinstance(session, dict) and session.get(tab) is running:
+            del session[tab]
+
+
+def request_stop(session: dict | None, tab: str = "edit") -> str:
+    """A Stop button: this session's run on `tab` ("edit": FlowOpt, keeping the best iterate so far; "compare": the
+    policies that finished) ends after its current iteration or step."""
+    running = (session or {}).get(tab)
     if running is None:
         return "nothing is running"
-    if "stop" not in session:
-        return f"{running} has no iterations to stop at: it runs to its end"
-    session["stop"].set()
-    return "stopping after the current iteration..."
+    if running.stop is None:
+        return f"{running.name} has no iterations to stop at: it runs to its end"
+    running.stop.set()
+    return f"stopping after the current {running.unit}..."
+
+
+def request_compare_stop(session: dict | None) -> str:
+    """The Compare tab's Stop: the comparison ends after the current step; the policies that finished are kept."""
+    return request_stop(session, "compare")
 
 
 def in_background(work: Callable[[Callable], Any]) -> Iterator[tuple[str, Any]]:
@@ -482,6 +556,7 @@ class EditState:
     iterates: list
     residuals: list
     status: str = ""
+    notes: list = field(default_factory=list)  # shown under the status (prompts the model reads only in part)
 
     @property
     def best(self) -> int | None:
@@ -493,7 +568,7 @@ class EditState:
         image = result if result is not None else (self.iterates[best] if best is not None else None)
         gallery = [(image, f"iteration {k}") for k, image in enumerate(self.iterates)]
         figure = plot_residuals(self.residuals, best) if self.residuals else None
-        return gallery, image, figure, self.status
+        return gallery, image, figure, "\n\n".join([self.status, *self.notes])
 
 
 def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, n_max, iterations, step_size,
@@ -554,41 +629,39 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
             return pipe.edit(source, source_prompt, target_prompt, **target, **run), None
 
     state = EditState([], [], f"running {mode} on {device_and_dtype(family)[0]}...")
-    if isinstance(session, dict):
-        session.update(running=mode, **({} if flowedit else {"stop": stop}))
-    try:
-        yield state.outputs()
-        for event in in_background(work):
-            if event[0] == "iterate":
-                _, iteration, picture, residuals = event
-                state.iterates.append(picture)
-                state.residuals.append(residuals)
-                state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
-                if progress is not None:
-                    progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}", unit="iterations")
-                yield state.outputs()
-                continue
-            out, ceiling = event[1]
-            if flowedit:
-                state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
-                yield state.outputs(out.images[0])
-                return
-            why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
-            if mode == EDIT_MODES[1]:
-                why["iterations"] = "regenerated from the inversion"
-            best = state.best
-            state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; kept "
-                            f"iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}: the closest to "
-                            f"the source); {out.nfe:g} model evaluations")  # fmt: skip
-            if inverting:
-                state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's "
-                                 f"round trip alone: {ceiling:.2f} dB)")  # fmt: skip
+    texts = {"source prompt": source_prompt} | ({"target prompt": target_prompt} if "target_prompt" in reads else {})
+    state.notes = [note for name, text in texts.items() if (note := truncation_note(pipe, text, name))]
+    with running_in(session, "edit", Running(mode, None if flowedit else stop)):
+        try:
             yield state.outputs()
-    finally:  # finished, failed, or closed by the page (Stop of the queue, a closed tab): the worker stops too
-        stop.set()
-        if isinstance(session, dict) and session.get("running") == mode:
-            session.pop("running", None)
-            session.pop("stop", None)
+            for event in in_background(work):
+                if event[0] == "iterate":
+                    _, iteration, picture, residuals = event
+                    state.iterates.append(picture)
+                    state.residuals.append(residuals)
+                    state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
+                    if progress is not None:
+                        progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}", unit="iterations")
+                    yield state.outputs()
+                    continue
+                out, ceiling = event[1]
+                if flowedit:
+                    state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
+                    yield state.outputs(out.images[0])
+                    return
+                why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
+                if mode == EDIT_MODES[1]:
+                    why["iterations"] = "regenerated from the inversion"
+                best = state.best
+                state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; "
+                                f"kept iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}: the "
+                                f"closest to the source); {out.nfe:g} model evaluations")  # fmt: skip
+                if inverting:
+                    state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's "
+                                     f"round trip alone: {ceiling:.2f} dB)")  # fmt: skip
+                yield state.outputs()
+        finally:  # finished, failed, or closed by the page (Stop of the queue, a closed tab): the worker stops too
+            stop.set()
 
 
 @torch.no_grad()
@@ -650,11 +723,12 @@ def method_controls(method: str) -> list[bool]:
 # --------------------------------------------------------------------------------------------------- the page
 
 
-def page_event(function: Callable, names: list[str], streams: bool = False, defaults: list | None = None) -> Callable:
+def page_event(function: Callable, names: list[str], streams: bool = False, defaults: list | None = None,
+               keywords: int = 0) -> Callable:  # fmt: skip
     """`function` as a Gradio event: parameters named after the widgets (what gradio_client's API shows; `defaults`:
-    their initial values, so API calls may leave them out), a progress
-    bar in the page for the streaming ones, and every error shown as a readable message in the page, never a
-    traceback (bad input, ValueError and TypeError, as its message; unexpected errors with their type, logged)."""
+    their initial values, so API calls may leave them out; the last `keywords` are passed to `function` by name), a
+    progress bar in the page for the streaming ones, and every error shown as a readable message in the page, never
+    a traceback (bad input, ValueError and TypeError, as its message; unexpected errors with their type, logged)."""
     import gradio as gr
 
     def readable(error: Exception) -> gr.Error:
@@ -668,16 +742,22 @@ def page_event(function: Callable, names: list[str], streams: bool = False, defa
             return gr.Error(f"{error}: install the demo's extra, pip install -e '.[demo]'")
         return gr.Error(f"{type(error).__name__}: {error}")
 
+    def arguments(values: tuple) -> tuple[tuple, dict]:
+        cut = len(values) - keywords
+        return values[:cut], dict(zip(names[len(names) - keywords :], values[cut:], strict=True))
+
     def stream(*values):
         *values, progress = values
+        positional, named = arguments(tuple(values))
         try:
-            yield from function(*values, progress=progress)
+            yield from function(*positional, **named, progress=progress)
         except Exception as error:
             raise readable(error) from error
 
     def call(*values):
+        positional, named = arguments(values)
         try:
-            return function(*values)
+            return function(*positional, **named)
         except Exception as error:
             raise readable(error) from error
 
@@ -737,7 +817,10 @@ def build_demo():
                     default = PolicyControls("cfg" if k == 0 else ("ag" if k == 1 else OFF))
                     with gr.Column(elem_id=f"policy-{k + 1}", min_width=220):
                         slots.append(policy_slot(gr, k, default))
-            run = gr.Button("Compare", variant="primary", elem_id="compare-button")
+            with gr.Row():
+                run = gr.Button("Compare", variant="primary", elem_id="compare-button", scale=3)
+                stop_compare = gr.Button("Stop (keep the policies done)", elem_id="compare-stop-button", scale=1)
+                compare_stopping = gr.Markdown(elem_id="compare-stopping")
             summary = gr.Markdown(
                 "*Results arrive below, policy by policy; here: the costs and the cheapest policy.*",
                 elem_id="compare-summary",
@@ -790,6 +873,7 @@ def build_demo():
                     with gr.Row():
                         start = gr.Button("Run", variant="primary", elem_id="edit-button")
                         stop = gr.Button("Stop (keep the best so far)", elem_id="stop-button")
+                        edit_stopping = gr.Markdown(elem_id="edit-stopping")
                 with gr.Column():
                     kept_image = gr.Image(
                         label="result (the iterate kept)", elem_id="edit-result", height=256, format="png"
@@ -803,17 +887,24 @@ def build_demo():
                     residuals = gr.Plot(label="residual per iteration", show_label=False, elem_id="residuals")
 
         slot_names = [f"policy{k + 1}_{name}" for k in range(MAX_POLICIES) for name in POLICY_FIELDS]
-        compare_inputs = [prompt, negative, model, steps, images, seed, adapter] + [c for slot in slots for c in slot]
+        slot_inputs = [c for slot in slots for c in slot]
+        compare_inputs = [prompt, negative, model, steps, images, seed, adapter, *slot_inputs, session]
         compare_names = ["prompt", "negative_prompt", "model", "num_inference_steps", "num_images", "seed",
-                         "npo_adapter", *slot_names]  # fmt: skip
-        compare_event = page_event(compare, compare_names, True, [c.value for c in compare_inputs])
-        run.click(compare_event, compare_inputs, [*results, summary, kept], api_name="compare",
-                  concurrency_limit=CONCURRENCY, show_progress_on=[summary])  # fmt: skip
+                         "npo_adapter", *slot_names, "session"]  # fmt: skip
+        compare_event = page_event(compare, compare_names, True, [c.value for c in compare_inputs], keywords=1)
+        compare_shown = [*results, summary, kept]
+        # a new run first clears the last one's results (an error must not leave them looking like its own)
+        cleared = [None, None, ""] * MAX_POLICIES + ["", [], ""]
+        run.click(lambda: cleared, None, [*compare_shown, compare_stopping], queue=False, api_name=False).then(
+            compare_event, compare_inputs, compare_shown, api_name="compare", concurrency_limit=CONCURRENCY,
+            show_progress_on=[summary])  # fmt: skip
+        stop_compare.click(page_event(request_compare_stop, ["session"]), session, compare_stopping,
+                           api_name="stop_compare", concurrency_limit=None)  # fmt: skip
         kept.change(lambda items: gr.update(choices=[item[0] for item in items or []],
                                             value=items[0][0] if items else None), kept, pick,
                     api_name=False)  # fmt: skip
         apply.click(page_event(apply_preset, ["preset"]), [preset],
-                    [model, steps, *[c for slot in slots for c in slot]], api_name="apply_preset")  # fmt: skip
+                    [model, steps, *slot_inputs], api_name="apply_preset")  # fmt: skip
 
         def show_controls(method: str) -> list:
             return [gr.update(visible=visible) for visible in method_controls(method)]
@@ -831,6 +922,7 @@ def build_demo():
 
         settings = [edit_steps, n_max, iterations, step_size, target_scale, target_prompt]
         mode.change(page_event(show_mode, ["mode", "model"]), [mode, edit_model], settings, api_name="mode_settings")
+        edit_model.change(page_event(show_mode, ["mode", "model"]), [mode, edit_model], settings, api_name=False)
         file.upload(page_event(upload, ["file"]), file, source, api_name="upload")
         take.click(page_event(take_from_compare, ["kept", "choice"]), [kept, pick],
                    [source, source_prompt], api_name="take_from_compare")  # fmt: skip
@@ -839,9 +931,12 @@ def build_demo():
         edit_names = ["model", "image", "source_prompt", "target_prompt", "mode", "num_inference_steps", "n_max",
                       "iterations", "step_size", "guidance_scale", "seed", "session"]  # fmt: skip
         edit_event = page_event(edit, edit_names, True, [c.value for c in edit_inputs])
-        start.click(edit_event, edit_inputs, [iterates, kept_image, residuals, status], api_name="edit",
-                    concurrency_limit=CONCURRENCY, show_progress_on=[status])  # fmt: skip
-        stop.click(page_event(request_stop, ["session"]), session, status, api_name="stop",
+        edit_outputs = [iterates, kept_image, residuals, status]
+        start.click(lambda: [[], None, None, "", ""], None, [*edit_outputs, edit_stopping], queue=False,
+                    api_name=False).then(
+            edit_event, edit_inputs, edit_outputs, api_name="edit", concurrency_limit=CONCURRENCY,
+            show_progress_on=[status])  # fmt: skip
+        stop.click(page_event(request_stop, ["session"]), session, edit_stopping, api_name="stop",
                    concurrency_limit=None)  # fmt: skip
     demo.queue(default_concurrency_limit=CONCURRENCY)
     return demo

@@ -23,7 +23,7 @@ def test_every_event_has_a_named_endpoint(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     methods = {f"/method_controls_{k + 1}" for k in range(app.MAX_POLICIES)}
     assert endpoints == {"/compare", "/apply_preset", "/mode_settings", "/upload", "/take_from_compare", "/edit",
-                         "/stop"} | methods  # fmt: skip
+                         "/stop", "/stop_compare"} | methods  # fmt: skip
 
 
 def test_compare_then_take_an_image_into_the_edit_tab(client):
@@ -91,3 +91,15 @@ def test_edit_streams_iterates_and_stop_keeps_the_best_so_far(client, red_circle
     assert Image.open(kept).size == (32, 32)
     with pytest.raises(gradio_client.exceptions.AppError, match="editing needs a flow model"):
         client.predict(iterations=1, api_name="/edit", **{**arguments, "model": "shapes:sd"})
+
+
+def test_stop_compare_ends_the_comparison_of_its_own_session(client):
+    slots = policy_values(app.PolicyControls("cfg", 5.0), app.PolicyControls("ag", 5.0))
+    job = client.submit(PROMPT, "", "shapes:sd", 100, 8, 0, "", *slots, api_name="/compare")
+    other = gradio_client.Client(client.src, verbose=False)
+    while not job.status().progress_data and not job.done():  # its first progress: the comparison is under way
+        time.sleep(0.02)
+    assert other.predict(api_name="/stop_compare") == "nothing is running"  # another session's Stop
+    assert client.predict(api_name="/stop_compare") == "stopping after the current step..."
+    outputs = job.result()
+    assert "**Stopped by you** during policy" in outputs[12] and not outputs[3]  # policy 2 did not finish

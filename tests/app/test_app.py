@@ -75,6 +75,56 @@ def test_dynamic_plots_its_candidate_scores_and_npo_changes_the_images_at_the_sa
     assert pixels(last[3][0]).tolist() != pixels(last[6][0]).tolist()
 
 
+def stop_at(session: dict, when: str, seen: list) -> callable:
+    """A `gr.Progress` stand-in that records every progress text and presses the Compare tab's Stop at `when`."""
+
+    def progress(value, desc=None, **kwargs):
+        seen.append(desc)
+        if desc == when:
+            assert app.request_compare_stop(session) == "stopping after the current step..."
+
+    return progress
+
+
+def test_stop_ends_a_comparison_after_the_current_step_keeping_the_policies_done():
+    session, seen = {}, []
+    slots = policy_values(CFG, AG, app.PolicyControls("cfg", 9.0))
+    run = app.compare(PROMPT, "", "tiny:sd", 6, 1, 0, "", *slots, session=session, progress=stop_at(session,
+                      "policy 2: step 2/6", seen))  # fmt: skip
+    first = next(run)
+    assert isinstance(session["compare"], app.Running) and first[12] == "running... (1 done)"
+    *_, last = run
+    assert seen[-1] == "policy 2: step 2/6"  # interrupted right after the step Stop came in; policy 3 never ran
+    assert last[0] == first[0] and last[3] is None and last[6] is None
+    assert last[12].startswith("| policy | method |") and "| 1 | CFG 5 | 12 |" in last[12] and "| 2 |" not in last[12]
+    assert last[12].endswith("**Stopped by you** during policy 2 (AG 7.5 (threshold 0.995)): the policies that "
+                             "finished are kept.")  # fmt: skip
+    assert [label for label, _, _ in last[13]] == ["policy 1 (CFG 5), image 1"]
+    assert session == {} and app.request_compare_stop(session) == "nothing is running"
+    again = list(app.compare(PROMPT, "", "tiny:sd", 6, 1, 0, "", *policy_values(CFG, AG)))[-1]  # no interrupt left
+    assert pixels(again[0][0]).tolist() == pixels(first[0][0]).tolist() and "**Cheapest: policy 2" in again[12]
+    seen.clear()
+    *_, last = app.compare(PROMPT, "", "tiny:sd", 6, 1, 0, "", *slots, session=session, progress=stop_at(
+        session, "policy 1: step 1/6", seen))  # fmt: skip
+    assert seen[-1] == "policy 1: step 1/6" and all(last[3 * k] is None for k in range(app.MAX_POLICIES))
+    assert last[12] == "**Stopped by you** during policy 1 (CFG 5): no policy had finished." and last[13] == []
+
+
+def test_a_prompt_longer_than_the_model_reads_is_named_with_what_it_reads():
+    long = PROMPT + " with a very long tail of extra words here"
+    last = run_compare(CFG, model="shapes:sd", images=1, prompt=long, negative=long)[-1]
+    read = "its first 14, 'a large red circle at the center on white with a'."
+    assert last[12].endswith(
+        f"The prompt is 42 tokens long: the model's CLIP text encoder reads only {read}\n\n"
+        f"The negative prompt is 42 tokens long: the model's CLIP text encoder reads only {read}"
+    )
+    assert "tokens long" not in run_compare(CFG, model="shapes:sd", images=1)[-1][12]
+    *_, (_, _, _, status) = run_edit(iterations=1, target_prompt=long)
+    assert status.startswith("all iterations done") and status.endswith(
+        f"\n\nThe target prompt is 42 tokens long: the model's CLIP text encoder reads only {read}"
+    )
+
+
 def test_two_sessions_at_once_each_get_their_own_results():
     """Compare calls in two threads (NPO hooks on the shared model in one): each equals its run alone."""
     calls = {"a": dict(seed=0, adapter="", slots=(app.PolicyControls("cfg", 7.5, npo=True),)),
@@ -232,7 +282,8 @@ def test_stop_keeps_the_best_iterate_so_far():
     gallery, kept, _, status = outputs[-1]
     assert 2 <= len(gallery) <= 4 and re.match(r"stopped by you at iteration [1-3]; kept iteration", status)
     assert app.request_stop({}) == "nothing is running" and session == {}  # the run is over: nothing left behind
-    assert app.request_stop({"running": "FlowEdit"}) == "FlowEdit has no iterations to stop at: it runs to its end"
+    flowedit = {"edit": app.Running("FlowEdit", None)}
+    assert app.request_stop(flowedit) == "FlowEdit has no iterations to stop at: it runs to its end"
 
 
 def test_closing_an_edit_stops_its_worker_and_frees_the_model():
@@ -241,7 +292,7 @@ def test_closing_an_edit_stops_its_worker_and_frees_the_model():
     outputs = run_edit(iterations=50, session=session)
     for _ in range(3):
         next(outputs)
-    assert session["running"] == app.EDIT_MODES[0]
+    assert session["edit"].name == app.EDIT_MODES[0]
     outputs.close()
     lock, deadline = app.MODELS.get("shapes:sd3").lock, time.monotonic() + 30
     while lock.locked() and time.monotonic() < deadline:

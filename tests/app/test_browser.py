@@ -83,6 +83,29 @@ def test_load_compare_and_see_images_plots_costs_and_progress(page):
     shot(page, "03-compared")
 
 
+def test_stop_a_comparison_then_a_failed_run_clears_the_last_results(page):
+    page.get_by_label("steps", exact=True).fill("100")
+    page.get_by_label("images per policy").fill("8")
+    page.locator("#compare-button").click()
+    expect(page.locator("#compare-summary").get_by_role("progressbar")).to_be_visible(timeout=30_000)
+    page.locator("#compare-stop-button").click()
+    expect(page.locator("#compare-stopping")).to_have_text("stopping after the current step...")
+    expect(page.locator("#compare-summary")).to_contain_text("Stopped by you during policy", timeout=60_000)
+    expect(page.locator("#images-2 img")).to_have_count(0)  # policy 2 never finished
+    shot(page, "04-compare-stopped")
+    page.get_by_label("steps", exact=True).fill("4")
+    page.locator("#compare-button").click()
+    expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=60_000)
+    expect(page.locator("#images-1 img")).to_have_count(8)
+    expect(page.locator("#compare-stopping")).to_have_text("")
+    page.locator("#policy-1").get_by_label("guidance scale", exact=True).fill("45")
+    page.locator("#compare-button").click()
+    expect(page.locator(".toast-body").filter(has_text="policy 1: guidance scale must be")).to_be_visible()
+    expect(page.locator("#images-1 img")).to_have_count(0)  # the last run's results are not left beside the error
+    expect(page.locator("#compare-summary")).not_to_contain_text("Cheapest")
+    shot(page, "04-compare-error-cleared")
+
+
 def test_changing_the_method_changes_the_controls(page):
     slot = page.locator("#policy-1")
     expect(slot.get_by_label("AG threshold")).to_be_hidden()
@@ -167,6 +190,17 @@ def test_stop_keeps_the_best_so_far(page, red_circle_png):
     assert page.locator("#iterates img").count() < 51
     expect(page.locator("#edit-result img")).to_be_visible()
     shot(page, "09-edit-stopped")
+
+
+def test_another_edit_model_loads_its_settings(page):
+    page.get_by_role("tab", name="Edit").click()
+    expect(page.get_by_label("n_max", exact=True)).to_have_value("15")  # chosen for shapes:sd3
+    box = page.get_by_label("flow model (shapes:sd3 or a local SD3/Flux folder)")
+    box.fill("tiny:sd3")
+    box.press("Enter")
+    expect(page.get_by_label("n_max", exact=True)).to_have_value("12")  # the FlowOpt paper's code, for SD3
+    expect(page.get_by_label("step size (a number or auto)")).to_have_value("0.01")
+    expect(page.locator(".toast-body")).to_have_count(0)
 
 
 def test_a_file_that_is_not_an_image_is_refused(page, tmp_path):
