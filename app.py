@@ -30,6 +30,7 @@ from guidance.plot import plot_dynamic_trace, plot_residuals, plot_trace
 from guidance.shapes.assets import ASSETS
 from pipelines.loading import DEFAULT_MODEL, SHAPES_MODELS, call_defaults, load_pipeline, model_family
 from pipelines.policies import DEFAULT_CANDIDATES, METHOD_OPTIONS, METHODS, policy_from_options, shipped_coefficients
+from pipelines.sampler import GuidedPipelineMixin, call_signature, progress_updates
 from pipelines.tiny import FAMILIES
 
 MAX_POLICIES = 4
@@ -192,6 +193,54 @@ def npo_folder(folder: Any, model: str) -> str:
     return folder
 
 
+# --------------------------------------------------------------------------------------------------- sessions
+
+
+@dataclass
+class Running:
+    """A run of a tab in a browser session (`gr.State`): what the tab's Stop ends, and after what."""
+
+    name: str
+    stop: threading.Event | None  # None: the run has nowhere to stop (FlowEdit)
+    unit: str = "iteration"
+
+
+class StopRequested(Exception):
+    """Raised from a step callback: the run ends at once (no decode of a result nobody will see)."""
+
+
+@contextmanager
+def running_in(session: Any, tab: str, running: Running) -> Iterator[None]:
+    """`running` is one of `tab`'s runs in this session (what its Stop ends) for the length of the block."""
+    runs = session.setdefault(tab, []) if isinstance(session, dict) else []
+    runs.append(running)
+    try:
+        yield
+    finally:  # finished, failed, or closed by the page
+        runs.remove(running)
+        if not runs and isinstance(session, dict) and session.get(tab) is runs:
+            del session[tab]
+
+
+def request_stop(session: dict | None, tab: str = "edit") -> str:
+    """A Stop button: this session's runs on `tab` ("edit": FlowOpt, keeping the best iterate so far; "compare": the
+    policies that finished) end after their current iteration or step."""
+    runs = (session or {}).get(tab) or []
+    stoppable = [run for run in runs if run.stop is not None]
+    if not runs:
+        return "nothing is running"
+    if not stoppable:
+        return f"{runs[0].name} has no iterations to stop at: it runs to its end"
+    for run in stoppable:
+        run.stop.set()
+    return f"stopping after the current {stoppable[0].unit}..."
+
+
+def request_compare_stop(session: dict | None) -> str:
+    """The Compare tab's Stop: the comparison ends after the current step; the policies that finished are kept."""
+    return request_stop(session, "compare")
+
+
 # --------------------------------------------------------------------------------------------------- Compare
 
 
@@ -303,50 +352,72 @@ def compare_summary(results: dict[int, PolicyResult], steps: int, device: str, n
     return "\n\n".join(parts + notes)
 
 
-def truncation_note(pipe, text: str, name: str) -> str | None:
-    """A note when `text` is longer than the pipeline's (CLIP) tokenizer reads: the pipeline cuts it, as diffusers
-    does, with only a warning in the server's log."""
-    tokenizer = pipe.tokenizer
-    tokens, limit = len(tokenizer(text, verbose=False).input_ids) - 2, tokenizer.model_max_length - 2
+def truncation_note(pipe, text: str, name: str, max_sequence_length: int | None) -> str | None:
+    """A note when `text` is longer than the pipeline's CLIP tokenizer reads (the pipeline cuts it, as diffusers does,
+    with only a warning in the server's log), saying what the CLIP encoder reads and whether the T5 encoder (SD3,
+    Flux) reads it all, up to `max_sequence_length` (its tokens). Call with the model's lock held: a fast tokenizer
+    is not safe to share between threads while the pipeline sets its truncation."""
+    clip = getattr(pipe, "tokenizer", None)
+    if clip is None or not text:
+        return None
+    tokens, limit = len(clip(text, verbose=False).input_ids) - 2, clip.model_max_length - 2  # less BOS and EOS
     if tokens <= limit:
         return None
-    read = tokenizer.decode(tokenizer(text, max_length=limit + 2, truncation=True).input_ids, skip_special_tokens=True)
-    return f"The {name} is {tokens} tokens long: the model's CLIP text encoder reads only its first {limit}, {read!r}."
+    read = clip.decode(clip(text, max_length=limit + 2, truncation=True).input_ids, skip_special_tokens=True)
+    note = f"The {name} is {tokens} tokens long: the model's CLIP text encoder reads only its first {limit}, {read!r}"
+    t5 = next((t for t in (getattr(pipe, "tokenizer_3", None), getattr(pipe, "tokenizer_2", None))
+               if type(t).__name__.startswith("T5")), None)  # fmt: skip
+    if t5 is not None and max_sequence_length is not None:
+        t5_tokens = len(t5(text, verbose=False).input_ids) - 1  # less EOS
+        t5_read = "all of it" if t5_tokens < max_sequence_length else f"its first {max_sequence_length - 1} of its "\
+            f"{t5_tokens} T5 tokens"  # fmt: skip
+        note += f"; its T5 encoder reads {t5_read}"
+    return note + "."
 
 
-def run_policy(
-    loaded: LoadedModel,
-    prompt: str,
-    negative: str,
-    steps: int,
-    images: int,
-    seed: int,
-    guidance,
-    label: str,
-    on_step: Callable[[int, int], None],
-    stop: threading.Event,
-) -> PolicyResult | None:
+def prompt_notes(loaded: LoadedModel, texts: dict[str, str]) -> list[str]:
+    """`truncation_note` of each named text, with the model's lock held."""
+    with loaded.lock:
+        notes = [truncation_note(loaded.pipe, text, name, text_length(loaded)) for name, text in texts.items()]
+    return [note for note in notes if note]
+
+
+def text_length(loaded: LoadedModel) -> int | None:
+    """The T5 text length the pipeline runs with (`max_sequence_length`; SD3 and Flux), else None."""
+    defaults = call_defaults(loaded.name, loaded.family)
+    if "max_sequence_length" in defaults:
+        return defaults["max_sequence_length"]
+    parameter = call_signature(super(GuidedPipelineMixin, loaded.pipe).__call__).parameters.get("max_sequence_length")
+    return None if parameter is None else parameter.default
+
+
+def run_policy(loaded: LoadedModel, prompt: str, negative: str, steps: int, images: int, seed: int, guidance,
+               label: str, on_step: Callable, stop: threading.Event) -> PolicyResult | None:  # fmt: skip
     """One policy on the shared seeds `seed + k`, timed, with the model's lock held for the run; `on_step(step,
-    steps)` after every step. None when `stop` was set before its last step: the run is interrupted after the
-    current step (diffusers' `_interrupt`)."""
-    interrupted = []
+    steps)` after every step, counted as diffusers' progress bar counts them (a second-order scheduler's two
+    evaluations are one step). None when `stop` is set before its last step: the run ends after the current one."""
+    updates: list[int] = []
 
     def step_end(pipe, step, timestep, tensors):
-        on_step(step + 1, pipe.num_timesteps)
+        if not updates:
+            updates.extend(sorted(progress_updates(pipe.num_timesteps, steps, pipe.scheduler.order, 0)))
+        on_step(sum(i <= step for i in updates), len(updates))
         if stop.is_set() and step + 1 < pipe.num_timesteps:
-            pipe._interrupt = True
-            interrupted.append(step + 1)
+            raise StopRequested
         return tensors
 
     with loaded.lock:
+        if stop.is_set():
+            return None
         started = time.perf_counter()
-        out = loaded.pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=images,
-                          num_inference_steps=steps, guidance=guidance, callback_on_step_end=step_end,
-                          generator=[torch.Generator().manual_seed(seed + k) for k in range(images)],
-                          **call_defaults(loaded.name, loaded.family))  # fmt: skip
+        try:
+            out = loaded.pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=images,
+                              num_inference_steps=steps, guidance=guidance, callback_on_step_end=step_end,
+                              generator=[torch.Generator().manual_seed(seed + k) for k in range(images)],
+                              **call_defaults(loaded.name, loaded.family))  # fmt: skip
+        except StopRequested:
+            return None
         seconds = time.perf_counter() - started
-    if interrupted:
-        return None
     dynamic = any("candidate_scores" in extras for extras in out.trace.extras)
     figure = plot_dynamic_trace(out.trace) if dynamic else plot_trace(out.trace)
     return PolicyResult(label, out.images, figure, out.trace.nfe, seconds)
@@ -357,7 +428,16 @@ def compare(prompt, negative_prompt, model, num_inference_steps, num_images, see
     """The Compare tab: up to `MAX_POLICIES` policies (slots of `PolicyControls` values, flat) on the same prompt
     and seeds. Every policy is checked and built before any runs. Yields the page's outputs after each policy: per
     slot (images, scale plot, NFEs and time), then the summary and the images kept for the Edit tab. Its Stop
-    (`request_compare_stop(session)`) ends it after the current step, keeping the policies that finished."""
+    (`request_compare_stop(session)`, from the moment the call starts) ends it after the current step, keeping the
+    policies that finished."""
+    stop = threading.Event()
+    with running_in(session, "compare", Running("the comparison", stop, "step")):
+        yield from _compare(stop, progress, prompt, negative_prompt, model, num_inference_steps, num_images, seed,
+                            npo_adapter, *policy_values)  # fmt: skip
+
+
+def _compare(stop: threading.Event, progress: Callable | None, prompt, negative_prompt, model, num_inference_steps,
+             num_images, seed, npo_adapter, *policy_values) -> Iterator[tuple]:  # fmt: skip
     prompt = read_prompt(prompt, "prompt")
     model = read_model(model)
     steps = read_number(num_inference_steps, "steps", 1, MAX_STEPS, integer=True)
@@ -383,30 +463,27 @@ def compare(prompt, negative_prompt, model, num_inference_steps, num_images, see
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"policy {k + 1}: {error}") from error
     device = device_and_dtype(loaded.family)[0]
-    texts = {"prompt": prompt, "negative prompt": negative_prompt or ""}
-    notes = [note for name, text in texts.items() if (note := truncation_note(loaded.pipe, text, name))]
+    notes = prompt_notes(loaded, {"prompt": prompt, "negative prompt": negative_prompt})
     results: dict[int, PolicyResult] = {}
-    stop = threading.Event()
-    with running_in(session, "compare", Running("the comparison", stop, "step")):
-        for done, (k, policy) in enumerate(policies.items()):
+    for done, (k, policy) in enumerate(policies.items()):
 
-            def on_step(step, total, done=done, k=k):
-                if progress is not None:
-                    progress((done * total + step, len(policies) * total), desc=f"policy {k + 1}: step {step}/{total}")
+        def on_step(step, total, done=done, k=k):
+            if progress is not None:
+                progress((done * total + step, len(policies) * total), desc=f"policy {k + 1}: step {step}/{total}")
 
-            on_step(0, steps)
-            label = policy_label(options[k], bool(adapters[k]))
-            result = None if stop.is_set() else run_policy(loaded, prompt, negative_prompt, steps, images, seed,
-                                                               policy, label, on_step, stop)  # fmt: skip
-            if result is None:
-                kept = "the policies that finished are kept" if results else "no policy had finished"
-                stopped = f"**Stopped by you** during policy {k + 1} ({label}): {kept}."
-                yield compare_outputs(results, prompt, compare_summary(results, steps, device, [stopped, *notes]))
-                return
-            results[k] = result
-            summary = compare_summary(results, steps, device, notes) if done + 1 == len(policies) else \
-                f"running... ({len(results)} done)"  # fmt: skip
-            yield compare_outputs(results, prompt, summary)
+        on_step(0, steps)
+        label = policy_label(options[k], bool(adapters[k]))
+        result = run_policy(loaded, prompt, negative_prompt, steps, images, seed, policy, label, on_step, stop)
+        if result is None:
+            kept = "the policies that finished are kept" if results else "no policy had finished"
+            stopped = f"**Stopped by you** during policy {k + 1} ({label}): {kept}."
+            yield compare_outputs(results, prompt, compare_summary(results, steps, device, [stopped, *notes]))
+            return
+        results[k] = result
+        if done + 1 < len(policies):
+            yield compare_outputs(results, prompt, f"running... ({len(results)} done)")
+    late = ["Stop came after the last step: every policy finished."] if stop.is_set() else []
+    yield compare_outputs(results, prompt, compare_summary(results, steps, device, [*notes, *late]))
 
 
 def compare_outputs(results: dict[int, PolicyResult], prompt: str, summary: str) -> tuple:
@@ -444,44 +521,6 @@ def take_from_compare(kept: list | None, choice: str | None) -> tuple:
         if label == choice:
             return image, prompt
     raise ValueError("run a comparison first, then pick one of its images")
-
-
-@dataclass
-class Running:
-    """A tab's run in a browser session (`gr.State`): what its Stop button ends, and after what."""
-
-    name: str
-    stop: threading.Event | None  # None: the run has nowhere to stop (FlowEdit)
-    unit: str = "iteration"
-
-
-@contextmanager
-def running_in(session: Any, tab: str, running: Running) -> Iterator[None]:
-    """`running` is `tab`'s run of this session (for `request_stop`) for the length of the block."""
-    if isinstance(session, dict):
-        session[tab] = running
-    try:
-        yield
-    finally:  # finished, failed, or closed by the page
-        if isinstance(session, dict) and session.get(tab) is running:
-            del session[tab]
-
-
-def request_stop(session: dict | None, tab: str = "edit") -> str:
-    """A Stop button: this session's run on `tab` ("edit": FlowOpt, keeping the best iterate so far; "compare": the
-    policies that finished) ends after its current iteration or step."""
-    running = (session or {}).get(tab)
-    if running is None:
-        return "nothing is running"
-    if running.stop is None:
-        return f"{running.name} has no iterations to stop at: it runs to its end"
-    running.stop.set()
-    return f"stopping after the current {running.unit}..."
-
-
-def request_compare_stop(session: dict | None) -> str:
-    """The Compare tab's Stop: the comparison ends after the current step; the policies that finished are kept."""
-    return request_stop(session, "compare")
 
 
 def in_background(work: Callable[[Callable], Any]) -> Iterator[tuple[str, Any]]:
@@ -576,7 +615,20 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
     """The Edit tab: FlowOpt editing with iterates streamed as they are computed (Stop keeps the best so far),
     "invert, then regenerate" (iterate 0), FlowEdit, or inversion with the reconstruction's PSNR. Settings a mode
     does not read (`MODE_CONTROLS`; hidden in the page) are not used. Yields (iterates, kept image, residual plot,
-    status)."""
+    status). Its Stop (`request_stop(session)`, from the moment the call starts) ends it after the current
+    iteration."""
+    stop = threading.Event()
+    running = Running(mode if mode in MODE_CONTROLS else "the edit", None if mode == EDIT_MODES[2] else stop)
+    with running_in(session, "edit", running):
+        try:
+            yield from _edit(stop, progress, model, image, source_prompt, target_prompt, mode, num_inference_steps,
+                             n_max, iterations, step_size, guidance_scale, seed)  # fmt: skip
+        finally:  # finished, failed, or closed by the page (Stop of the queue, a closed tab): the worker stops too
+            stop.set()
+
+
+def _edit(stop: threading.Event, progress: Callable | None, model, image, source_prompt, target_prompt, mode,
+          num_inference_steps, n_max, iterations, step_size, guidance_scale, seed) -> Iterator[tuple]:  # fmt: skip
     model = read_model(model, flow=True)
     if image is None:
         raise ValueError("give a source image: upload one, or take one from the Compare tab")
@@ -606,7 +658,6 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
                          f"least {multiple} pixels")  # fmt: skip
     height, width = image.height - image.height % multiple, image.width - image.width % multiple
     source = image.convert("RGB").crop((0, 0, width, height))
-    stop = threading.Event()
 
     def work(emit):
         def on_iteration(pipe, iteration, tensors):
@@ -622,6 +673,8 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
         policy = "target_guidance" if flowedit else "guidance"
         target = dict(guidance_scale=scale) if flux else {policy: ClassifierFreeGuidance(scale)}
         with loaded.lock:
+            if stop.is_set():  # stopped while it waited for the model
+                return None
             if flowedit:
                 return pipe.flowedit(source, source_prompt, target_prompt, **target, **common), None
             if inverting:
@@ -630,38 +683,38 @@ def edit(model, image, source_prompt, target_prompt, mode, num_inference_steps, 
 
     state = EditState([], [], f"running {mode} on {device_and_dtype(family)[0]}...")
     texts = {"source prompt": source_prompt} | ({"target prompt": target_prompt} if "target_prompt" in reads else {})
-    state.notes = [note for name, text in texts.items() if (note := truncation_note(pipe, text, name))]
-    with running_in(session, "edit", Running(mode, None if flowedit else stop)):
-        try:
+    state.notes = prompt_notes(loaded, texts)
+    yield state.outputs()
+    for event in in_background(work):
+        if event[0] == "iterate":
+            _, iteration, picture, residuals = event
+            state.iterates.append(picture)
+            state.residuals.append(residuals)
+            state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
+            if progress is not None:
+                progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}", unit="iterations")
             yield state.outputs()
-            for event in in_background(work):
-                if event[0] == "iterate":
-                    _, iteration, picture, residuals = event
-                    state.iterates.append(picture)
-                    state.residuals.append(residuals)
-                    state.status = f"iteration {iteration} of {iterations}: residual {residuals[0]:.4f}"
-                    if progress is not None:
-                        progress((iteration + 1, iterations + 1), desc=f"iteration {iteration}", unit="iterations")
-                    yield state.outputs()
-                    continue
-                out, ceiling = event[1]
-                if flowedit:
-                    state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
-                    yield state.outputs(out.images[0])
-                    return
-                why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
-                if mode == EDIT_MODES[1]:
-                    why["iterations"] = "regenerated from the inversion"
-                best = state.best
-                state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; "
-                                f"kept iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}: the "
-                                f"closest to the source); {out.nfe:g} model evaluations")  # fmt: skip
-                if inverting:
-                    state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's "
-                                     f"round trip alone: {ceiling:.2f} dB)")  # fmt: skip
-                yield state.outputs()
-        finally:  # finished, failed, or closed by the page (Stop of the queue, a closed tab): the worker stops too
-            stop.set()
+            continue
+        if event[1] is None:
+            state.status = "stopped by you before it started"
+            yield state.outputs()
+            return
+        out, ceiling = event[1]
+        if flowedit:
+            state.status = f"FlowEdit done: {out.nfe:g} model evaluations"
+            yield state.outputs(out.images[0])
+            return
+        why = {"callback": "stopped by you", "converged": "converged", "iterations": "all iterations done"}
+        if mode == EDIT_MODES[1]:
+            why["iterations"] = "regenerated from the inversion"
+        best = state.best
+        state.status = (f"{why.get(out.stopped, out.stopped)} at iteration {len(state.residuals) - 1}; kept "
+                        f"iteration {best} (the lowest residual, {state.residuals[best][0]:.4f}: the closest to the "
+                        f"source); {out.nfe:g} model evaluations")  # fmt: skip
+        if inverting:
+            state.status += (f". Reconstruction PSNR {psnr(state.iterates[best], source):.2f} dB (the VAE's round "
+                             f"trip alone: {ceiling:.2f} dB)")  # fmt: skip
+        yield state.outputs()
 
 
 @torch.no_grad()
@@ -724,11 +777,14 @@ def method_controls(method: str) -> list[bool]:
 
 
 def page_event(function: Callable, names: list[str], streams: bool = False, defaults: list | None = None,
-               keywords: int = 0) -> Callable:  # fmt: skip
+               keywords: int = 0, cleared: list | None = None) -> Callable:  # fmt: skip
     """`function` as a Gradio event: parameters named after the widgets (what gradio_client's API shows; `defaults`:
     their initial values, so API calls may leave them out; the last `keywords` are passed to `function` by name), a
     progress bar in the page for the streaming ones, and every error shown as a readable message in the page, never
-    a traceback (bad input, ValueError and TypeError, as its message; unexpected errors with their type, logged)."""
+    a traceback (bad input, ValueError and TypeError, as its message; unexpected errors with their type, logged).
+    A streaming event yields `cleared` first: a run clears the last one's results, so that an error never stands
+    beside results that are not its own (in one event, so a second click while it runs is not taken, Gradio's
+    trigger mode "once")."""
     import gradio as gr
 
     def readable(error: Exception) -> gr.Error:
@@ -749,6 +805,8 @@ def page_event(function: Callable, names: list[str], streams: bool = False, defa
     def stream(*values):
         *values, progress = values
         positional, named = arguments(tuple(values))
+        if cleared is not None:
+            yield cleared
         try:
             yield from function(*positional, **named, progress=progress)
         except Exception as error:
@@ -891,13 +949,12 @@ def build_demo():
         compare_inputs = [prompt, negative, model, steps, images, seed, adapter, *slot_inputs, session]
         compare_names = ["prompt", "negative_prompt", "model", "num_inference_steps", "num_images", "seed",
                          "npo_adapter", *slot_names, "session"]  # fmt: skip
-        compare_event = page_event(compare, compare_names, True, [c.value for c in compare_inputs], keywords=1)
         compare_shown = [*results, summary, kept]
-        # a new run first clears the last one's results (an error must not leave them looking like its own)
-        cleared = [None, None, ""] * MAX_POLICIES + ["", [], ""]
-        run.click(lambda: cleared, None, [*compare_shown, compare_stopping], queue=False, api_name=False).then(
-            compare_event, compare_inputs, compare_shown, api_name="compare", concurrency_limit=CONCURRENCY,
-            show_progress_on=[summary])  # fmt: skip
+        compare_event = page_event(compare, compare_names, True, [c.value for c in compare_inputs], keywords=1,
+                                   cleared=[None, None, ""] * MAX_POLICIES + ["", []])  # fmt: skip
+        run.click(compare_event, compare_inputs, compare_shown, api_name="compare", concurrency_limit=CONCURRENCY,
+                  show_progress_on=[summary])  # fmt: skip
+        run.click(lambda: "", None, compare_stopping, queue=False, api_name=False)  # the last run's Stop note
         stop_compare.click(page_event(request_compare_stop, ["session"]), session, compare_stopping,
                            api_name="stop_compare", concurrency_limit=None)  # fmt: skip
         kept.change(lambda items: gr.update(choices=[item[0] for item in items or []],
@@ -930,12 +987,10 @@ def build_demo():
                        step_size, target_scale, edit_seed, session]  # fmt: skip
         edit_names = ["model", "image", "source_prompt", "target_prompt", "mode", "num_inference_steps", "n_max",
                       "iterations", "step_size", "guidance_scale", "seed", "session"]  # fmt: skip
-        edit_event = page_event(edit, edit_names, True, [c.value for c in edit_inputs])
-        edit_outputs = [iterates, kept_image, residuals, status]
-        start.click(lambda: [[], None, None, "", ""], None, [*edit_outputs, edit_stopping], queue=False,
-                    api_name=False).then(
-            edit_event, edit_inputs, edit_outputs, api_name="edit", concurrency_limit=CONCURRENCY,
-            show_progress_on=[status])  # fmt: skip
+        edit_event = page_event(edit, edit_names, True, [c.value for c in edit_inputs], cleared=[[], None, None, ""])
+        start.click(edit_event, edit_inputs, [iterates, kept_image, residuals, status], api_name="edit",
+                    concurrency_limit=CONCURRENCY, show_progress_on=[status])  # fmt: skip
+        start.click(lambda: "", None, edit_stopping, queue=False, api_name=False)
         stop.click(page_event(request_stop, ["session"]), session, edit_stopping, api_name="stop",
                    concurrency_limit=None)  # fmt: skip
     demo.queue(default_concurrency_limit=CONCURRENCY)

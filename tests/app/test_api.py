@@ -86,7 +86,8 @@ def test_edit_streams_iterates_and_stop_keeps_the_best_so_far(client, red_circle
     assert client.predict(api_name="/stop") == "stopping after the current iteration..."
     gallery, kept, _, status = job.result()
     counts = [len(output[0]) for output in job.outputs()]
-    assert counts[:3] == [0, 1, 2] and len(gallery) < 41  # one at a time, and stopped well before the end
+    # the page cleared, the run started, then one iterate at a time; stopped well before the end
+    assert counts[:4] == [0, 0, 1, 2] and len(gallery) < 41
     assert re.match(r"stopped by you at iteration \d+; kept iteration \d+ \(the lowest residual", status)
     assert Image.open(kept).size == (32, 32)
     with pytest.raises(gradio_client.exceptions.AppError, match="editing needs a flow model"):

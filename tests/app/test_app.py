@@ -92,7 +92,7 @@ def test_stop_ends_a_comparison_after_the_current_step_keeping_the_policies_done
     run = app.compare(PROMPT, "", "tiny:sd", 6, 1, 0, "", *slots, session=session, progress=stop_at(session,
                       "policy 2: step 2/6", seen))  # fmt: skip
     first = next(run)
-    assert isinstance(session["compare"], app.Running) and first[12] == "running... (1 done)"
+    assert [run.name for run in session["compare"]] == ["the comparison"] and first[12] == "running... (1 done)"
     *_, last = run
     assert seen[-1] == "policy 2: step 2/6"  # interrupted right after the step Stop came in; policy 3 never ran
     assert last[0] == first[0] and last[3] is None and last[6] is None
@@ -110,6 +110,61 @@ def test_stop_ends_a_comparison_after_the_current_step_keeping_the_policies_done
     assert last[12] == "**Stopped by you** during policy 1 (CFG 5): no policy had finished." and last[13] == []
 
 
+def test_a_stop_after_the_last_step_is_named_and_two_runs_of_one_session_both_stop():
+    session, seen = {}, []
+    *_, last = app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, "", *policy_values(CFG, AG), session=session,
+                           progress=stop_at(session, "policy 2: step 4/4", seen))  # fmt: skip
+    assert "| 2 | AG 7.5 (threshold 0.995) |" in last[12]
+    assert last[12].endswith("Stop came after the last step: every policy finished.")
+    runs = [app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, "", *policy_values(CFG, AG), session=session)
+            for _ in range(2)]  # fmt: skip
+    firsts = [next(run) for run in runs]  # both under way in one session (the API allows it)
+    assert len(session["compare"]) == 2 and firsts[0][12] == "running... (1 done)"
+    assert app.request_compare_stop(session) == "stopping after the current step..."
+    assert all("**Stopped by you** during policy 2" in list(run)[-1][12] for run in runs) and session == {}
+
+
+def test_stop_works_from_the_moment_a_call_starts_even_while_it_waits_for_the_model():
+    """A Stop pressed while the call waits for another session's run on its model: nothing of it runs."""
+    for tab, run in (("compare", lambda session: app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, "", *policy_values(CFG),
+                                                             session=session)),  # fmt: skip
+                     ("edit", lambda session: run_edit(session=session))):  # fmt: skip
+        session, outputs, lock = {}, [], app.MODELS.get("tiny:sd" if tab == "compare" else "shapes:sd3").lock
+        with lock:  # another session's run
+            worker = threading.Thread(target=lambda: outputs.extend(run(session)))  # noqa: B023
+            worker.start()
+            deadline = time.monotonic() + 30
+            while tab not in session and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert (
+                app.request_stop(session, tab)
+                == f"stopping after the current {'step' if tab == 'compare' else 'iteration'}..."
+            )
+        worker.join(60)
+        assert not worker.is_alive() and session == {}
+        if tab == "compare":
+            assert outputs[-1][0] is None and outputs[-1][12] == ("**Stopped by you** during policy 1 (CFG 5): no "
+                                                                  "policy had finished.")  # fmt: skip
+        else:
+            assert outputs[-1][0] == [] and outputs[-1][3] == "stopped by you before it started"
+
+
+def test_progress_counts_the_steps_of_a_second_order_scheduler_as_diffusers_does(tmp_path):
+    from diffusers import HeunDiscreteScheduler
+
+    from pipelines import GuidedStableDiffusionPipeline
+    from pipelines.tiny import tiny_components
+
+    pipe = GuidedStableDiffusionPipeline(**tiny_components("sd"))
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.save_pretrained(tmp_path / "heun")
+    seen = []
+    list(app.compare(PROMPT, "", str(tmp_path / "heun"), 3, 1, 0, "", *policy_values(CFG),
+                     progress=lambda value, desc=None, **_: seen.append((value, desc))))  # fmt: skip
+    assert [desc for _, desc in seen] == ["policy 1: step 0/3"] + [f"policy 1: step {k}/3" for k in (0, 1, 1, 2, 3)]
+    assert seen[-1][0] == (3, 3)  # 5 model steps (Heun: 2 per step but the first), 3 as the user counts them
+
+
 def test_a_prompt_longer_than_the_model_reads_is_named_with_what_it_reads():
     long = PROMPT + " with a very long tail of extra words here"
     last = run_compare(CFG, model="shapes:sd", images=1, prompt=long, negative=long)[-1]
@@ -123,6 +178,17 @@ def test_a_prompt_longer_than_the_model_reads_is_named_with_what_it_reads():
     assert status.startswith("all iterations done") and status.endswith(
         f"\n\nThe target prompt is 42 tokens long: the model's CLIP text encoder reads only {read}"
     )
+    # SD3 and Flux: a T5 encoder reads on, up to the pipeline's max_sequence_length (SD3 256, Flux 512 by default)
+    longer = " ".join([PROMPT] * 3)
+    for family, length in (("sd3", 256), ("flux", 512)):
+        loaded = app.MODELS.get(f"tiny:{family}")
+        assert app.text_length(loaded) == length
+        note = app.truncation_note(loaded.pipe, longer, "prompt", length)
+        assert re.fullmatch(r"The prompt is \d+ tokens long: the model's CLIP text encoder reads only its first 75, "
+                            r"'a large red .*'; its T5 encoder reads all of it\.", note)  # fmt: skip
+        note = app.truncation_note(loaded.pipe, longer, "prompt", 20)
+        assert re.search(r"; its T5 encoder reads its first 19 of its \d+ T5 tokens\.$", note)
+    assert app.text_length(app.MODELS.get("shapes:sd3")) == 16 and app.text_length(app.MODELS.get("tiny:sd")) is None
 
 
 def test_two_sessions_at_once_each_get_their_own_results():
@@ -282,7 +348,7 @@ def test_stop_keeps_the_best_iterate_so_far():
     gallery, kept, _, status = outputs[-1]
     assert 2 <= len(gallery) <= 4 and re.match(r"stopped by you at iteration [1-3]; kept iteration", status)
     assert app.request_stop({}) == "nothing is running" and session == {}  # the run is over: nothing left behind
-    flowedit = {"edit": app.Running("FlowEdit", None)}
+    flowedit = {"edit": [app.Running("FlowEdit", None)]}
     assert app.request_stop(flowedit) == "FlowEdit has no iterations to stop at: it runs to its end"
 
 
@@ -292,7 +358,7 @@ def test_closing_an_edit_stops_its_worker_and_frees_the_model():
     outputs = run_edit(iterations=50, session=session)
     for _ in range(3):
         next(outputs)
-    assert session["edit"].name == app.EDIT_MODES[0]
+    assert [run.name for run in session["edit"]] == [app.EDIT_MODES[0]]
     outputs.close()
     lock, deadline = app.MODELS.get("shapes:sd3").lock, time.monotonic() + 30
     while lock.locked() and time.monotonic() < deadline:
