@@ -134,7 +134,7 @@ def test_stop_works_from_the_moment_a_call_starts_even_while_it_waits_for_the_mo
             worker = threading.Thread(target=lambda: outputs.extend(run(session)))  # noqa: B023
             worker.start()
             deadline = time.monotonic() + 30
-            while tab not in session and time.monotonic() < deadline:
+            while not session.get(tab) and time.monotonic() < deadline:
                 time.sleep(0.01)
             assert (
                 app.request_stop(session, tab)

@@ -60,6 +60,12 @@ def choose(page, label: str, option: str) -> None:
     page.get_by_role("option", name=option, exact=True).click()
 
 
+def wait_until_done(page, elem_id: str) -> None:
+    """The run showing its progress on `elem_id` has ended: Gradio does not take a click of it before (trigger mode
+    "once"), even when its last results are already drawn."""
+    expect(page.locator(f"#{elem_id} .wrap.hide")).to_have_count(1, timeout=30_000)
+
+
 def gallery_images(page, elem_id: str) -> list[Image.Image]:
     sources = [img.get_attribute("src") for img in page.locator(f"#{elem_id} img").all()]
     return [Image.open(io.BytesIO(page.request.get(src).body())).convert("RGB") for src in sources]
@@ -93,11 +99,13 @@ def test_stop_a_comparison_then_a_failed_run_clears_the_last_results(page):
     expect(page.locator("#compare-summary")).to_contain_text("Stopped by you during policy", timeout=60_000)
     expect(page.locator("#images-2 img")).to_have_count(0)  # policy 2 never finished
     shot(page, "04-compare-stopped")
+    wait_until_done(page, "compare-summary")
     page.get_by_label("steps", exact=True).fill("4")
     page.locator("#compare-button").click()
-    expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=60_000)
+    expect(page.locator("#compare-summary")).to_contain_text("4 steps on cpu", timeout=60_000)
     expect(page.locator("#images-1 img")).to_have_count(8)
     expect(page.locator("#compare-stopping")).to_have_text("")
+    wait_until_done(page, "compare-summary")
     page.locator("#policy-1").get_by_label("guidance scale", exact=True).fill("45")
     page.locator("#compare-button").click()
     expect(page.locator(".toast-body").filter(has_text="policy 1: guidance scale must be")).to_be_visible()
@@ -163,14 +171,15 @@ def test_an_edit_shows_its_iterates_one_by_one(page, red_circle_png):
     counts, started = [], time.monotonic()
     while time.monotonic() - started < 120:
         counts.append(page.locator("#iterates img").count())
-        if counts[-1] == 4:
+        if counts[-1] >= 4 > max(counts[:-1], default=0):  # once, on the way
             shot(page, "07-edit-in-progress")
         if "all iterations done" in page.locator("#edit-status").inner_text():
             break
         time.sleep(0.02)
     counts.append(page.locator("#iterates img").count())
     seen = sorted(set(counts))
-    assert seen[-1] == 13 and len(seen) >= 6, f"iterates did not arrive one by one: counts seen {seen}"
+    # one at a time (the exact order is checked through the API); the page may draw two updates at once
+    assert seen[-1] == 13 and len(seen) >= 5, f"iterates did not arrive one by one: counts seen {seen}"
     expect(page.locator("#edit-status")).to_contain_text("kept iteration")
     expect(page.locator("#residuals img")).to_have_count(1)
     shot(page, "08-edit-done")
@@ -219,7 +228,7 @@ def test_two_sessions_at_once_each_get_their_own_results(browser, demo_url):
         pages[key].goto(demo_url)
         expect(pages[key].locator("#compare-button")).to_be_visible(timeout=30_000)
         pages[key].get_by_label("prompt", exact=True).fill(prompt)
-        pages[key].get_by_label("steps", exact=True).fill("40")
+        pages[key].get_by_label("steps", exact=True).fill("100")  # long enough that one is still under way
         pages[key].get_by_label("seed (image k uses seed + k)").fill(str(seed))
     for page in pages.values():
         page.locator("#compare-button").click()
@@ -229,7 +238,7 @@ def test_two_sessions_at_once_each_get_their_own_results(browser, demo_url):
         expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=60_000)
         shot(page, f"11-session-{key}")
     for key, (prompt, seed) in sessions.items():
-        alone = list(app.compare(prompt, "", "shapes:sd", 40, 2, seed, "", *policy_values(
+        alone = list(app.compare(prompt, "", "shapes:sd", 100, 2, seed, "", *policy_values(
             app.PolicyControls("cfg", 7.5), app.PolicyControls("ag", 7.5))))[-1]  # fmt: skip
         shown = gallery_images(pages[key], "images-1") + gallery_images(pages[key], "images-2")
         assert [list(i.getdata()) for i in shown] == [list(i.getdata()) for i in alone[0] + alone[3]]

@@ -132,15 +132,24 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     subprocess.run(command(tmp_path / "straight"), env=environment, cwd=root, check=True, capture_output=True)
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed), env=environment, cwd=root)
-    state = killed / "checkpoint" / "trainer.json"
+
+    def saved_step() -> int | None:
+        """The step of the last checkpoint; during a save, `checkpoint` is briefly renamed `checkpoint.old`."""
+        for name in ("checkpoint", "checkpoint.old"):
+            try:
+                return json.loads((killed / name / "trainer.json").read_text())["step"]
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+        return None
+
     deadline = time.monotonic() + 300
     while process.poll() is None and time.monotonic() < deadline:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 4:
+        if (saved_step() or 0) >= 4:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    stopped_at = json.loads(state.read_text())["step"]
+    stopped_at = saved_step()
     assert 4 <= stopped_at < 12, "the run was not killed mid-way"
     subprocess.run(command(killed), env=environment, cwd=root, check=True, capture_output=True)
 
