@@ -282,11 +282,13 @@ def policy_options(controls: PolicyControls, where: str, model: str, steps: int)
     if "guidance_scale" in shown:
         options["guidance_scale"] = read_number(controls.guidance_scale, f"{where}: guidance scale", 0, MAX_SCALE)
     if "final_guidance_scale" in shown:
-        options["final_guidance_scale"] = read_number(controls.final_guidance_scale, f"{where}: final guidance scale",
-                                                      0, MAX_SCALE)  # fmt: skip
         options["schedule"] = controls.schedule
+        options["final_guidance_scale"] = None if controls.schedule == "constant" else read_number(
+            controls.final_guidance_scale, f"{where}: final guidance scale", 0, MAX_SCALE)  # fmt: skip
     if "threshold" in shown:
         options["threshold"] = read_number(controls.threshold, f"{where}: AG threshold", 0, 1)
+        if options["threshold"] == 0:
+            raise ValueError(f"{where}: AG threshold must be in (0, 1], got 0")
     if "coefficients" in shown:
         options["coefficients"] = (controls.coefficients or "").strip() or shipped_coefficients(model, steps)
         if not options["coefficients"]:
@@ -315,8 +317,10 @@ def policy_label(options: dict, npo: bool) -> str:
     method, label = options["guidance"], METHOD_NAMES[options["guidance"]]
     if "guidance_scale" in options:
         label += f" {options['guidance_scale']:g}"
-    if method == "scheduled":
+    if method == "scheduled" and options["final_guidance_scale"] is not None:
         label += f" -> {options['final_guidance_scale']:g} ({options['schedule']})"
+    elif method == "scheduled":
+        label += f" ({options['schedule']})"
     if method == "ag":
         label += f" (threshold {options['threshold']:g})"
     if method == "dynamic":
@@ -462,6 +466,15 @@ def _compare(stop: threading.Event, progress: Callable | None, prompt, negative_
             policies[k] = policy_from_options(slot_options, model, steps, unconditional)
         except (ValueError, TypeError, OSError) as error:
             raise ValueError(f"policy {k + 1}: {error}") from error
+    with loaded.lock:  # every policy starts a run on this call's inputs: what depends on them fails now, named
+        inputs = loaded.pipe.prepare(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=images,
+                                     num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                                     **call_defaults(loaded.name, loaded.family))  # fmt: skip
+        for k, policy in policies.items():
+            try:
+                loaded.pipe.start_run(inputs, policy, inputs.latents.shape[0])
+            except (ValueError, TypeError) as error:  # e.g. LinearAG coefficients fitted for another scheduler
+                raise ValueError(f"policy {k + 1}: {error}") from error
     device = device_and_dtype(loaded.family)[0]
     notes = prompt_notes(loaded, {"prompt": prompt, "negative prompt": negative_prompt})
     results: dict[int, PolicyResult] = {}
@@ -473,7 +486,10 @@ def _compare(stop: threading.Event, progress: Callable | None, prompt, negative_
 
         on_step(0, steps)
         label = policy_label(options[k], bool(adapters[k]))
-        result = run_policy(loaded, prompt, negative_prompt, steps, images, seed, policy, label, on_step, stop)
+        try:
+            result = run_policy(loaded, prompt, negative_prompt, steps, images, seed, policy, label, on_step, stop)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"policy {k + 1}: {error}") from error
         if result is None:
             kept = "the policies that finished are kept" if results else "no policy had finished"
             stopped = f"**Stopped by you** during policy {k + 1} ({label}): {kept}."
@@ -643,7 +659,7 @@ def _edit(stop: threading.Event, progress: Callable | None, model, image, source
     iterations = read_number(iterations, "iterations", 0, MAX_ITERATIONS, integer=True) if "iterations" in reads else 0
     eta = None
     if "step_size" in reads:
-        auto = isinstance(step_size, str) and step_size.strip() == "auto"
+        auto = isinstance(step_size, str) and step_size.strip().lower() == "auto"
         eta = "auto" if auto else read_number(step_size, "step size (a number or 'auto')", 1e-6, 10)
     scale = read_number(guidance_scale, "target guidance scale", 0, MAX_SCALE) if "guidance_scale" in reads else 1.0
     seed = read_number(seed, "seed", 0, 2**31 - 1, integer=True)
@@ -658,6 +674,8 @@ def _edit(stop: threading.Event, progress: Callable | None, model, image, source
                          f"least {multiple} pixels")  # fmt: skip
     height, width = image.height - image.height % multiple, image.width - image.width % multiple
     source = image.convert("RGB").crop((0, 0, width, height))
+    cut = f"The image ({image.width}x{image.height}) was cut to {width}x{height} from its top left corner: the model"
+    cropped = [f"{cut} takes sides that are multiples of {multiple} pixels."] if source.size != image.size else []
 
     def work(emit):
         def on_iteration(pipe, iteration, tensors):
@@ -683,7 +701,7 @@ def _edit(stop: threading.Event, progress: Callable | None, model, image, source
 
     state = EditState([], [], f"running {mode} on {device_and_dtype(family)[0]}...")
     texts = {"source prompt": source_prompt} | ({"target prompt": target_prompt} if "target_prompt" in reads else {})
-    state.notes = prompt_notes(loaded, texts)
+    state.notes = cropped + prompt_notes(loaded, texts)
     yield state.outputs()
     for event in in_background(work):
         if event[0] == "iterate":
@@ -952,9 +970,9 @@ def build_demo():
         compare_shown = [*results, summary, kept]
         compare_event = page_event(compare, compare_names, True, [c.value for c in compare_inputs], keywords=1,
                                    cleared=[None, None, ""] * MAX_POLICIES + ["", []])  # fmt: skip
+        run.click(lambda: "", None, compare_stopping, queue=False, api_name=False)  # the last run's Stop note
         run.click(compare_event, compare_inputs, compare_shown, api_name="compare", concurrency_limit=CONCURRENCY,
                   show_progress_on=[summary])  # fmt: skip
-        run.click(lambda: "", None, compare_stopping, queue=False, api_name=False)  # the last run's Stop note
         stop_compare.click(page_event(request_compare_stop, ["session"]), session, compare_stopping,
                            api_name="stop_compare", concurrency_limit=None)  # fmt: skip
         kept.change(lambda items: gr.update(choices=[item[0] for item in items or []],
@@ -980,7 +998,9 @@ def build_demo():
         settings = [edit_steps, n_max, iterations, step_size, target_scale, target_prompt]
         mode.change(page_event(show_mode, ["mode", "model"]), [mode, edit_model], settings, api_name="mode_settings")
         edit_model.change(page_event(show_mode, ["mode", "model"]), [mode, edit_model], settings, api_name=False)
-        file.upload(page_event(upload, ["file"]), file, source, api_name="upload")
+        # a refused upload empties the file box, so that another file can be dropped at once
+        file.upload(page_event(upload, ["file"]), file, source, api_name="upload").failure(
+            lambda: None, None, file, queue=False, api_name=False)  # fmt: skip
         take.click(page_event(take_from_compare, ["kept", "choice"]), [kept, pick],
                    [source, source_prompt], api_name="take_from_compare")  # fmt: skip
         edit_inputs = [edit_model, source, source_prompt, target_prompt, mode, edit_steps, n_max, iterations,
@@ -988,9 +1008,9 @@ def build_demo():
         edit_names = ["model", "image", "source_prompt", "target_prompt", "mode", "num_inference_steps", "n_max",
                       "iterations", "step_size", "guidance_scale", "seed", "session"]  # fmt: skip
         edit_event = page_event(edit, edit_names, True, [c.value for c in edit_inputs], cleared=[[], None, None, ""])
+        start.click(lambda: "", None, edit_stopping, queue=False, api_name=False)
         start.click(edit_event, edit_inputs, [iterates, kept_image, residuals, status], api_name="edit",
                     concurrency_limit=CONCURRENCY, show_progress_on=[status])  # fmt: skip
-        start.click(lambda: "", None, edit_stopping, queue=False, api_name=False)
         stop.click(page_event(request_stop, ["session"]), session, edit_stopping, api_name="stop",
                    concurrency_limit=None)  # fmt: skip
     demo.queue(default_concurrency_limit=CONCURRENCY)

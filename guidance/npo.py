@@ -13,6 +13,7 @@ exit; hooks are removed on exit.
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 import torch
@@ -147,7 +148,18 @@ def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> Negat
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     if any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):  # loading again replaces it
         pipe.delete_adapters(adapter_name)
-    pipe.load_lora_weights(folder, adapter_name=adapter_name)
+    try:
+        pipe.load_lora_weights(folder, adapter_name=adapter_name)
+    except RuntimeError as error:  # torch's load_state_dict lists every tensor of another shape: name the first
+        mismatched = re.findall(r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
+                                r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))",
+                                str(error))  # fmt: skip
+        if not mismatched:
+            raise
+        name, theirs, ours = mismatched[0]
+        raise ValueError(f"{str(folder)!r} does not fit this pipeline's {type(denoiser).__name__}: {len(mismatched)} "
+                         f"of its LoRA tensors have other shapes (e.g. {name}: {theirs} in the folder, {ours} in the "
+                         "model): was it trained for another model?") from error  # fmt: skip
     if not any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):
         raise ValueError(f"{str(folder)!r} holds no LoRA weights for this pipeline's {type(denoiser).__name__}: "
                          "was it trained for another model?")  # fmt: skip

@@ -223,6 +223,7 @@ def test_two_sessions_at_once_each_get_their_own_results():
         ({"slot": {"guidance_scale": None}}, "policy 1: guidance scale must be a number, got an empty box"),
         ({"slot": {"guidance_scale": 45}}, r"policy 1: guidance scale must be in \[0, 30\], got 45"),
         ({"slot": {"method": "ag", "threshold": 2}}, r"policy 1: AG threshold must be in \[0, 1\], got 2"),
+        ({"slot": {"method": "ag", "threshold": 0}}, r"policy 1: AG threshold must be in \(0, 1\], got 0"),
         ({"slot": {"method": "dynamic", "candidates": "1, x"}}, "policy 1: candidate scale must be a number, got 'x'"),
         ({"slot": {"method": "dynamic", "candidates": " "}},
          "policy 1: candidate scales must be numbers separated by commas, got an empty box"),
@@ -249,11 +250,25 @@ def test_bad_compare_input_is_a_readable_error(change, message):
         run_compare(slot, **change)
 
 
-def test_every_policy_is_built_before_any_runs(tmp_path):
+def test_every_policy_is_built_and_started_before_any_runs(tmp_path):
     (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(b"not a LoRA")
     slots = policy_values(CFG, app.PolicyControls("cfg", 5.0, npo=True))
     with pytest.raises(ValueError, match=f"policy 2: Self-NPO adapter '{tmp_path}' could not be loaded into"):
         next(app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, str(tmp_path), *slots))  # before policy 1 ran
+    shapes_sd = app.PolicyControls("linear-ag", 5.0, coefficients=str(ASSETS / "linear-ag" / "shapes-sd-20"))
+    with pytest.raises(
+        ValueError,
+        match="policy 2: LinearAG coefficients were fitted for DDIMScheduler with 20 "
+        "inference steps .* this run uses FlowMatchEulerDiscreteScheduler",
+    ):
+        next(app.compare(PROMPT, "", "shapes:sd3", 20, 1, 0, "", *policy_values(CFG, shapes_sd)))  # fmt: skip
+    npo = policy_values(app.PolicyControls("cfg", 5.0, npo=True))
+    with pytest.raises(
+        ValueError,
+        match="policy 1: Self-NPO adapter '.*shapes-sd-npo' could not be loaded into "
+        "'tiny:sd': .* does not fit this pipeline's UNet2DConditionModel: 64 of",
+    ):
+        next(app.compare(PROMPT, "", "tiny:sd", 4, 1, 0, str(ASSETS / "shapes-sd-npo"), *npo))  # fmt: skip
 
 
 def test_model_folders_that_are_not_a_supported_family_or_do_not_load_are_readable_errors(tmp_path):
@@ -483,3 +498,16 @@ def test_unexpected_errors_reach_the_page_as_messages():
         assert raised.value.message.startswith(message)
     with pytest.raises(ValueError, match=r"model 'tiny:xl': tiny:<family> takes a family in \['sd', "):
         app.read_model("tiny:xl")
+
+
+def test_a_constant_schedule_reads_no_final_scale_and_edits_note_a_crop():
+    constant = app.PolicyControls("scheduled", 6.0, final_guidance_scale=1.0, schedule="constant")
+    last = run_compare(constant, app.PolicyControls("cfg", 6.0))[-1]
+    assert last[2].startswith("**scheduled CFG 6 (constant)**: 8 NFEs")
+    assert [pixels(a).tolist() for a in last[0]] == [pixels(a).tolist() for a in last[3]]  # = CFG 6
+    image = rendered_scene(**SCENE).resize((37, 34))
+    *_, (gallery, kept, _, status) = run_edit(image=image, iterations=1, step_size="AUTO")
+    assert kept.size == (36, 32) and status.endswith(
+        "\n\nThe image (37x34) was cut to 36x32 from its top left "
+        "corner: the model takes sides that are multiples of 4 pixels."
+    )

@@ -90,13 +90,17 @@ def test_load_compare_and_see_images_plots_costs_and_progress(page):
 
 
 def test_stop_a_comparison_then_a_failed_run_clears_the_last_results(page):
+    page.locator("#compare-stop-button").click()
+    expect(page.locator("#compare-stopping")).to_have_text("nothing is running")
     page.get_by_label("steps", exact=True).fill("100")
     page.get_by_label("images per policy").fill("8")
     page.locator("#compare-button").click()
     expect(page.locator("#compare-summary").get_by_role("progressbar")).to_be_visible(timeout=30_000)
+    expect(page.locator("#compare-stopping")).to_have_text("")  # the last Stop's note is gone with the new run
     page.locator("#compare-button").click()  # a second click while it runs is not taken (it would clear its results)
     page.locator("#compare-stop-button").click()
     expect(page.locator("#compare-summary")).to_contain_text("Stopped by you during policy", timeout=60_000)
+    expect(page.locator("#compare-stopping")).to_have_text("stopping after the current step...")
     expect(page.locator("#images-2 img")).to_have_count(0)  # policy 2 never finished
     shot(page, "04-compare-stopped")
     wait_until_done(page, "compare-summary")
@@ -212,12 +216,14 @@ def test_another_edit_model_loads_its_settings(page):
     expect(page.locator(".toast-body")).to_have_count(0)
 
 
-def test_a_file_that_is_not_an_image_is_refused(page, tmp_path):
+def test_a_file_that_is_not_an_image_is_refused_and_another_can_follow(page, tmp_path, red_circle_png):
     page.get_by_role("tab", name="Edit").click()
     (tmp_path / "notes.txt").write_text("not an image")
     page.locator("#upload input[type=file]").set_input_files(str(tmp_path / "notes.txt"))
     expect(page.locator(".toast-body").filter(has_text="'notes.txt' is not an image")).to_be_visible(timeout=30_000)
     shot(page, "10-error-upload")
+    page.locator("#upload input[type=file]").set_input_files(str(red_circle_png))  # at once: the box was emptied
+    expect(page.locator("#source-image img")).to_be_visible(timeout=30_000)
 
 
 def test_two_sessions_at_once_each_get_their_own_results(browser, demo_url):

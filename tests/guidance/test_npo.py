@@ -2,6 +2,7 @@
 negative model; the model left as found."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -127,3 +128,11 @@ def test_an_adapter_for_another_model_is_refused_at_load():
     pipe = load_shapes_pipeline("shapes-sd")
     with pytest.raises(ValueError, match="shapes-sd3-npo' holds no LoRA weights for this pipeline's UNet2DCondition"):
         load_npo_adapter(pipe, ASSETS / "shapes-sd3-npo")
+    tiny = build("sd")  # the same layers, of other widths
+    message = ("shapes-sd-npo' does not fit this pipeline's UNet2DConditionModel: 64 of its LoRA tensors have other "
+               "shapes (e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.npo.weight: "
+               "torch.Size([8, 64]) in the folder, torch.Size([8, 16]) in the model): was it trained for another "
+               "model?")  # fmt: skip
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_npo_adapter(tiny, ASSETS / "shapes-sd-npo")
+    assert not any(layer.lora_A for layer in lora_layers(tiny.unet))  # none of its weights were left in the model
