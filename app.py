@@ -946,11 +946,11 @@ def build_demo():
                         step_size = gr.Textbox("0.02", label="step size (a number or auto)")
                         target_scale = gr.Number(3.5, label="target guidance scale", precision=None)
                         edit_seed = gr.Number(0, label="seed", precision=None)
-                    with gr.Row():
+                with gr.Column():
+                    with gr.Row():  # at the top: in sight on a laptop screen, beside the settings
                         start = gr.Button("Run", variant="primary", elem_id="edit-button")
                         stop = gr.Button("Stop (keep the best so far)", elem_id="stop-button")
                         edit_stopping = gr.Markdown(elem_id="edit-stopping")
-                with gr.Column():
                     kept_image = gr.Image(
                         label="result (the iterate kept)", elem_id="edit-result", height=256, format="png"
                     )
