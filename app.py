@@ -475,6 +475,7 @@ def _compare(stop: threading.Event, progress: Callable | None, prompt, negative_
                 loaded.pipe.start_run(inputs, policy, inputs.latents.shape[0])
             except (ValueError, TypeError) as error:  # e.g. LinearAG coefficients fitted for another scheduler
                 raise ValueError(f"policy {k + 1}: {error}") from error
+        del inputs  # the runs prepare their own
     device = device_and_dtype(loaded.family)[0]
     notes = prompt_notes(loaded, {"prompt": prompt, "negative prompt": negative_prompt})
     results: dict[int, PolicyResult] = {}

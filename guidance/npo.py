@@ -141,6 +141,20 @@ class NegativeAdapter(UnconditionalModel):
         return f"NegativeAdapter({self.adapter_name!r}, alpha={self.alpha}{delta})"
 
 
+def size_mismatch(error: Exception, folder, denoiser: torch.nn.Module) -> ValueError | None:
+    """A short error for torch's list of every LoRA tensor of another shape than the denoiser's (None: another
+    error, or one of another model of the pipeline, e.g. its text encoder)."""
+    pattern = (r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) from checkpoint, "
+               r"the shape in current model is (torch\.Size\(\[[\d, ]*\]\))")  # fmt: skip
+    mismatched = re.findall(pattern, str(error))
+    if not isinstance(error, RuntimeError) or f"for {type(denoiser).__name__}:" not in str(error) or not mismatched:
+        return None
+    name, theirs, ours = mismatched[0]
+    return ValueError(f"{str(folder)!r} does not fit this pipeline's {type(denoiser).__name__}: {len(mismatched)} of "
+                      f"its LoRA tensors have other shapes (e.g. {name}: {theirs} in the folder, {ours} in the "
+                      "model): was it trained for another model?")  # fmt: skip
+
+
 def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> NegativeAdapter:
     """Load a diffusers-format LoRA folder (a Self-NPO or Diffusion-NPO release) into `pipe` as `adapter_name`, off
     for every pass but the unconditional rows of a policy given the returned `NegativeAdapter(adapter_name, **kwargs)`
@@ -148,18 +162,16 @@ def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> Negat
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     if any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):  # loading again replaces it
         pipe.delete_adapters(adapter_name)
+    active = {layer: _active(layer) for layer in lora_layers(denoiser)}
     try:
         pipe.load_lora_weights(folder, adapter_name=adapter_name)
-    except RuntimeError as error:  # torch's load_state_dict lists every tensor of another shape: name the first
-        mismatched = re.findall(r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) "
-                                r"from checkpoint, the shape in current model is (torch\.Size\(\[[\d, ]*\]\))",
-                                str(error))  # fmt: skip
-        if not mismatched:
+    except Exception as error:
+        for layer in lora_layers(denoiser):  # peft switches on the adapters left when it deletes the failed one
+            layer._active_adapter = [name for name in active.get(layer, []) if name in layer.lora_A]
+        readable = size_mismatch(error, folder, denoiser)
+        if readable is None:
             raise
-        name, theirs, ours = mismatched[0]
-        raise ValueError(f"{str(folder)!r} does not fit this pipeline's {type(denoiser).__name__}: {len(mismatched)} "
-                         f"of its LoRA tensors have other shapes (e.g. {name}: {theirs} in the folder, {ours} in the "
-                         "model): was it trained for another model?") from error  # fmt: skip
+        raise readable from error
     if not any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):
         raise ValueError(f"{str(folder)!r} holds no LoRA weights for this pipeline's {type(denoiser).__name__}: "
                          "was it trained for another model?")  # fmt: skip

@@ -136,3 +136,12 @@ def test_an_adapter_for_another_model_is_refused_at_load():
     with pytest.raises(ValueError, match=re.escape(message)):
         load_npo_adapter(tiny, ASSETS / "shapes-sd-npo")
     assert not any(layer.lora_A for layer in lora_layers(tiny.unet))  # none of its weights were left in the model
+    # a model that holds an adapter already (off): the refused load leaves it off (peft switches on the adapters that
+    # are left when it deletes a failed one), and the model's images unchanged
+    held = with_adapters("sd", "npo")
+    before = images(held, "sd", ClassifierFreeGuidance(4.0))
+    with pytest.raises(ValueError, match="does not fit this pipeline's UNet2DConditionModel"):
+        load_npo_adapter(held, ASSETS / "shapes-sd-npo", adapter_name="other")
+    assert all(layer._active_adapter == [] and list(layer.lora_A) == ["npo"] for layer in lora_layers(held.unet))
+    after = images(held, "sd", ClassifierFreeGuidance(4.0))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after, strict=True))
