@@ -380,9 +380,8 @@ def truncation_note(pipe, text: str, name: str, max_sequence_length: int | None)
 
 
 def prompt_notes(loaded: LoadedModel, texts: dict[str, str]) -> list[str]:
-    """`truncation_note` of each named text, with the model's lock held."""
-    with loaded.lock:
-        notes = [truncation_note(loaded.pipe, text, name, text_length(loaded)) for name, text in texts.items()]
+    """`truncation_note` of each named text. Call with the model's lock held."""
+    notes = [truncation_note(loaded.pipe, text, name, text_length(loaded)) for name, text in texts.items()]
     return [note for note in notes if note]
 
 
@@ -395,18 +394,17 @@ def text_length(loaded: LoadedModel) -> int | None:
     return None if parameter is None else parameter.default
 
 
-def run_policy(loaded: LoadedModel, prompt: str, negative: str, steps: int, images: int, seed: int, guidance,
-               label: str, on_step: Callable, stop: threading.Event) -> PolicyResult | None:  # fmt: skip
-    """One policy on the shared seeds `seed + k`, timed, with the model's lock held for the run; `on_step(step,
-    steps)` after every step, counted as diffusers' progress bar counts them (a second-order scheduler's two
-    evaluations are one step). None when `stop` is set before its last step: the run ends after the current one."""
-    updates: list[int] = []
+def run_policy(loaded: LoadedModel, inputs, guidance, label: str, on_step: Callable,
+               stop: threading.Event) -> PolicyResult | None:  # fmt: skip
+    """One policy on the call's prepared inputs (`pipe.prepare`: prompts, seeds, scheduler; shared by every policy),
+    timed, with the model's lock held for the run; `on_step(step, steps)` after every step, counted as diffusers'
+    progress bar counts them (a second-order scheduler's two evaluations are one step). None when `stop` is set
+    before its last step: the run ends after the current one."""
+    updates = sorted(progress_updates(inputs.num_timesteps, inputs.num_inference_steps, inputs.scheduler.order, 0))
 
     def step_end(pipe, step, timestep, tensors):
-        if not updates:
-            updates.extend(sorted(progress_updates(pipe.num_timesteps, steps, pipe.scheduler.order, 0)))
         on_step(sum(i <= step for i in updates), len(updates))
-        if stop.is_set() and step + 1 < pipe.num_timesteps:
+        if stop.is_set() and step + 1 < inputs.num_timesteps:
             raise StopRequested
         return tensors
 
@@ -415,16 +413,14 @@ def run_policy(loaded: LoadedModel, prompt: str, negative: str, steps: int, imag
             return None
         started = time.perf_counter()
         try:
-            out = loaded.pipe(prompt, negative_prompt=negative or None, num_images_per_prompt=images,
-                              num_inference_steps=steps, guidance=guidance, callback_on_step_end=step_end,
-                              generator=[torch.Generator().manual_seed(seed + k) for k in range(images)],
-                              **call_defaults(loaded.name, loaded.family))  # fmt: skip
+            result = loaded.pipe.denoise(inputs, guidance, callback_on_step_end=step_end)
         except StopRequested:
             return None
+        images = loaded.pipe.decode(result.latents, inputs).images
         seconds = time.perf_counter() - started
-    dynamic = any("candidate_scores" in extras for extras in out.trace.extras)
-    figure = plot_dynamic_trace(out.trace) if dynamic else plot_trace(out.trace)
-    return PolicyResult(label, out.images, figure, out.trace.nfe, seconds)
+    dynamic = any("candidate_scores" in extras for extras in result.trace.extras)
+    figure = plot_dynamic_trace(result.trace) if dynamic else plot_trace(result.trace)
+    return PolicyResult(label, images, figure, result.trace.nfe, seconds)
 
 
 def compare(prompt, negative_prompt, model, num_inference_steps, num_images, seed, npo_adapter, *policy_values,
@@ -459,25 +455,20 @@ def _compare(stop: threading.Event, progress: Callable | None, prompt, negative_
                 for k, slot in chosen.items()}  # fmt: skip
     loaded = MODELS.get(model)
     policies = {}
-    for k, slot_options in options.items():
-        try:
-            with loaded.lock:
-                unconditional = loaded.negative_adapter(adapters[k]) if adapters[k] else None
-            policies[k] = policy_from_options(slot_options, model, steps, unconditional)
-        except (ValueError, TypeError, OSError) as error:
-            raise ValueError(f"policy {k + 1}: {error}") from error
-    with loaded.lock:  # every policy starts a run on this call's inputs: what depends on them fails now, named
+    with loaded.lock:  # every policy is built and starts a run on the call's inputs before any runs: fails now, named
+        seeds = [torch.Generator().manual_seed(seed + i) for i in range(images)]  # image i: seed + i
         inputs = loaded.pipe.prepare(prompt, negative_prompt=negative_prompt or None, num_images_per_prompt=images,
-                                     num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                                     num_inference_steps=steps, generator=seeds,
                                      **call_defaults(loaded.name, loaded.family))  # fmt: skip
-        for k, policy in policies.items():
+        for k, slot_options in options.items():
             try:
-                loaded.pipe.start_run(inputs, policy, inputs.latents.shape[0])
-            except (ValueError, TypeError) as error:  # e.g. LinearAG coefficients fitted for another scheduler
+                unconditional = loaded.negative_adapter(adapters[k]) if adapters[k] else None
+                policies[k] = policy_from_options(slot_options, model, steps, unconditional)
+                loaded.pipe.start_run(inputs, policies[k], inputs.latents.shape[0])  # e.g. LinearAG's coefficients
+            except (ValueError, TypeError, OSError) as error:
                 raise ValueError(f"policy {k + 1}: {error}") from error
-        del inputs  # the runs prepare their own
+        notes = prompt_notes(loaded, {"prompt": prompt, "negative prompt": negative_prompt})
     device = device_and_dtype(loaded.family)[0]
-    notes = prompt_notes(loaded, {"prompt": prompt, "negative prompt": negative_prompt})
     results: dict[int, PolicyResult] = {}
     for done, (k, policy) in enumerate(policies.items()):
 
@@ -488,7 +479,7 @@ def _compare(stop: threading.Event, progress: Callable | None, prompt, negative_
         on_step(0, steps)
         label = policy_label(options[k], bool(adapters[k]))
         try:
-            result = run_policy(loaded, prompt, negative_prompt, steps, images, seed, policy, label, on_step, stop)
+            result = run_policy(loaded, inputs, policy, label, on_step, stop)
         except (ValueError, TypeError) as error:
             raise ValueError(f"policy {k + 1}: {error}") from error
         if result is None:
@@ -702,7 +693,8 @@ def _edit(stop: threading.Event, progress: Callable | None, model, image, source
 
     state = EditState([], [], f"running {mode} on {device_and_dtype(family)[0]}...")
     texts = {"source prompt": source_prompt} | ({"target prompt": target_prompt} if "target_prompt" in reads else {})
-    state.notes = cropped + prompt_notes(loaded, texts)
+    with loaded.lock:
+        state.notes = cropped + prompt_notes(loaded, texts)
     yield state.outputs()
     for event in in_background(work):
         if event[0] == "iterate":
