@@ -28,10 +28,10 @@ from guidance import ClassifierFreeGuidance
 from guidance.npo import NegativeAdapter, load_npo_adapter
 from guidance.plot import plot_dynamic_trace, plot_residuals, plot_trace
 from guidance.shapes.assets import ASSETS
-from pipelines.loading import DEFAULT_MODEL, SHAPES_MODELS, call_defaults, load_pipeline, model_family
-from pipelines.policies import DEFAULT_CANDIDATES, METHOD_OPTIONS, METHODS, policy_from_options, shipped_coefficients
+from pipelines.application.models import EMBEDDED_DEFAULT, SHAPES_MODELS, call_defaults, load_pipeline, model_family
+from pipelines.application.options import DEFAULT_CANDIDATES, METHOD_OPTIONS, METHODS, policy_from_options, shipped_coefficients
 from pipelines.sampler import GuidedPipelineMixin, call_signature, progress_updates
-from pipelines.tiny import FAMILIES
+from pipelines.testing import FAMILIES
 
 MAX_POLICIES = 4
 OFF = "off"
@@ -874,7 +874,7 @@ def build_demo():
                 prompt = gr.Textbox(label="prompt", value="a large red circle at the center on white", scale=3)
                 negative = gr.Textbox(label="negative prompt", scale=2)
             with gr.Row():
-                model = gr.Dropdown(list(SHAPES_MODELS), value=DEFAULT_MODEL, allow_custom_value=True,
+                model = gr.Dropdown(list(SHAPES_MODELS), value=EMBEDDED_DEFAULT, allow_custom_value=True,
                                     label="model (a shapes model, or a local diffusers folder)")  # fmt: skip
                 steps = gr.Number(20, label="steps", precision=None)
                 images = gr.Number(2, label="images per policy", precision=None)

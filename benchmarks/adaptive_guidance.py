@@ -5,29 +5,25 @@ CFG, Adaptive Guidance and LinearAG. Prints NFEs per image, the wall-time ratio 
 median of repeats), attribute accuracy (the scorer) and the PSNR of each image to the CFG image of the same
 seed. LinearAG uses the coefficients shipped in assets/linear-ag for 20 steps and calibrates itself for other
 step counts. Also draws the per-step similarity gamma_t for a few prompts, one figure per model
-(assets/ag-similarity-sd.png, -sd3.png). Writes benchmarks/results/<--name>.md/.json.
+(docs/figures/ag-similarity-sd.png, -sd3.png). Writes benchmarks/results/<--name>.md/.json.
 
-    python benchmarks/adaptive_guidance.py [--seeds 2] [--steps 20 50] [--scale 7.5] [--thresholds 0.995 0.999]
+    python -m benchmarks.adaptive_guidance [--seeds 2] [--steps 20 50] [--scale 7.5] [--thresholds 0.995 0.999]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from heldout import generate, heldout_set  # noqa: E402
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import AdaptiveGuidance, ClassifierFreeGuidance, LinearAdaptiveGuidance  # noqa: E402
-from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
-from pipelines.commands.calibrate_linear_ag import calibrate  # noqa: E402
-from pipelines.loading import load_shapes_pipeline  # noqa: E402
+from benchmarks.heldout import generate, heldout_set
+from benchmarks.results import FIGURES, environment, machine, write_results
+from guidance import AdaptiveGuidance, ClassifierFreeGuidance, LinearAdaptiveGuidance
+from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH
+from pipelines.application.commands.calibrate_linear_ag import calibrate
+from pipelines.application.models import load_shapes_pipeline
 
 MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH}}
 ATTRIBUTES = ("color", "shape", "position")
@@ -80,7 +76,7 @@ def main() -> None:
     parser.add_argument("--calibration-prompts", type=int, default=200, help="LinearAG calibration trajectories")
     parser.add_argument("--name", default="adaptive-guidance", help="name of the results files")
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
-    parser.add_argument("--figures", default=str(ASSETS), help="folder for the similarity figures")
+    parser.add_argument("--figures", default=str(FIGURES), help="folder for the similarity figures")
     args = parser.parse_args()
     env = environment()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)

@@ -1,14 +1,14 @@
 """Full-size SD 1.5 and SDXL architectures with random weights, built from config (no download).
 
 For timing at real scale on a GPU: the compute of a random-weight model equals that of the released one.
-Tokenizers are the tiny in-memory ones of `pipelines.tiny` (tokenisation cost is negligible).
+Tokenizers are the tiny in-memory ones of `pipelines.testing` (tokenisation cost is negligible).
 """
 
 from __future__ import annotations
 
 import torch
 
-from pipelines.tiny import tiny_clip_tokenizer
+from pipelines.testing import tiny_clip_tokenizer
 
 
 def _clip_text(hidden: int, layers: int, heads: int, projection: int | None, act: str, with_projection: bool):

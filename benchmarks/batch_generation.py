@@ -4,8 +4,8 @@ prompts with the same batch size that saves the PNGs; rounds alternate, images p
 least equal (ratio >= 1; the trace and the bookkeeping cost nothing). Then, on the CPU, how a whole
 `guided-generate` run (start-up included) scales from 1 to 2 processes under `accelerate launch`.
 
-    python benchmarks/batch_generation.py                     # shapes:sd on the CPU
-    python benchmarks/batch_generation.py --model sd15 --device cuda --dtype float16
+    python -m benchmarks.batch_generation.py                     # shapes:sd on the CPU
+    python -m benchmarks.batch_generation --model sd15 --device cuda --dtype float16
         --height 512 --batch-sizes 1 8 32 --processes          # (one command) a GPU: SD 1.5 size, random weights
 """
 
@@ -24,13 +24,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from results import ROOT, environment, machine, write_results  # noqa: E402
-
-from guidance.shapes.assets import load_world  # noqa: E402
-from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline, generate_batch  # noqa: E402
-from pipelines.loading import load_shapes_pipeline  # noqa: E402
+from benchmarks.results import ROOT, environment, machine, write_results
+from guidance.shapes.assets import load_world
+from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+from pipelines.application import generate_batch
+from pipelines.application.models import load_shapes_pipeline
 
 
 def pipelines(model: str, device: str, dtype: torch.dtype):
@@ -114,11 +112,11 @@ def scaling(args, prompts, scratch: Path) -> list[dict]:
     for processes in args.processes:
         threads = max(cores // processes, 1)
         environment_ = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-        launcher = [sys.executable, "-m", "pipelines.commands.generate"]
+        launcher = [sys.executable, "-m", "pipelines.application.commands.generate"]
         if processes > 1:
             launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                         str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "pipelines.commands.generate"]  # fmt: skip
+                        "-m", "pipelines.application.commands.generate"]  # fmt: skip
         out = scratch / f"processes-{processes}"
         command = [*launcher, "--prompts-file", str(prompt_file), "--num-inference-steps", str(args.steps),
                    "--batch-size", str(args.batch_sizes[0]), "--output-dir", str(out), "--no-progress",

@@ -7,34 +7,30 @@ adaptive weights) with latent evaluators (the distilled heads on the next latent
 evaluators (decoding every candidate's x0), each with the paper's candidates and with `--candidates`; and the
 paper's ablation, the mean dynamic schedule (per-step mean of the chosen scales of the latent `--candidates` run)
 applied to every prompt. Also the FLOPs of one latent head and of the UNet per latent. Writes the table and data
-(benchmarks/results/dynamic-guidance.md/.json) and a figure (assets/dynamic-guidance.png).
+(benchmarks/results/dynamic-guidance.md/.json) and a figure (docs/figures/dynamic-guidance.png).
 
-    python benchmarks/dynamic_guidance.py [--seeds 8] [--candidates 5 7.5 10 15]
+    python -m benchmarks.dynamic_guidance [--seeds 8] [--candidates 5 7.5 10 15]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from heldout import generate, heldout_set  # noqa: E402
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import ClassifierFreeGuidance, DynamicGuidance  # noqa: E402
-from guidance.evaluators import ClipEvaluator  # noqa: E402
-from guidance.evaluators.discriminator import FidelityDiscriminator  # noqa: E402
-from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
-from guidance.scales import StepScale  # noqa: E402
-from guidance.shapes.assets import ASSETS  # noqa: E402
-from pipelines.loading import load_shapes_pipeline  # noqa: E402
+from benchmarks.heldout import generate, heldout_set
+from benchmarks.results import FIGURES, environment, machine, write_results
+from guidance import ClassifierFreeGuidance, DynamicGuidance
+from guidance.evaluators import ClipEvaluator
+from guidance.evaluators.discriminator import FidelityDiscriminator
+from guidance.evaluators.latent import LatentEvaluator
+from guidance.scales import StepScale
+from guidance.shapes.assets import ASSETS, shapes_clip
+from pipelines.application.models import load_shapes_pipeline
 
 FIXED = [1.0, 3.0, 5.0, 7.5, 10.0, 12.0, 15.0]
 PAPER_CANDIDATES = (1.0, 3.0, 7.5, 11.0, 15.0)
@@ -97,15 +93,15 @@ def main() -> None:
     parser.add_argument("--timing-seeds", type=int, default=1, help="timing: seeds per held-out caption")
     parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
-    parser.add_argument("--figures", default=str(ASSETS), help="folder for the figure")
+    parser.add_argument("--figures", default=str(FIGURES), help="folder for the figure")
     args = parser.parse_args()
     env = environment()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
     prompts = [caption for _ in seeds for caption in captions]
     pipe = load_shapes_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
-    clip = ClipEvaluator()
-    pixel = [ClipEvaluator(), FidelityDiscriminator.from_pretrained(ASSETS / "shapes-sd-fidelity")]
+    clip = ClipEvaluator(shapes_clip())
+    pixel = [ClipEvaluator(shapes_clip()), FidelityDiscriminator.from_pretrained(ASSETS / "shapes-sd-fidelity")]
     latent = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
     tuned = f"candidates {' '.join(f'{c:g}' for c in args.candidates)}"
     headline = f"dynamic, latent, {tuned}"

@@ -9,17 +9,16 @@ with Adaptive Guidance inside its solves, FlowOpt with the paper's settings, and
 and wall time. Inversion: the PSNR of every iterate to the source against the VAE round trip's.
 
 The settings were chosen on training scenes by `--split training` (the sweep, results file
-`flowopt-editing-training`); the held-out run (the default) uses them. Figures: assets/flowopt-curves.png and
-assets/flowopt-grid.png.
+`flowopt-editing-training`); the held-out run (the default) uses them. Figures: docs/figures/flowopt-curves.png and
+docs/figures/flowopt-grid.png.
 
-    python benchmarks/flowopt_editing.py [--split training] [--scenes 48]
+    python -m benchmarks.flowopt_editing [--split training] [--scenes 48]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
-import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,14 +26,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import AdaptiveGuidance  # noqa: E402
-from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH, load_scorer, load_world  # noqa: E402
-from guidance.shapes.world import ATTRIBUTES  # noqa: E402
-from pipelines.loading import load_shapes_pipeline  # noqa: E402
+from benchmarks.results import FIGURES, environment, machine, write_results
+from guidance import AdaptiveGuidance
+from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH, load_scorer, load_world
+from guidance.shapes.world import ATTRIBUTES
+from pipelines.application.models import load_shapes_pipeline
 
 EXTRA = {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH, "output_type": "pt"}
 MAIN_EDITS, HARD_EDITS = ("color", "background", "shape"), ("position", "size")
@@ -412,7 +408,7 @@ def main() -> None:
         help="training: inversion step sizes",
     )
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
-    parser.add_argument("--figures", default=str(ASSETS), help="folder for the figures")
+    parser.add_argument("--figures", default=str(FIGURES), help="folder for the figures")
     args = parser.parse_args()
     import diffusers
 

@@ -5,28 +5,23 @@ prints the median wall time of each variant, the median of the per-pair ratios t
 Variants: diffusers CFG, guided constant CFG (the abstraction's overhead: goal ratio <= 1.02), and for scale:
 guided CFG in the interval [0.5, 1] and guided without CFG, whose wall-time ratios should follow their NFEs.
 
-    python benchmarks/guided_vs_diffusers.py                          # tiny SD on the CPU
-    python benchmarks/guided_vs_diffusers.py --model sd15 --device cuda --dtype float16 --height 512
+    python -m benchmarks.guided_vs_diffusers.py                          # tiny SD on the CPU
+    python -m benchmarks.guided_vs_diffusers --model sd15 --device cuda --dtype float16 --height 512
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import diffusers
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import ClassifierFreeGuidance  # noqa: E402
-from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline  # noqa: E402
-from pipelines.tiny import tiny_components  # noqa: E402
+from benchmarks.results import environment, machine, write_results
+from guidance import ClassifierFreeGuidance
+from pipelines import GuidedStableDiffusionPipeline, GuidedStableDiffusionXLPipeline
+from pipelines.testing import tiny_components
 
 
 def build(model: str, device: str, dtype: torch.dtype):

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from guidance.shapes.assets import load_scorer, load_world  # noqa: E402
+from guidance.shapes.assets import load_scorer, load_world
 
 
 def heldout_set(num_seeds: int, num_captions: int | None = None):

@@ -8,29 +8,24 @@ each is divided by CFG's. Reports NFEs per image and the wall-time ratio, which 
   DynamicGuidance with 5 candidates and a latent evaluator (no decode) or a pixel evaluator (one VAE decode of
   every candidate per step, the cost the paper's latent evaluators avoid).
 
-    python benchmarks/methods_at_scale.py --model sd15 --batch-size 8 --device cuda --dtype float16
+    python -m benchmarks.methods_at_scale --model sd15 --batch-size 8 --device cuda --dtype float16
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from guided_vs_diffusers import build  # noqa: E402
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance  # noqa: E402
-from guidance.evaluators import RewardEvaluator  # noqa: E402
-from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
-from guidance.evaluators.networks import ConvEncoder  # noqa: E402
-from pipelines.commands.calibrate_linear_ag import calibrate  # noqa: E402
+from benchmarks.guided_vs_diffusers import build
+from benchmarks.results import environment, machine, write_results
+from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance
+from guidance.evaluators import RewardEvaluator
+from guidance.evaluators.latent import LatentEvaluator
+from guidance.evaluators.networks import ConvEncoder
+from pipelines.application.commands.calibrate_linear_ag import calibrate
 
 
 def methods(pipe, steps: int, scale: float, device: str, dtype: torch.dtype) -> dict:
@@ -60,7 +55,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
-    _, pipe = build(args.model, args.device, dtype)  # the guided pipeline of guided_vs_diffusers.py
+    _, pipe = build(args.model, args.device, dtype)  # the guided pipeline of guided_vs_diffusers
     policies = methods(pipe, args.steps, args.scale, args.device, dtype)
     prompts = [f"a photo of object {k}" for k in range(args.batch_size)]
 

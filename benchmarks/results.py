@@ -13,13 +13,14 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
+FIGURES = ROOT / "docs" / "figures"
 
 
 def git_commit() -> str:
     """The commit the code ran from, marked when tracked files other than benchmark outputs differ from it."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        outputs = [":!benchmarks/results", ":!assets/*.png", ":!assets/*.txt"]
+        outputs = [":!benchmarks/results", ":!docs/figures"]
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
                                 cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
@@ -43,14 +44,10 @@ def environment(device: str = "cpu") -> dict:
     import torch
     import transformers
 
-    script = Path(sys.argv[0]).resolve()
-    try:
-        script = script.relative_to(Path(__file__).resolve().parent.parent)
-    except ValueError:
-        pass
+    script = Path(sys.argv[0])
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     return {
-        "command": " ".join(["python", str(script), *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", f"benchmarks.{script.stem}", *sys.argv[1:]]),
         "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),

@@ -6,35 +6,30 @@ really saw (a forward hook counts them), and the model evaluations per row (the 
 for PNDM and Heun). Per (family, scheduler): the largest difference to diffusers' own pipeline with the same
 scheduler at constant CFG. Writes `scheduler-matrix.md/.json`; tests/pipelines/test_schedulers.py asserts every cell.
 
-    python benchmarks/scheduler_matrix.py [--steps 4]
+    python -m benchmarks.scheduler_matrix [--steps 4]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from results import write_results  # noqa: E402
-
-from guidance import (  # noqa: E402
+from benchmarks.results import write_results
+from guidance import (
     AdaptiveGuidance,
     ClassifierFreeGuidance,
     DynamicGuidance,
     ScheduledGuidance,
 )
-from guidance.evaluators import RewardEvaluator  # noqa: E402
-from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
-from guidance.evaluators.networks import ConvEncoder  # noqa: E402
-from pipelines.commands.calibrate_linear_ag import calibrate  # noqa: E402
-from pipelines.loading import pipeline_class  # noqa: E402
-from pipelines.schedulers import FLOW_FAMILIES, SCHEDULERS, set_scheduler  # noqa: E402
-from pipelines.tiny import tiny_components  # noqa: E402
+from guidance.evaluators import RewardEvaluator
+from guidance.evaluators.latent import LatentEvaluator
+from guidance.evaluators.networks import ConvEncoder
+from pipelines.application.commands.calibrate_linear_ag import calibrate
+from pipelines.application.models import pipeline_class
+from pipelines.schedulers import FLOW_FAMILIES, SCHEDULERS, set_scheduler
+from pipelines.testing import tiny_components
 
 STEPS = 4  # PNDM with its Runge-Kutta warm-up needs 4
 SCALE = 4.0

@@ -5,8 +5,8 @@ captions x seeds. Columns: attribute accuracy (the attribute scorer, never seen 
 distance between generated and real held-out images on the shapes-world CLIP's image features, CLIP score, NFEs,
 wall-time ratio to CFG 7.5 (alternated rounds), peak memory (CUDA only). Figure: the same seeds with and without NPO.
 
-    python benchmarks/self_npo.py [--seeds 4]
-    python benchmarks/self_npo.py --model shapes-sd3 --seeds 2 --no-dynamic
+    python -m benchmarks.self_npo [--seeds 4]
+    python -m benchmarks.self_npo --model shapes-sd3 --seeds 2 --no-dynamic
 """
 
 from __future__ import annotations
@@ -20,19 +20,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from dynamic_guidance import ATTRIBUTES, FOLLOWED, clip_score  # noqa: E402
-from heldout import generate, heldout_set  # noqa: E402
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance  # noqa: E402
-from guidance.evaluators import ClipEvaluator  # noqa: E402
-from guidance.evaluators.latent import LatentEvaluator  # noqa: E402
-from guidance.npo import load_npo_adapter, lora_layers  # noqa: E402
-from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH  # noqa: E402
-from pipelines.loading import load_shapes_pipeline  # noqa: E402
-from pipelines.self_npo import use_adapter  # noqa: E402
+from benchmarks.dynamic_guidance import ATTRIBUTES, FOLLOWED, clip_score
+from benchmarks.heldout import generate, heldout_set
+from benchmarks.results import FIGURES, ROOT, environment, machine, write_results
+from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance
+from guidance.evaluators import ClipEvaluator
+from guidance.evaluators.latent import LatentEvaluator
+from guidance.npo import load_npo_adapter, lora_layers
+from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH, shapes_clip
+from pipelines.application.models import load_shapes_pipeline
+from pipelines.training.self_npo import use_adapter
 
 SCALES = (3.0, 5.0, 7.5, 10.0)
 
@@ -67,9 +64,9 @@ def memory_probe(args, name: str) -> float:
     import json
     import subprocess
 
-    command = [sys.executable, __file__, "--model", args.model, "--adapter", args.adapter, "--steps", str(args.steps),
+    command = [sys.executable, "-m", "benchmarks.self_npo", "--model", args.model, "--adapter", args.adapter, "--steps", str(args.steps),
                "--probe", name] + (["--captions", str(args.captions)] if args.captions else [])  # fmt: skip
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
@@ -93,7 +90,7 @@ def main() -> None:
     parser.add_argument("--model", choices=("shapes-sd", "shapes-sd3"), default="shapes-sd", help="the model")
     parser.add_argument("--adapter", default=None, help="the Self-NPO LoRA folder (default: assets/<model>-npo)")
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
-    parser.add_argument("--figures", default=str(ASSETS), help="folder for the figure")
+    parser.add_argument("--figures", default=str(FIGURES), help="folder for the figure")
     args = parser.parse_args()
     env = environment()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
@@ -102,11 +99,11 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     args.adapter = args.adapter or str(ASSETS / f"{args.model}-npo")
     npo = load_npo_adapter(pipe, args.adapter)
-    clip = ClipEvaluator()
+    clip = ClipEvaluator(shapes_clip())
     sd3 = args.model == "shapes-sd3"
     extra = {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH} if sd3 else {}
     if sd3:  # the latent heads are shapes-sd's; the CLIP scores decoded x0 estimates
-        heads, dynamic = [ClipEvaluator()], "dynamic (CLIP)"
+        heads, dynamic = [ClipEvaluator(shapes_clip())], "dynamic (CLIP)"
     else:
         heads = [LatentEvaluator.from_pretrained(ASSETS / f"shapes-sd-latent-{kind}") for kind in ("clip", "fidelity")]
         dynamic = "dynamic (latent heads)"

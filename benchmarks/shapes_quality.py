@@ -6,25 +6,21 @@ Also: the scorer's own accuracy and the open_clip model's caption-retrieval top-
 the wall time of 8 images at 20 steps with CFG. Writes the table and data (benchmarks/results/shapes-quality.md/.json),
 an accuracy-vs-scale plot and an image grid (assets/).
 
-    python benchmarks/shapes_quality.py [--seeds 2] [--steps 20]
+    python -m benchmarks.shapes_quality [--seeds 2] [--steps 20]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from heldout import generate, heldout_set  # noqa: E402
-from results import environment, machine, write_results  # noqa: E402
-
-from guidance import ClassifierFreeGuidance  # noqa: E402
-from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH, asset_path  # noqa: E402
-from pipelines.loading import load_shapes_pipeline  # noqa: E402
+from benchmarks.heldout import generate, heldout_set
+from benchmarks.results import FIGURES, environment, machine, write_results
+from guidance import ClassifierFreeGuidance
+from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH, asset_path
+from pipelines.application.models import load_shapes_pipeline
 
 SCALES = [1.0, 3.0, 5.0, 7.5, 10.0]
 MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH}}
@@ -57,7 +53,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="denoising steps")
     parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
-    parser.add_argument("--figures", default=str(ASSETS), help="folder for the plot and the grid")
+    parser.add_argument("--figures", default=str(FIGURES), help="folder for the plot and the grid")
     args = parser.parse_args()
     env = environment()
     world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)

@@ -48,9 +48,10 @@ class DynamicScale(GuidanceScale):
                 "pass them again as `evaluators=` (e.g. to from_pretrained)"
             )
         if evaluators is None:
-            from .evaluators.clip import ClipEvaluator
-
-            evaluators = [ClipEvaluator()]
+            raise ValueError(
+                "`evaluators` is required: a list of guidance.evaluators.Evaluator (ClipEvaluator, "
+                "FidelityDiscriminator, RewardEvaluator, LatentEvaluator)"
+            )
         self.evaluators = check_evaluators(evaluators)
         self.register_to_config(evaluator_names=[e.name for e in self.evaluators])
         if weighting not in WEIGHTINGS:
@@ -149,8 +150,7 @@ class DynamicGuidance(ComposedGuidance):
 
     Args:
         candidates: the scales to choose from; the paper's {1, 3, 7.5, 11, 15} by default.
-        evaluators: `guidance.evaluators.Evaluator`s (CLIP, discriminator, reward, latent heads); default: the
-            shapes-world CLIP (`ClipEvaluator()`).
+        evaluators: `guidance.evaluators.Evaluator`s (CLIP, discriminator, reward, latent heads); required.
         weighting: "adaptive" (the paper's `alpha_{e,t} = (e_t - e_{t+1}) / e_{t+1}`) or "fixed" (`weights`).
             Adaptive, as defined here: `e_t` is the evaluator's mean score over the candidates at step t, and
             `e_{t+1}` the same at the previous step (the denominator taken in absolute value, since logit scores

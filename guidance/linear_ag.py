@@ -22,7 +22,7 @@ from .scheduler import GuidanceRun, GuidanceStep
 from .unconditional import UnconditionalModel
 
 COEFFICIENTS_FILE = "linear_ag_coefficients.safetensors"
-CALIBRATE = "`guided-calibrate-linear-ag` (python -m pipelines.commands.calibrate_linear_ag)"
+CALIBRATE = "`guided-calibrate-linear-ag` (python -m pipelines.application.commands.calibrate_linear_ag)"
 
 
 def default_exact_steps(num_timesteps: int) -> list[int]:

@@ -1,9 +1,12 @@
 """Guided diffusers pipelines: each family's diffusers pipeline with a `guidance=` argument and public stages
-(`prepare`, `denoise`, `decode`, `encode_image`) shared through `GuidedPipelineMixin`; the flow families (SD3, Flux)
-also edit and invert images (`edit`, `invert`, `flowedit`: `FlowEditingMixin`). `generate_batch` runs a manifest into
-a folder that resumes, on one device or several through accelerate."""
+(`prepare`, `denoise`, `decode`, `image_to_latents`) shared through `GuidedPipelineMixin`; the flow families (SD3,
+Flux) also edit and invert images (`edit`, `invert`, `flowedit`: `FlowEditingMixin`).
 
-from .batch import BatchResult, generate_batch
+Two layers sit above this one, in sub-packages of their own: `pipelines.training` (LinearAG calibration, evaluator
+distillation, the Self-NPO trainer) and `pipelines.application` (commands, batch runs, manifests, model names, the
+demo's logic).
+"""
+
 from .editing import FlowEditingMixin, FlowEditOutput
 from .flux import GuidedFluxPipeline, GuidedFluxPipelineOutput
 from .sampler import Conditioning, DenoiseOutput, GuidedInputs, GuidedPipelineMixin
@@ -12,7 +15,6 @@ from .stable_diffusion_3 import GuidedStableDiffusion3Pipeline, GuidedStableDiff
 from .stable_diffusion_xl import GuidedStableDiffusionXLPipeline, GuidedStableDiffusionXLPipelineOutput
 
 __all__ = [
-    "BatchResult",
     "Conditioning",
     "DenoiseOutput",
     "FlowEditOutput",
@@ -27,5 +29,4 @@ __all__ = [
     "GuidedStableDiffusionPipelineOutput",
     "GuidedStableDiffusionXLPipeline",
     "GuidedStableDiffusionXLPipelineOutput",
-    "generate_batch",
 ]

@@ -17,7 +17,6 @@ from guidance import flowedit as flowedit_method
 from guidance.flowopt import TARGET_GUIDANCE_SCALE, FlowOptConfig, flowopt, rms, uniinv
 
 logger = logging.get_logger(__name__)
-FLOW_PIPELINES = ("GuidedStableDiffusion3Pipeline", "GuidedFluxPipeline")
 
 
 @dataclass
@@ -67,17 +66,10 @@ def crop_top_left(image, height: int, width: int):
 
 
 class FlowEditingMixin:
-    """`invert`, `edit` and `flowedit` for the flow-matching pipelines; other families raise, naming those."""
+    """`invert`, `edit` and `flowedit`: what the flow-matching pipelines (SD3, Flux) add to the sampler's stages."""
 
-    flowopt_family: str | None = None
-    """"sd3" or "flux" for the pipelines that edit; None for the others."""
-
-    def _check_flow_model(self, method: str) -> None:
-        if self.flowopt_family is None:
-            raise ValueError(
-                f"`{method}` edits with flow-matching models, which {type(self).__name__} is not; use one of "
-                f"{list(FLOW_PIPELINES)}"
-            )
+    flowopt_family: str
+    """"sd3" or "flux": which of the papers' defaults apply."""
 
     def pixel_multiple(self) -> int:
         """What an image's height and width must be multiples of: the VAE's factor times the 2x2 patches."""
@@ -179,7 +171,6 @@ class FlowEditingMixin:
     ) -> FlowEditOutput:
         """FlowOpt inversion: noise latents `z` whose solve with `prompt` reproduces the image (`latents`; the paper's
         defaults: T 10, n_max 10, 30 iterations). Arguments as in `edit`; `guidance` defaults to none (scale 1)."""
-        self._check_flow_model("invert")
         pixels, size, prompts, _ = self._prompts_and_images(image, prompt, prompt)
         config = FlowOptConfig.defaults(self.flowopt_family, "invert", num_inference_steps=num_inference_steps,
                                         n_max=n_max, iterations=iterations, step_size=step_size,
@@ -234,7 +225,6 @@ class FlowEditingMixin:
             callback_on_step_end, callback_on_step_end_tensor_inputs: passed to every solve, as in `__call__`.
             prepare_kwargs: further call arguments for the prompts (`max_sequence_length`, ...).
         """
-        self._check_flow_model("edit")
         pixels, size, sources, targets = self._prompts_and_images(image, source_prompt, target_prompt)
         config = FlowOptConfig.defaults(self.flowopt_family, "edit", num_inference_steps=num_inference_steps,
                                         n_max=n_max, iterations=iterations, step_size=step_size,
@@ -307,7 +297,6 @@ class FlowEditingMixin:
         defaults of its code (SD3: T 50, n_max 33, CFG 3.5 source and 13.5 target; Flux: T 28, n_max 24, embedded
         guidance 1.5 and 5.5). `source_guidance`/`target_guidance` are the policies of the two velocities;
         `source_guidance_scale`/`guidance_scale` Flux's embedded guidance."""
-        self._check_flow_model("flowedit")
         pixels, size, sources, targets = self._prompts_and_images(image, source_prompt, target_prompt)
         defaults = flowedit_method.DEFAULTS[self.flowopt_family]
         steps = num_inference_steps or defaults["num_inference_steps"]

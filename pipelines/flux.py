@@ -16,6 +16,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .editing import FlowEditingMixin
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin
 from .stable_diffusion import batch_size_of
 
@@ -40,7 +41,7 @@ def own_schedule(scheduler, num_steps: int, device, sigmas) -> tuple[torch.Tenso
     return retrieve_timesteps(scheduler, num_steps, device)
 
 
-class GuidedFluxPipeline(GuidedPipelineMixin, FluxPipeline):
+class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
     """`FluxPipeline` whose `__call__` also takes `guidance=<GuidanceScheduler>`.
 
     The unconditional branch is diffusers' "true CFG" branch: the negative prompt (the empty prompt when none is

@@ -35,8 +35,6 @@ from guidance import BranchRequest, GuidanceRun, GuidanceScheduler, GuidanceStep
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
-from .editing import FlowEditingMixin
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -192,7 +190,7 @@ def prompt_rows(prompt: Any, num_images_per_prompt: int) -> list[str] | None:
     return [text for text in prompts for _ in range(num_images_per_prompt)]
 
 
-class GuidedPipelineMixin(FlowEditingMixin):
+class GuidedPipelineMixin:
     """What the four guided pipelines share: `guidance=` dispatch, the stages and outputs with a trace.
 
     Class attributes a family sets: `_output_class` (a diffusers output dataclass with a `trace` field),

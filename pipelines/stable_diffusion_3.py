@@ -15,6 +15,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .editing import FlowEditingMixin
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin
 from .stable_diffusion import batch_size_of
 
@@ -24,7 +25,7 @@ class GuidedStableDiffusion3PipelineOutput(StableDiffusion3PipelineOutput):
     trace: GuidanceTrace | None = None
 
 
-class GuidedStableDiffusion3Pipeline(GuidedPipelineMixin, StableDiffusion3Pipeline):
+class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, StableDiffusion3Pipeline):
     """`StableDiffusion3Pipeline` whose `__call__` also takes `guidance=<GuidanceScheduler>`.
 
     The flow model predicts a velocity; guidance combines velocities exactly as diffusers' CFG does.

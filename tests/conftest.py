@@ -8,7 +8,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import pipelines  # noqa: E402
-from pipelines.tiny import tiny_components  # noqa: E402
+from pipelines.testing import tiny_components  # noqa: E402
 
 diffusers.utils.logging.set_verbosity_error()
 

@@ -60,11 +60,10 @@ def test_benchmark_smoke_run_writes_its_results(script, tmp_path, monkeypatch):
     path = BENCHMARKS / f"{script}.py"
     figures = ["--figures", str(tmp_path)] if "--figures" in path.read_text() else []
     monkeypatch.setattr(sys, "argv", [str(path), *argv, "--out", str(tmp_path), *figures])
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    runpy.run_path(str(path), run_name="__main__")
+    runpy.run_module(f"benchmarks.{script}", run_name="__main__", alter_sys=True)
     results = json.loads((tmp_path / f"{name}.json").read_text())
     environment = results["environment"]
-    assert environment["command"].startswith(f"python benchmarks/{script}.py ")
+    assert environment["command"].startswith(f"python -m benchmarks.{script} ")
     assert environment["cpu_count"] >= 1 and environment["torch"] and environment["device"].startswith("CPU")
     assert len(environment["commit"].split()[0]) == 40  # the git commit the code ran from
     assert results["results"]

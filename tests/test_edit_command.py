@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipelines.commands.edit import build_parser, main
+from pipelines.application.commands.edit import build_parser, main
 
 SMALL = ["--model", "tiny:sd3", "--num-inference-steps", "4", "--n-max", "3", "--max-sequence-length", "16"]
 

@@ -5,8 +5,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipelines.commands.generate import build_parser, main
-from pipelines.commands.guidance_options import make_guidance
+from pipelines.application.commands.generate import build_parser, main
+from pipelines.application.commands.arguments import make_guidance
 
 
 def results(folder: Path) -> list[dict]:
@@ -47,11 +47,11 @@ def test_generates_images_results_and_prints_nfe(tmp_path, capsys):
         (["--prompt", "x", "--model", "tiny:sd4"], r"tiny:<family> takes a family in \['sd', 'sdxl', 'sd3', 'flux'\]"),
         (
             ["--prompt", "x", "--guidance", "linear-ag", "--model", "tiny:sd"],
-            "`--guidance linear-ag` needs `--coefficients FOLDER`",
+            "guidance 'linear-ag' needs `coefficients`, a folder written by guided-calibrate-linear-ag",
         ),
         (
             ["--prompt", "x", "--guidance", "linear-ag", "--num-inference-steps", "7"],
-            "`--guidance linear-ag` needs `--coefficients FOLDER`",  # none shipped for shapes:sd at 7 steps
+            "guidance 'linear-ag' needs `coefficients`",  # none shipped for shapes:sd at 7 steps
         ),
         (
             ["--prompt", "x", "--guidance", "ag", "--threshold", "2"],
@@ -59,13 +59,24 @@ def test_generates_images_results_and_prints_nfe(tmp_path, capsys):
         ),
         (["--prompt", "x", "--model", "shapes:xl"], r"shapes:<model> takes one of \['shapes:sd', 'shapes:sd3'\]"),
         (["--prompt", "x", "--model", "/no/such/model"], "is not an existing folder nor a hub id: '/no/such/model'"),
+        (["--prompt", "x", "--model", "tiny:sd", "--guidance", "dynamic"], r"dynamic guidance on 'tiny:sd' needs "
+         r"evaluators \(`evaluator`\): 'clip:<open_clip model"),
+        (["--prompt", "x", "--model", "tiny:sd", "--guidance", "dynamic", "--evaluator", "clip"], r"evaluator 'clip' "
+         r"is the shapes-world CLIP, for the shapes models; for 'tiny:sd' use 'clip:"),
     ],
 )
 def test_bad_input_exits_with_the_message(argv, message, capsys):
+    argv = argv if "--model" in argv else ["--model", "shapes:sd", *argv]
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def test_the_model_must_be_named(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--prompt", "x"])
+    assert exit_info.value.code == 2 and "the following arguments are required: --model" in capsys.readouterr().err
 
 
 def test_help_documents_every_option():
@@ -78,7 +89,8 @@ def test_help_documents_every_option():
 
 def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--prompt", "a large red circle at the center on white", "--num-inference-steps", "4", "--output-dir"]
+    argv = ["--model", "shapes:sd", "--prompt", "a large red circle at the center on white", "--num-inference-steps",
+            "4", "--output-dir"]
     assert main(argv + [str(out), "--guidance", "ag", "--threshold", "1e-6", "--height", "16", "--width", "16"]) == 0
     assert Image.open(out / "00000.png").size == (16, 16)
     assert "NFE per image: 5 (4 steps)" in capsys.readouterr().out  # CFG at step 0 only
@@ -87,7 +99,7 @@ def test_adaptive_guidance_from_the_command_line(tmp_path, capsys):
 
 
 def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
-    from pipelines.loading import model_family
+    from pipelines.application.models import model_family
 
     with pytest.raises(ValueError, match="no readable model_index.json in this folder"):
         model_family(str(tmp_path))
@@ -100,25 +112,25 @@ def test_model_folder_family_comes_from_model_index(tmp_path, capsys):
 
 def test_dynamic_guidance_with_the_shapes_clip(tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["--prompt", "a large red circle at the center on white", "--guidance", "dynamic", "--candidates", "1",
-            "5", "--evaluator", "clip", "--num-inference-steps", "4", "--output-dir", str(out)]  # fmt: skip
+    argv = ["--model", "shapes:sd", "--prompt", "a large red circle at the center on white", "--guidance", "dynamic",
+            "--candidates", "1", "5", "--evaluator", "clip", "--num-inference-steps", "4", "--output-dir", str(out)]
     assert main(argv) == 0
     (record,) = results(out)
     assert record["model"] == "shapes:sd" and record["nfe"] == 8.0
     assert set(record["scales"]) <= {1.0, 5.0}
     with pytest.raises(SystemExit):
         main([*argv, "--evaluator", "/no/such/evaluator"])
-    assert "evaluator '/no/such/evaluator' is neither 'clip'" in capsys.readouterr().err
+    assert "evaluator '/no/such/evaluator' is not one of 'clip:<open_clip model" in capsys.readouterr().err
 
 
 def test_dynamic_guidance_defaults_to_the_shipped_latent_heads_for_shapes_sd(tmp_path):
     from guidance.evaluators import ClipEvaluator
 
-    policy = make_guidance(build_parser().parse_args(["--guidance", "dynamic"]))
+    policy = make_guidance(build_parser().parse_args(["--guidance", "dynamic", "--model", "shapes:sd"]))
     assert [e.name for e in policy.evaluators] == ["shapes-sd-latent-clip", "shapes-sd-latent-fidelity"]
     assert all(e.space == "latent" for e in policy.evaluators) and policy.lookahead_kind == "next_latent"
     assert policy.config.candidates == [1.0, 3.0, 7.5, 11.0, 15.0]
-    other = make_guidance(build_parser().parse_args(["--guidance", "dynamic", "--model", str(tmp_path)]))
+    other = make_guidance(build_parser().parse_args(["--guidance", "dynamic", "--model", "shapes:sd3"]))
     assert [type(e) for e in other.evaluators] == [ClipEvaluator] and other.lookahead_kind == "x0"
 
 
@@ -139,7 +151,7 @@ def test_a_hub_id_is_loaded_as_the_family_its_model_index_names(tmp_path):
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     argv = ["--model", "local/tiny-sdxl", "--prompt", "a red circle", "--num-inference-steps", "2", "--height", "16",
             "--width", "16", "--output-dir", str(tmp_path / "out")]  # fmt: skip
-    done = subprocess.run([sys.executable, "-m", "pipelines.commands.generate", *argv], env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "pipelines.application.commands.generate", *argv], env=env, capture_output=True,
                           text=True, cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "NFE per image: 4 (2 steps)" in done.stdout

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 
-from pipelines.commands.generate import main
+from pipelines.application.commands.generate import main
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENES = [
@@ -26,8 +26,8 @@ STEPS = 8
 
 
 def command(prompts: Path, out: Path, *extra: str) -> list[str]:
-    return ["--prompts-file", str(prompts), "--num-inference-steps", str(STEPS), "--output-dir", str(out),
-            "--no-progress", *extra]  # fmt: skip
+    return ["--model", "shapes:sd", "--prompts-file", str(prompts), "--num-inference-steps", str(STEPS),
+            "--output-dir", str(out), "--no-progress", *extra]
 
 
 def environment() -> dict:
@@ -57,7 +57,7 @@ def test_a_killed_run_resumes_with_nothing_lost_repeated_or_corrupt(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS))
     out = tmp_path / "run"
-    generate = [sys.executable, "-m", "pipelines.commands.generate"]
+    generate = [sys.executable, "-m", "pipelines.application.commands.generate"]
     process = subprocess.Popen([*generate, *command(prompts, out, "--batch-size", "2")], env=environment(), cwd=ROOT)
     deadline = time.monotonic() + 300
     while len(list(out.glob("*.png"))) < 4 and process.poll() is None and time.monotonic() < deadline:
@@ -86,7 +86,7 @@ def test_two_processes_split_a_run_and_resume_one(tmp_path):
     expected = reference(tmp_path, prompts)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "pipelines.commands.generate"]  # fmt: skip
+              "-m", "pipelines.application.commands.generate"]  # fmt: skip
     out = tmp_path / "two"
     run = subprocess.run([*launch, *command(prompts, out, "--batch-size", "4")], env=environment(), cwd=ROOT,
                          capture_output=True, text=True, timeout=600)  # fmt: skip

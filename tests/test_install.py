@@ -40,7 +40,8 @@ def test_a_regular_install_runs_the_command_line_on_the_embedded_default(tmp_pat
     ).stdout.split()  # fmt: skip
     assert all(path.startswith(str(target)) for path in where), where  # the installed copy, not the checkout
     done = subprocess.run(
-        [sys.executable, str(target / "bin" / "guided-generate"), "--prompt", "a large red circle at the center",
+        [sys.executable, str(target / "bin" / "guided-generate"), "--model", "shapes:sd", "--prompt",
+         "a large red circle at the center",
          "--num-inference-steps", "4", "--output-dir", str(tmp_path / "out")],  # fmt: skip
         env=env, cwd=tmp_path, capture_output=True, text=True,
     )  # fmt: skip

@@ -42,7 +42,7 @@ def test_no_module_of_guidance_imports_the_pipelines_or_the_commands():
 
 def test_the_pipelines_core_does_not_import_the_commands():
     core = [p for p in (ROOT / "pipelines").glob("*.py")]
-    offenders = {p.name: sorted(m for m in imported_modules(p) if m.startswith("pipelines.commands")) for p in core}
+    offenders = {p.name: sorted(m for m in imported_modules(p) if m.startswith("pipelines.application.commands")) for p in core}
     relative = {p.name for p in core if "from .commands" in p.read_text()}
     assert {k: v for k, v in offenders.items() if v} == {} and relative == set()
 

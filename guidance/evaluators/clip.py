@@ -8,10 +8,6 @@ import torch
 
 from .base import Candidates, Evaluator, prepare_images
 
-SHAPES_CLIP = "shapes-clip"
-"""The name of the shapes-world CLIP shipped in the assets folder (resolved by `guidance.shapes.assets`)."""
-
-
 def load_open_clip(model: str, pretrained: str | None = None):
     """(model, tokenizer) of an open_clip model name (with `pretrained` weights) or "local-dir:<folder>".
 
@@ -21,10 +17,6 @@ def load_open_clip(model: str, pretrained: str | None = None):
         import open_clip
     except ImportError as error:
         raise ImportError("ClipEvaluator needs open_clip: pip install open_clip_torch") from error
-    if model == SHAPES_CLIP:
-        from ..shapes.assets import shapes_clip
-
-        model = shapes_clip()
     if not isinstance(model, str) or not model:
         raise TypeError(f"`model` must be an open_clip model name or 'local-dir:<folder>', got {model!r}")
     if model.startswith("local-dir:"):
@@ -59,15 +51,16 @@ class ClipEvaluator(Evaluator):
     """`100 * cos(image, text)` of each decoded candidate with its prompt (a pixel evaluator).
 
     Args:
-        model: an open_clip model name (with `pretrained`), "local-dir:<folder>", or "shapes-clip" (default): the
-            shapes-world CLIP shipped in the assets folder.
+        model: an open_clip model name (with `pretrained`) or "local-dir:<folder>" (e.g. the shapes-world CLIP,
+            `guidance.shapes.assets.shapes_clip()`).
         pretrained: open_clip pretrained tag or weights file, for named models.
     """
 
     space = "pixel"
 
-    def __init__(self, model: str = SHAPES_CLIP, pretrained: str | None = None, name: str = "clip"):
+    def __init__(self, model: str, pretrained: str | None = None, name: str = "clip"):
         super().__init__(name)
+        self.model_name = model
         self.clip, self.tokenizer = load_open_clip(model, pretrained)
         config = self.clip.visual.preprocess_cfg
         self.image_size, self.mean, self.std = tuple(config["size"]), config["mean"], config["std"]

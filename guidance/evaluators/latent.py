@@ -22,7 +22,8 @@ class LatentEvaluator(Evaluator):
     kind "score": the network predicts a pixel evaluator's score of the clean image (e.g. the discriminator's
     logit). kind "clip": it predicts the CLIP image embedding of the clean image, and the score is
     `100 * cos(prediction, text embedding)` with the teacher CLIP's text tower (`teacher`, an open_clip model
-    name or "local-dir:<folder>"; "shapes-clip" is the shipped one).
+    name or "local-dir:<folder>"; a saved relative folder is found from the head's own folder, so that a head saved
+    beside its CLIP, as the shipped shapes-world heads are, loads from anywhere).
     """
 
     space = "latent"
@@ -68,4 +69,11 @@ class LatentEvaluator(Evaluator):
         network, extra = load_network(folder, "latent evaluator", REBUILD)
         if extra.get("evaluator") != "latent" or extra.get("kind") not in KINDS:
             raise ValueError(f"latent evaluator in {str(folder)!r} is corrupt (no latent evaluator config); {REBUILD}")
-        return cls(network, extra["kind"], extra.get("teacher"), name=name).eval()
+        return cls(network, extra["kind"], resolve_teacher(extra.get("teacher"), folder), name=name).eval()
+
+
+def resolve_teacher(teacher: str | None, folder: str | os.PathLike) -> str | None:
+    """A saved "local-dir:<relative folder>" made absolute from the head's folder; any other name as it is."""
+    if teacher is None or not teacher.startswith("local-dir:") or os.path.isabs(teacher.removeprefix("local-dir:")):
+        return teacher
+    return "local-dir:" + os.path.normpath(os.path.join(os.fspath(folder), teacher.removeprefix("local-dir:")))

@@ -157,6 +157,15 @@ class ShapesWorld:
         bg = torch.tensor([palette[s.background] for s in scenes], dtype=torch.float32).view(n, 3, 1, 1) / 255
         return (bg * (1 - alpha) + fg * alpha) * 2 - 1
 
+    def random_images(self, n: int, generator: torch.Generator, size: int = IMAGE_SIZE) -> torch.Tensor:
+        """`n` newly drawn training scenes, rendered with jitter, in [-1, 1] at `size` x `size` (resized if needed)."""
+        images = self.render(self.sample(n, generator), generator)
+        if size != IMAGE_SIZE:
+            images = torch.nn.functional.interpolate(
+                images, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
+        return images
+
     def render_images(self, scenes: list[Scene]) -> list:
         """The scenes as RGB PIL images (`render` without jitter, rounded to 8 bits)."""
         from PIL import Image

@@ -153,7 +153,7 @@ def test_progress_counts_the_steps_of_a_second_order_scheduler_as_diffusers_does
     from diffusers import HeunDiscreteScheduler
 
     from pipelines import GuidedStableDiffusionPipeline
-    from pipelines.tiny import tiny_components
+    from pipelines.testing import tiny_components
 
     pipe = GuidedStableDiffusionPipeline(**tiny_components("sd"))
     pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -458,7 +458,7 @@ def test_a_local_folder_with_another_scheduler_negative_prompts_and_several_imag
     from diffusers import DPMSolverMultistepScheduler
 
     from pipelines import GuidedStableDiffusionPipeline
-    from pipelines.tiny import tiny_components
+    from pipelines.testing import tiny_components
 
     pipe = GuidedStableDiffusionPipeline(**tiny_components("sd"))
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)

@@ -22,7 +22,7 @@ from guidance import (
     UnconditionalSkip,
 )
 from guidance.evaluators import RewardEvaluator
-from pipelines.commands.calibrate_linear_ag import calibrate
+from pipelines.training.linear_ag import calibrate
 
 PROMPTS = ["a red circle", "a blue square"]
 

@@ -9,7 +9,8 @@ from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMSchedul
 from guidance import ClassifierFreeGuidance, LinearAdaptiveGuidance
 from guidance.linear_ag import fit_coefficients
 from guidance.shapes.assets import ASSETS
-from pipelines.commands.calibrate_linear_ag import calibrate, main
+from pipelines.application.commands.calibrate_linear_ag import main
+from pipelines.training.linear_ag import calibrate
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a small yellow circle", "a large square", "red"]
 

@@ -123,7 +123,7 @@ def test_bad_adapters_are_refused():
 def test_an_adapter_for_another_model_is_refused_at_load():
     from guidance.npo import load_npo_adapter
     from guidance.shapes.assets import ASSETS
-    from pipelines.loading import load_shapes_pipeline
+    from pipelines.application.models import load_shapes_pipeline
 
     pipe = load_shapes_pipeline("shapes-sd")
     with pytest.raises(ValueError, match="shapes-sd3-npo' holds no LoRA weights for this pipeline's UNet2DCondition"):

@@ -12,7 +12,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance, LinearAdaptiveGuidance
 from guidance import vae as vae_latents
 from guidance.evaluators import RewardEvaluator
-from pipelines.tiny import tiny_components
+from pipelines.testing import tiny_components
 
 MEAN, STD = [0.1, -0.2, 0.3, 0.0], [0.9, 1.1, 0.8, 1.2]
 
@@ -90,7 +90,7 @@ class Float64Detector(TorchDispatchMode):
 
 def test_inference_of_every_adaptive_policy_uses_no_float64(sd_pipe):
     """Failure 5: AG compared in float64, which MPS does not have."""
-    from pipelines.commands.calibrate_linear_ag import calibrate
+    from pipelines.application.commands.calibrate_linear_ag import calibrate
 
     fitted, _ = calibrate(sd_pipe, ["a red circle", "a blue square"], 4, 4.0, exact_steps=[0], height=16, width=16)
     linear = LinearAdaptiveGuidance.new(fitted)

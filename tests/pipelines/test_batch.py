@@ -11,10 +11,11 @@ import pytest
 import torch
 from conftest import build
 
-from pipelines import GuidedStableDiffusionPipeline, generate_batch
-from pipelines.batch import compile_denoiser
-from pipelines.image_files import read_record
-from pipelines.tiny import tiny_components
+from pipelines import GuidedStableDiffusionPipeline
+from pipelines.application import generate_batch
+from pipelines.application.batch import compile_denoiser
+from pipelines.application.image_files import read_record
+from pipelines.testing import tiny_components
 
 TINY = {"model": "tiny:sd", "num_inference_steps": 3, "height": 16, "width": 16, "progress": False}
 MANIFEST = [
@@ -112,7 +113,7 @@ def test_another_run_into_the_same_folder_is_refused_unless_overwritten(pipe, tm
         ({"num_inference_steps": 2.5}, ValueError, r"`num_inference_steps` must be an integer >= 1, got 2.5"),
         ({"seed": "1"}, ValueError, r"`seed` must be an integer, got '1'"),
         ({"dtype": "float64"}, ValueError, r"`dtype` must be one of \['float32', 'float16', 'bfloat16'\]"),
-        ({"guidance": {"guidance": "linear-ag"}}, ValueError, r"the run's guidance options: `--guidance linear-ag`"),
+        ({"guidance": {"guidance": "linear-ag"}}, ValueError, r"the run's guidance options: guidance 'linear-ag' needs"),
         ({"guidance": {"threshold": 2.0, "guidance": "ag"}}, ValueError, r"options: `threshold` must be a number in"),
         ({"model": None}, ValueError, r"`model` must name the pipeline given as `pipe`"),
         ({"guidance": {"sampler": "x"}}, ValueError, r"unknown guidance parameter 'sampler'"),

@@ -216,9 +216,8 @@ def test_bad_input_is_rejected_with_the_argument_named(pipes, call, message):
 
 
 @pytest.mark.parametrize("method", ["invert", "edit", "flowedit"])
-def test_pipelines_that_are_not_flow_models_say_which_are(sd_pipe, method):
-    arguments = (source_images(), SOURCE) if method == "invert" else (source_images(), SOURCE, TARGET)
-    with pytest.raises(ValueError, match=rf"`{method}` edits with flow-matching models, which "
-                       r"GuidedStableDiffusionPipeline is not; use one of \['GuidedStableDiffusion3Pipeline', "
-                       r"'GuidedFluxPipeline'\]"):  # fmt: skip
-        getattr(sd_pipe, method)(*arguments)
+def test_only_the_flow_families_edit(sd_pipe, method):
+    from pipelines import GuidedFluxPipeline, GuidedStableDiffusion3Pipeline, GuidedStableDiffusionXLPipeline
+
+    assert callable(getattr(GuidedStableDiffusion3Pipeline, method)) and callable(getattr(GuidedFluxPipeline, method))
+    assert not hasattr(sd_pipe, method) and not hasattr(GuidedStableDiffusionXLPipeline, method)

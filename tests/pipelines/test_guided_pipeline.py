@@ -208,7 +208,7 @@ def test_deprecated_extra_arguments_are_refused_with_guidance(sd_pipe):
 def test_guidance_distilled_unet_is_refused():
     from diffusers import UNet2DConditionModel
 
-    from pipelines.tiny import tiny_components
+    from pipelines.testing import tiny_components
 
     config = dict(tiny_components("sd")["unet"].config)
     unet = UNet2DConditionModel.from_config(config, time_cond_proj_dim=8).eval()

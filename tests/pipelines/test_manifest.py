@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from pipelines.manifest import image_jobs, read_manifest, rows_from
+from pipelines.application.manifest import image_jobs, read_manifest, rows_from
 
 
 def write(path, lines):

@@ -57,7 +57,7 @@ def test_guidance_rescale_matches_diffusers():
 def test_flux_guidance_distilled_embedding_passes_through():
     from diffusers import FluxTransformer2DModel
 
-    from pipelines.tiny import tiny_components
+    from pipelines.testing import tiny_components
 
     config = dict(tiny_components("flux")["transformer"].config)
     transformer = FluxTransformer2DModel.from_config({**config, "guidance_embeds": True}).eval()

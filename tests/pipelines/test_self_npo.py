@@ -12,9 +12,9 @@ from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 from guidance import ClassifierFreeGuidance
-from pipelines.commands.train_npo import build_parser, main
-from pipelines.self_npo import SelfNPOConfig, pseudo_huber, train_self_npo
-from pipelines.tiny import tiny_components
+from pipelines.application.commands.train_npo import build_parser, main
+from pipelines.training.self_npo import SelfNPOConfig, pseudo_huber, train_self_npo
+from pipelines.testing import tiny_components
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle"]
 SMALL = dict(steps=4, batch_size=2, pool_size=3, pool_steps=2, checkpoint_every=1, rank=2, lora_alpha=2.0,
@@ -90,7 +90,7 @@ def test_command_line(tmp_path, capsys):
 
 
 def test_generate_with_npo_on_every_method(tmp_path, capsys):
-    from pipelines.commands.generate import main as generate
+    from pipelines.application.commands.generate import main as generate
 
     train(tmp_path / "npo")
     argv = ["--model", "tiny:sd", "--prompt", "a red circle", "--num-inference-steps", "3", "--height", "16",
@@ -123,7 +123,7 @@ def test_a_run_killed_with_sigkill_resumes_with_the_same_losses(tmp_path):
     prompts.write_text("\n".join(PROMPTS))
 
     def command(folder):
-        return [sys.executable, "-m", "pipelines.commands.train_npo", "--model", "tiny:sd", "--prompts-file",
+        return [sys.executable, "-m", "pipelines.application.commands.train_npo", "--model", "tiny:sd", "--prompts-file",
                 str(prompts), "--output-dir", str(folder), "--steps", "12", "--batch-size", "2", "--pool-size", "3",
                 "--pool-steps", "2", "--rank", "2", "--lora-alpha", "2", "--learning-rate", "0.01",
                 "--checkpoint-every", "2", "--no-progress"]  # fmt: skip
@@ -182,7 +182,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert main([*args, "--output-dir", str(tmp_path / "one")]) == 0
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "-m", "pipelines.commands.train_npo"]  # fmt: skip
+              "-m", "pipelines.application.commands.train_npo"]  # fmt: skip
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
     run = subprocess.run([*launch, *args, "--output-dir", str(tmp_path / "two")], env=environment, cwd=root,
                          capture_output=True, text=True, timeout=600)  # fmt: skip

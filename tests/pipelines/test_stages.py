@@ -118,7 +118,7 @@ def test_encode_image_gives_latents_in_the_denoisers_layout(family):
 
 def test_encode_then_decode_reconstructs_a_shapes_world_image():
     from guidance.shapes.assets import load_world
-    from pipelines.loading import load_shapes_pipeline
+    from pipelines.application.models import load_shapes_pipeline
 
     world = load_world()
     scenes = world.heldout_scenes()[:4]

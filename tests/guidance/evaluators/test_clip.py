@@ -11,7 +11,7 @@ def test_shapes_clip_prefers_the_true_caption_of_real_images():
     images = world.render(scenes, torch.Generator().manual_seed(0))
     true = [world.caption(s) for s in scenes]
     other = true[1:] + true[:1]
-    evaluator = ClipEvaluator()
+    evaluator = ClipEvaluator(shapes_clip())
     assert shapes_clip().endswith("assets/shapes-clip")
 
     def score(prompts):
@@ -52,4 +52,4 @@ def test_model_must_be_a_name_and_open_clip_must_be_installed(monkeypatch):
         ClipEvaluator(3)
     monkeypatch.setitem(sys.modules, "open_clip", None)  # as if it were not installed
     with pytest.raises(ImportError, match=r"ClipEvaluator needs open_clip: pip install open_clip_torch"):
-        ClipEvaluator()
+        ClipEvaluator("ViT-B-32")

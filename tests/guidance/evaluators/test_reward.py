@@ -4,7 +4,7 @@ from conftest import call_kwargs
 
 from guidance import DynamicGuidance
 from guidance.evaluators import Candidates, RewardEvaluator
-from pipelines.tiny import clip_text_config, tiny_clip_tokenizer
+from pipelines.testing import clip_text_config, tiny_clip_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from conftest import seeded
 
 from guidance import ClassifierFreeGuidance
 from guidance.shapes.assets import asset_path, load_scorer, load_world
-from pipelines.commands.train_shapes import main
-from pipelines.loading import load_shapes_pipeline
+from pipelines.application.commands.train_shapes import main
+from pipelines.application.models import load_shapes_pipeline
 
 
 @pytest.fixture(scope="module")

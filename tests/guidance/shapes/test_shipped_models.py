@@ -12,7 +12,7 @@ from conftest import seeded
 
 from guidance import ClassifierFreeGuidance
 from guidance.shapes.assets import asset_path, load_scorer, load_world
-from pipelines.loading import load_shapes_pipeline
+from pipelines.application.models import load_shapes_pipeline
 
 # benchmarks/shapes_quality.py, 2 seeds: shapes-sd at 7.5 reaches color 99.0 / shape 95.8 (69.8 / 79.2 at scale 1)
 MIN_SD_COLOR, MIN_SD_SHAPE = 0.9, 0.85

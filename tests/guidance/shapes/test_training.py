@@ -4,7 +4,7 @@ import torch
 from safetensors.torch import load_file
 
 from guidance.shapes.scorer import AttributeScorer
-from pipelines.commands.train_shapes import main
+from pipelines.application.commands.train_shapes import main
 
 
 def train(tmp_path, name, steps):

@@ -3,7 +3,9 @@ parameters) turned into a policy. The options and their defaults are listed once
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from guidance import (
@@ -14,9 +16,10 @@ from guidance import (
     LinearAdaptiveGuidance,
     ScheduledGuidance,
 )
+from guidance.evaluators import Evaluator
 from guidance.unconditional import UnconditionalModel
 
-from .loading import SHAPES_MODELS
+from .models import SHAPES_MODELS
 
 METHODS = ("cfg", "scheduled", "ag", "linear-ag", "dynamic", "none")
 # option -> (default, kind); kinds: "number", "numbers" (a list), "text", "texts" (a text or a list), or choices
@@ -75,6 +78,12 @@ def check_option(name: str, value: Any) -> Any:
     raise ValueError(f"`{name}` must be {expected}, got {value!r}")
 
 
+EVALUATOR_SPECS = (
+    "'clip:<open_clip model or local-dir:folder>', the folder of a trained evaluator (a fidelity discriminator or a "
+    "latent head), or for a shapes model 'clip' (the shapes-world CLIP)"
+)
+
+
 def shipped_coefficients(model: str | None, num_inference_steps: int | None) -> str | None:
     """The LinearAG coefficients shipped for a shapes-world model at this step count, if there are some."""
     from guidance.shapes.assets import ASSETS
@@ -84,19 +93,44 @@ def shipped_coefficients(model: str | None, num_inference_steps: int | None) -> 
 
 
 def default_evaluators(model: str | None) -> list[str]:
-    """The latent heads shipped for shapes:sd (fast: no decode), else the shapes-world CLIP."""
+    """The evaluators dynamic guidance uses when none are named: for shapes:sd the shipped latent heads (no decode),
+    for shapes:sd3 the shapes-world CLIP; any other model must name its own."""
     from guidance.shapes.assets import ASSETS
 
-    if model != "shapes:sd":
+    if model == "shapes:sd3":
         return ["clip"]
+    if model != "shapes:sd":
+        raise ValueError(f"dynamic guidance on {model!r} needs evaluators (`evaluator`): {EVALUATOR_SPECS}")
     heads = [ASSETS / f"shapes-sd-latent-{kind}" for kind in ("clip", "fidelity")]
     missing = [str(head) for head in heads if not (head / "config.json").is_file()]
     if missing:
         raise FileNotFoundError(
             f"the latent heads shipped for shapes:sd are missing ({missing}): rebuild them with "
-            "`guided-train-evaluator latent`, or name evaluators with `--evaluator`"
+            "guided-train-evaluator, or name evaluators"
         )
     return [str(head) for head in heads]
+
+
+def evaluator_from_spec(spec: str, model: str | None = None) -> Evaluator:
+    """The evaluator a specification names (see `EVALUATOR_SPECS`); "clip" only for the shapes models."""
+    from guidance.evaluators.clip import ClipEvaluator
+    from guidance.evaluators.discriminator import FidelityDiscriminator
+    from guidance.evaluators.latent import LatentEvaluator
+    from guidance.shapes.assets import shapes_clip
+
+    if spec == "clip":
+        if model not in SHAPES_MODELS:
+            raise ValueError(f"evaluator 'clip' is the shapes-world CLIP, for the shapes models; for {model!r} use "
+                             "'clip:<open_clip model or local-dir:folder>'")  # fmt: skip
+        return ClipEvaluator(shapes_clip())
+    if spec.startswith("clip:"):
+        return ClipEvaluator(spec.removeprefix("clip:"))
+    config = Path(spec) / "config.json"
+    if not config.is_file():
+        raise ValueError(f"evaluator {spec!r} is not one of {EVALUATOR_SPECS}")
+    if json.loads(config.read_text()).get("evaluator") == "latent":
+        return LatentEvaluator.from_pretrained(spec, name=Path(spec).name)
+    return FidelityDiscriminator.from_pretrained(spec, name=Path(spec).name)
 
 
 def policy_from_options(
@@ -128,16 +162,14 @@ def policy_from_options(
         coefficients = get("coefficients") or shipped_coefficients(model, num_inference_steps)
         if not coefficients:
             raise ValueError(
-                "`--guidance linear-ag` needs `--coefficients FOLDER` (written by the calibration command; "
-                "shipped in assets/linear-ag for shapes:sd and shapes:sd3 at 20 steps)"
+                "guidance 'linear-ag' needs `coefficients`, a folder written by guided-calibrate-linear-ag (shipped "
+                "for shapes:sd and shapes:sd3 at 20 steps)"
             )
         return LinearAdaptiveGuidance.from_pretrained(coefficients, guidance_scale=get("guidance_scale"), **common)
     if method == "dynamic":
-        from guidance.evaluators.load import load_evaluator
-
         return DynamicGuidance(
             candidates=get("candidates") or DEFAULT_CANDIDATES,
-            evaluators=[load_evaluator(spec) for spec in get("evaluator") or default_evaluators(model)],
+            evaluators=[evaluator_from_spec(spec, model) for spec in get("evaluator") or default_evaluators(model)],
             weighting=get("weighting"),
             lookahead=get("lookahead"),
             **common,

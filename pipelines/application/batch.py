@@ -28,7 +28,7 @@ from guidance.npo import NegativeAdapter, load_npo_adapter
 
 from .image_files import TEMPORARY_SUFFIX, read_record, write_png
 from .manifest import ImageJob, ManifestRow, image_jobs, read_manifest, rows_from
-from .policies import policy_from_options
+from .options import policy_from_options
 
 logger = logging.get_logger(__name__)
 
@@ -275,17 +275,17 @@ def generate_batch(
     """Generate every image of a manifest into `output_dir`, resuming what is there.
 
     Args:
-        manifest: a prompts file, a JSONL or CSV manifest (see `pipelines.manifest`), or a list of prompts or row
+        manifest: a prompts file, a JSONL or CSV manifest (see `pipelines.application.manifest`), or a list of prompts or row
             dicts.
         output_dir: the run's folder.
-        pipe: a guided pipeline to use; else one is loaded from `model` (default `shapes:sd`). `model` names the run in
+        pipe: a guided pipeline to use; else one is loaded from `model` (required). `model` names the run in
             `run.json` and in every image either way.
         scheduler, dtype, device: the sampler by name, the weights' dtype ("float32", "float16", "bfloat16"), the
             device (default: the process's device under accelerate, else CUDA when available, else CPU).
         num_inference_steps, height, width, max_sequence_length: as in the pipelines.
         seed: image `k` of the run uses `seed + k`, unless its row sets a seed (then image `j` of the row uses
             row seed + `j`); generators are on the CPU, so an image does not depend on the device.
-        guidance: the default guidance options (`pipelines.policies.GUIDANCE_OPTIONS`: `guidance`, `guidance_scale`,
+        guidance: the default guidance options (`pipelines.application.options.GUIDANCE_OPTIONS`: `guidance`, `guidance_scale`,
             ...); a row's own override them.
         negative_prompt, num_images_per_prompt: the defaults of rows that set no `negative_prompt`, `num_images`.
         npo: a Self-NPO (or Diffusion-NPO) LoRA folder: loaded into the denoiser and used for the unconditional
@@ -297,7 +297,7 @@ def generate_batch(
     """
     from accelerate import PartialState
 
-    from .loading import DEFAULT_MODEL, FAMILY_OF_CLASS, call_defaults, load_pipeline
+    from .models import FAMILY_OF_CLASS, call_defaults, load_pipeline
 
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
@@ -316,7 +316,6 @@ def generate_batch(
             "`model` must name the pipeline given as `pipe` (it is recorded in run.json and every image, and picks "
             "the shipped LinearAG coefficients and evaluators of shapes:sd/shapes:sd3)"
         )
-    model = model or DEFAULT_MODEL
     # on CPUs, processes started by a launcher (accelerate launch --multi_gpu, torchrun) join with gloo
     state = PartialState(cpu=str(device or "").startswith("cpu") or not torch.cuda.is_available())
     started = time.perf_counter()

@@ -9,8 +9,8 @@ import torch
 
 from guidance import GuidanceScheduler
 
-from ..policies import GUIDANCE_OPTIONS, METHODS, policy_from_options
-from ..schedulers import SCHEDULERS
+from ..options import GUIDANCE_OPTIONS, METHODS, policy_from_options
+from ...schedulers import SCHEDULERS
 
 MODEL_HELP = (
     "shapes:sd or shapes:sd3 (the shapes-world models shipped in assets/), a diffusers pipeline folder "
@@ -67,11 +67,11 @@ def add_guidance_arguments(parser: argparse.ArgumentParser, guidance_scale: floa
 
 
 def add_model_arguments(
-    parser: argparse.ArgumentParser, default_model: str, schedulers: bool = True, accelerate: bool = False
+    parser: argparse.ArgumentParser, schedulers: bool = True, accelerate: bool = False
 ) -> None:
     """`--model`, `--scheduler` (when the command samples with any), `--max-sequence-length`, `--device` (with
     `accelerate`: the process's device by default), `--dtype`."""
-    parser.add_argument("--model", default=default_model, help=MODEL_HELP)
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
     if schedulers:
         parser.add_argument(
             "--scheduler",

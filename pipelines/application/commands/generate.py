@@ -1,7 +1,7 @@
 """Command line: generate images from prompts or a manifest with a guided pipeline and a chosen guidance method.
 
-`guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.commands.generate`); on several
-devices `accelerate launch --multi_gpu --num_processes N -m pipelines.commands.generate ...`. Wraps
+`guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.application.commands.generate`); on several
+devices `accelerate launch --multi_gpu --num_processes N -m pipelines.application.commands.generate ...`. Wraps
 `pipelines.generate_batch`.
 """
 
@@ -11,10 +11,9 @@ import argparse
 import sys
 
 from ..batch import generate_batch
-from ..loading import DEFAULT_MODEL
-from ..policies import GUIDANCE_OPTIONS
+from ..options import GUIDANCE_OPTIONS
 from .common import check_at_least_one, read_prompt_file
-from .guidance_options import add_guidance_arguments, add_model_arguments
+from .arguments import add_guidance_arguments, add_model_arguments
 
 
 def read_rows(args: argparse.Namespace):
@@ -38,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="guided-generate",
         description="Generate images with a guided diffusers pipeline into a folder that a rerun resumes; prints "
         "where the images went and the NFEs. Several devices: accelerate launch --multi_gpu --num_processes N -m "
-        "pipelines.commands.generate ...",
+        "pipelines.application.commands.generate ...",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--prompt", action="append", help="a prompt; repeat the option for several")
@@ -72,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a Self-NPO LoRA folder (guided-train-npo; the Diffusion-NPO releases load too): the negative-preference "
         "adapter computes the unconditional branch of every guidance method, in the conditional pass",
     )
-    add_model_arguments(parser, DEFAULT_MODEL, accelerate=True)
+    add_model_arguments(parser, accelerate=True)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 

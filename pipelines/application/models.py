@@ -11,11 +11,11 @@ import torch
 
 from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH, asset_path, rebuild_hint
 
-from .sampler import check_model_path
-from .schedulers import set_scheduler
-from .tiny import FAMILIES, tiny_components
+from ..sampler import check_model_path
+from ..schedulers import set_scheduler
+from ..testing import FAMILIES, tiny_components
 
-DEFAULT_MODEL = "shapes:sd"  # the shapes-world SD model shipped in assets/
+EMBEDDED_DEFAULT = "shapes:sd"  # the shapes-world SD model shipped in assets/: the demo's first model
 SHAPES_MODELS = {"shapes:sd": "shapes-sd", "shapes:sd3": "shapes-sd3"}
 FAMILY_OF_CLASS = {
     "StableDiffusionPipeline": "sd",
@@ -26,7 +26,7 @@ FAMILY_OF_CLASS = {
 
 
 def pipeline_class(family: str):
-    from . import (
+    from .. import (
         GuidedFluxPipeline,
         GuidedStableDiffusion3Pipeline,
         GuidedStableDiffusionPipeline,

@@ -17,11 +17,10 @@ import PIL.Image
 import torch
 from safetensors.torch import save_file
 
-from ..loading import call_defaults, load_pipeline
+from ..models import call_defaults, load_pipeline
 from .common import check_at_least_one
-from .guidance_options import add_guidance_arguments, add_model_arguments, make_guidance
+from .arguments import add_guidance_arguments, add_model_arguments, make_guidance
 
-DEFAULT_EDIT_MODEL = "shapes:sd3"
 FLOW_FAMILIES = ("sd3", "flux")
 
 
@@ -159,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save-iterates", action="store_true", help="flowopt: also write every iteration's image")
     parser.add_argument("--seed", type=int, default=0, help="seed of 'auto''s probes and FlowEdit's noise")
     parser.add_argument("--output-dir", default="edits", help="folder for the PNG images and summary.json")
-    add_model_arguments(parser, DEFAULT_EDIT_MODEL, schedulers=False)
+    add_model_arguments(parser, schedulers=False)
     parser.epilog = (
         "--guidance-scale defaults to the method's target guidance: FlowOpt 3.5 (SD3) and 1 (Flux, whose "
         "embedding carries it), FlowEdit 13.5 (SD3), inversion 1."

@@ -2,7 +2,7 @@
 LoRA folder that `pipe.load_lora_weights(folder, adapter_name="npo")` loads.
 
     guided-train-npo --model shapes:sd --prompts-file assets/shapes-calibration-prompts.txt --output-dir npo
-    accelerate launch --multi_gpu --num_processes 2 -m pipelines.commands.train_npo ...   # several devices
+    accelerate launch --multi_gpu --num_processes 2 -m pipelines.application.commands.train_npo ...   # several devices
 
 A killed run started again with the same command resumes from its last checkpoint (`<output-dir>/checkpoint`).
 """
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..loading import call_defaults, load_pipeline
-from ..self_npo import SelfNPOConfig, train_self_npo
+from ..models import call_defaults, load_pipeline
+from ...training.self_npo import SelfNPOConfig, train_self_npo
 from .common import read_prompt_file
 
 
@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model",
-        default="shapes:sd",
+        required=True,
         help="shapes:sd, shapes:sd3, tiny:sd|sdxl|sd3, or an SD/SDXL/SD3 diffusers folder",
     )
     parser.add_argument("--max-sequence-length", type=int, default=None, help="SD3 text length (16 for shapes:sd3)")

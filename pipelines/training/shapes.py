@@ -1,6 +1,7 @@
-"""Train every shapes-world model from the generator alone: `guided-train-shapes all`.
+"""The shapes world's own models, trained from the generator alone (a development fixture: the embedded default and
+the test bed; `python -m pipelines.application.commands.train_shapes all` rebuilds them).
 
-Commands (each resumable from `--checkpoints`, reproducible from `--seed`, with a progress bar):
+Each model is resumable from its checkpoint and reproducible from the seed:
   vae     AutoencoderKL, 32x32 RGB <-> 4x16x16 latents (shared by the SD and SD3 models)
   sd      UNet2DConditionModel (epsilon) + CLIPTextModel, trained jointly -> assets/shapes-sd
   sd3     SD3Transformer2DModel (flow matching) + two CLIP text encoders -> assets/shapes-sd3
@@ -12,10 +13,9 @@ model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,10 +26,10 @@ from guidance.denoised import add_noise
 from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH
 from guidance.shapes.scorer import AttributeScorer
 from guidance.shapes.tokenizer import MAX_LENGTH, world_tokenizer
-from guidance.shapes.training import Trainer, step_generator
-from guidance.shapes.world import ATTRIBUTES, WORLD_FILE, ShapesWorld
+from guidance.shapes.world import ATTRIBUTES, ShapesWorld
 
-from ..tiny import clip_text_config
+from ..testing import clip_text_config
+from .trainer import Trainer, step_generator
 
 CAPTION_DROPOUT = 0.1
 # The flow model learns colour within ~1000 steps and then follows captions closely at scale 1; a larger dropout
@@ -37,6 +37,22 @@ CAPTION_DROPOUT = 0.1
 SD3_CAPTION_DROPOUT = 0.2
 DEFAULT_STEPS = {"vae": 800, "sd": 3000, "sd3": 4000, "clip": 1200, "scorer": 800}
 BATCH = {"vae": 32, "sd": 64, "sd3": 64, "clip": 128, "scorer": 128}
+
+
+@dataclass
+class ShapesTraining:
+    """Where and how the shapes-world models are trained: `assets` receives the models, `checkpoints` the resumable
+    state; `steps` replaces every model's default (`DEFAULT_STEPS`); `device` runs sd and sd3 (data and noise are
+    drawn on the CPU, so the same on any device)."""
+
+    assets: Path
+    checkpoints: Path
+    steps: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+
+    def steps_of(self, model: str) -> int:
+        return self.steps or DEFAULT_STEPS[model]
 
 
 def training_batch(world: ShapesWorld, generator: torch.Generator, batch: int, dropout: float = CAPTION_DROPOUT):
@@ -77,8 +93,8 @@ def world_text_config(tokenizer, projection: bool):
     )
 
 
-def train_vae(args, world: ShapesWorld):
-    torch.manual_seed(args.seed)
+def train_vae(settings: ShapesTraining, world: ShapesWorld) -> None:
+    torch.manual_seed(settings.seed)
     vae = build_vae()
 
     def loss_fn(generator, step):
@@ -87,34 +103,34 @@ def train_vae(args, world: ShapesWorld):
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
         return F.mse_loss(reconstruction, images) + 1e-6 * posterior.kl().mean()
 
-    vae = Trainer("vae", vae, args.checkpoints, args.steps or DEFAULT_STEPS["vae"], 1e-3, args.seed).run(loss_fn)
+    vae = Trainer("vae", vae, settings.checkpoints, settings.steps_of("vae"), 1e-3, settings.seed).run(loss_fn)
     with torch.no_grad():  # latent statistics set the VAE's shift and scaling factors (SD's 0.18215)
-        _, images, _ = training_batch(world, step_generator(args.seed, 10**7), 1024)
+        _, images, _ = training_batch(world, step_generator(settings.seed, 10**7), 1024)
         latents = vae.encode(images).latent_dist.mean
     stats = {"mean": latents.mean().item(), "std": latents.std().item()}
-    Path(args.checkpoints).mkdir(parents=True, exist_ok=True)
-    vae.save_pretrained(Path(args.checkpoints) / "vae")
-    (Path(args.checkpoints) / "vae" / "latent_stats.json").write_text(json.dumps(stats))
+    Path(settings.checkpoints).mkdir(parents=True, exist_ok=True)
+    vae.save_pretrained(Path(settings.checkpoints) / "vae")
+    (Path(settings.checkpoints) / "vae" / "latent_stats.json").write_text(json.dumps(stats))
     print(f"vae latent mean {stats['mean']:.4f} std {stats['std']:.4f}")
 
 
-def trained_vae(args, shift: bool):
+def trained_vae(settings: ShapesTraining, shift: bool):
     from diffusers import AutoencoderKL
 
-    folder = Path(args.checkpoints) / "vae"
+    folder = Path(settings.checkpoints) / "vae"
     if not (folder / "latent_stats.json").is_file():
-        raise FileNotFoundError(f"{folder} has no trained VAE; run `guided-train-shapes vae` first")
+        raise FileNotFoundError(f"{folder} has no trained VAE; train the vae first")
     stats = json.loads((folder / "latent_stats.json").read_text())
     vae = AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
     vae.register_to_config(scaling_factor=1.0 / stats["std"], shift_factor=stats["mean"] if shift else None)
     return vae
 
 
-def train_sd(args, world: ShapesWorld):
+def train_sd(settings: ShapesTraining, world: ShapesWorld) -> None:
     from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings.seed)
     tokenizer = world_tokenizer(world)
     text_encoder = CLIPTextModel(world_text_config(tokenizer, projection=False))
     unet = UNet2DConditionModel(
@@ -134,7 +150,7 @@ def train_sd(args, world: ShapesWorld):
     betas = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000)
     noise_schedule = DDPMScheduler(**betas)
     pipe = StableDiffusionPipeline(
-        vae=trained_vae(args, shift=False),
+        vae=trained_vae(settings, shift=False),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         unet=unet,
@@ -144,7 +160,7 @@ def train_sd(args, world: ShapesWorld):
         requires_safety_checker=False,
     )
     model = torch.nn.ModuleDict({"unet": unet, "text_encoder": text_encoder})
-    device = torch.device(args.device)
+    device = torch.device(settings.device)
     pipe.to(device)
 
     def loss_fn(generator, step):  # every random draw on the CPU generator: the same data on any device
@@ -156,15 +172,15 @@ def train_sd(args, world: ShapesWorld):
         prediction = unet(noise_schedule.add_noise(latents, noise, t), t, encoder_hidden_states=embeds).sample
         return F.mse_loss(prediction, noise)
 
-    Trainer("sd", model, args.checkpoints, args.steps or DEFAULT_STEPS["sd"], 1e-3, args.seed).run(loss_fn)
-    save_pipeline(pipe, Path(args.assets) / "shapes-sd")
+    Trainer("sd", model, settings.checkpoints, settings.steps_of("sd"), 1e-3, settings.seed).run(loss_fn)
+    save_pipeline(pipe, Path(settings.assets) / "shapes-sd")
 
 
-def train_sd3(args, world: ShapesWorld):
+def train_sd3(settings: ShapesTraining, world: ShapesWorld) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextModelWithProjection
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings.seed)
     tokenizer = world_tokenizer(world)
     text_encoder = CLIPTextModelWithProjection(world_text_config(tokenizer, projection=True))
     text_encoder_2 = CLIPTextModelWithProjection(world_text_config(tokenizer, projection=True))
@@ -184,7 +200,7 @@ def train_sd3(args, world: ShapesWorld):
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0),
-        vae=trained_vae(args, shift=True),
+        vae=trained_vae(settings, shift=True),
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         text_encoder_2=text_encoder_2,
@@ -193,7 +209,7 @@ def train_sd3(args, world: ShapesWorld):
         tokenizer_3=None,
     )
     model = torch.nn.ModuleDict({"transformer": transformer, "text_encoder": text_encoder, "text_2": text_encoder_2})
-    device = torch.device(args.device)
+    device = torch.device(settings.device)
     pipe.to(device)
 
     def loss_fn(generator, step):  # every random draw on the CPU generator: the same data on any device
@@ -218,8 +234,8 @@ def train_sd3(args, world: ShapesWorld):
         ).sample
         return F.mse_loss(velocity, noise - x0)
 
-    Trainer("sd3", model, args.checkpoints, args.steps or DEFAULT_STEPS["sd3"], 5e-4, args.seed).run(loss_fn)
-    save_pipeline(pipe, Path(args.assets) / "shapes-sd3")
+    Trainer("sd3", model, settings.checkpoints, settings.steps_of("sd3"), 5e-4, settings.seed).run(loss_fn)
+    save_pipeline(pipe, Path(settings.assets) / "shapes-sd3")
 
 
 def clip_config(tokenizer) -> dict:
@@ -240,17 +256,17 @@ def clip_config(tokenizer) -> dict:
     }
 
 
-def train_clip(args, world: ShapesWorld):
+def train_clip(settings: ShapesTraining, world: ShapesWorld) -> None:
     try:
         import open_clip
     except ImportError as error:
-        raise ImportError("training shapes-clip needs open_clip: pip install -e '.[shapes]'") from error
+        raise ImportError("training shapes-clip needs open_clip: pip install open_clip_torch") from error
     from safetensors.torch import save_file
 
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings.seed)
     tokenizer = world_tokenizer(world)
-    folder = Path(args.assets) / "shapes-clip"
-    staging = Path(args.checkpoints) / "clip-config"
+    folder = Path(settings.assets) / "shapes-clip"
+    staging = Path(settings.checkpoints) / "clip-config"
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "open_clip_config.json").write_text(json.dumps(clip_config(tokenizer), indent=1))
     tokenizer.save_pretrained(staging)
@@ -266,7 +282,7 @@ def train_clip(args, world: ShapesWorld):
         targets = same / same.sum(-1, keepdim=True)  # duplicates of a caption are all positives
         return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
-    model = Trainer("clip", model, args.checkpoints, args.steps or DEFAULT_STEPS["clip"], 1e-3, args.seed).run(loss_fn)
+    model = Trainer("clip", model, settings.checkpoints, settings.steps_of("clip"), 1e-3, settings.seed).run(loss_fn)
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(staging, folder)
@@ -274,8 +290,8 @@ def train_clip(args, world: ShapesWorld):
     print(f"saved {folder}")
 
 
-def train_scorer(args, world: ShapesWorld):
-    torch.manual_seed(args.seed)
+def train_scorer(settings: ShapesTraining, world: ShapesWorld) -> None:
+    torch.manual_seed(settings.seed)
     scorer = AttributeScorer({name: len(world.values[name]) for name in ATTRIBUTES})
     scenes_pool = world.all_scenes()  # the instrument sees every combination, held-out ones included
 
@@ -290,11 +306,11 @@ def train_scorer(args, world: ShapesWorld):
         logits, labels = scorer(images), world.labels(scenes)
         return sum(F.cross_entropy(logits[name], labels[name]) for name in ATTRIBUTES)
 
-    steps = args.steps or DEFAULT_STEPS["scorer"]
-    scorer = Trainer("scorer", scorer, args.checkpoints, steps, 2e-3, args.seed).run(loss_fn)
-    scorer.save_pretrained(Path(args.assets) / "shapes-scorer")
+    steps = settings.steps_of("scorer")
+    scorer = Trainer("scorer", scorer, settings.checkpoints, steps, 2e-3, settings.seed).run(loss_fn)
+    scorer.save_pretrained(Path(settings.assets) / "shapes-scorer")
     scenes = world.heldout_scenes()
-    accuracy = scorer.accuracy(world.render(scenes, step_generator(args.seed, 10**8)), scenes, world)
+    accuracy = scorer.accuracy(world.render(scenes, step_generator(settings.seed, 10**8)), scenes, world)
     print("scorer accuracy on held-out scenes:", {k: round(v, 3) for k, v in accuracy.items()})
 
 
@@ -306,35 +322,5 @@ def save_pipeline(pipe, folder: Path) -> None:
     print(f"saved {folder}")
 
 
-COMMANDS = {"vae": train_vae, "sd": train_sd, "sd3": train_sd3, "clip": train_clip, "scorer": train_scorer}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="guided-train-shapes", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("command", choices=[*COMMANDS, "all"], help="what to train ('all': in dependency order)")
-    parser.add_argument("--assets", default="assets", help="where the trained models are written")
-    parser.add_argument("--checkpoints", default="checkpoints", help="resumable checkpoints (safetensors)")
-    parser.add_argument("--steps", type=int, default=None, help=f"training steps (defaults: {DEFAULT_STEPS})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random draw")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--device", default="cpu", help="torch device of sd and sd3 training (data and noise are drawn on the CPU)"
-    )
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    world = ShapesWorld()
-    Path(args.assets).mkdir(parents=True, exist_ok=True)
-    world.write_json(Path(args.assets) / WORLD_FILE)
-    commands = list(COMMANDS) if args.command == "all" else [args.command]
-    for name in commands:
-        start = time.time()
-        COMMANDS[name](args, world)
-        print(f"{name}: {time.time() - start:.0f} s")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+MODELS = {"vae": train_vae, "sd": train_sd, "sd3": train_sd3, "clip": train_clip, "scorer": train_scorer}
+"""Every model, in dependency order (sd and sd3 need the vae)."""

@@ -1,6 +1,6 @@
 """Batch generation input: a prompts file (one per line) or a JSONL/CSV manifest whose rows may set `prompt`,
 `negative_prompt`, `seed`, `num_images` and a guidance method with its parameters (`guidance`, `guidance_scale`, ...:
-the names of `pipelines.policies.GUIDANCE_OPTIONS`). Rows become image jobs with fixed indices and seeds, so an image
+the names of `pipelines.application.options.GUIDANCE_OPTIONS`). Rows become image jobs with fixed indices and seeds, so an image
 is the same whatever the batching, the number of processes or the resume point."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .policies import GUIDANCE_OPTIONS, METHOD_OPTIONS, check_option
+from .options import GUIDANCE_OPTIONS, METHOD_OPTIONS, check_option
 
 ROW_FIELDS = ("prompt", "negative_prompt", "seed", "num_images")
 

@@ -1,4 +1,4 @@
-"""A resumable, reproducible training loop for the shapes-world models.
+"""A resumable, reproducible training loop (the shapes-world models, the evaluators of dynamic guidance).
 
 Every step draws its data and noise from a generator seeded by (seed, step), so a run killed and resumed
 from its last checkpoint continues exactly as if it had never stopped. Checkpoints are safetensors files

@@ -1,0 +1,173 @@
+"""Training dynamic guidance's evaluators: the discriminator and the latent heads (pipelines.training.evaluators),
+their command, saving and loading, and errors naming the rebuild command."""
+
+import json
+
+import pytest
+import torch
+from conftest import call_kwargs, seeded
+
+from guidance import DynamicGuidance
+from guidance.evaluators import Candidates
+from guidance.evaluators.discriminator import FidelityDiscriminator
+from guidance.evaluators.latent import LatentEvaluator
+from guidance.evaluators.networks import ConvEncoder
+from guidance.shapes.assets import ASSETS
+from pipelines.application.commands.train_evaluator import main
+
+TINY = ["--model", "tiny:sd", "--num-generated", "8", "--num-real", "16", "--num-inference-steps", "2",
+        "--batch-size", "8"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a red circle\na blue square\n")
+    return ["--prompts-file", str(path)]
+
+
+@pytest.fixture(scope="module")
+def real_folder(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("real")
+    for k in range(3):
+        Image.new("RGB", (20, 20), (40 * k, 90, 200)).save(folder / f"{k}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prompts, real_folder):
+    root = tmp_path_factory.mktemp("evaluators")
+    common = [*TINY, *prompts, "--real", str(real_folder), "--checkpoints", str(root / "checkpoints")]
+    main(["discriminator", "--output", str(root / "fidelity"), "--steps", "30", *common])
+    teacher = f"discriminator:{root / 'fidelity'}"
+    main(["latent", "--teacher", teacher, "--output", str(root / "latent"), "--steps", "3", *common])
+    clip = f"clip:local-dir:{ASSETS / 'shapes-clip'}"
+    main(["latent", "--teacher", clip, "--output", str(root / "latent-clip"), "--steps", "2", "--width", "8", *common])
+    return root
+
+
+def test_the_command_writes_every_evaluator_with_its_width(trained):
+    widths = {name: json.loads((trained / name / "config.json").read_text())["width"] for name in
+              ("fidelity", "latent", "latent-clip")}  # fmt: skip
+    assert widths == {"fidelity": 32, "latent": 16, "latent-clip": 8}
+
+
+def test_discriminator_learns_real_from_generated_and_round_trips(trained, real_folder):
+    from pipelines.application.commands.train_evaluator import folder_images
+
+    discriminator = FidelityDiscriminator.from_pretrained(trained / "fidelity")
+    real = folder_images(str(real_folder), 32)
+    noise = torch.rand(3, 3, 32, 32, generator=seeded(9)) * 2 - 1
+    assert discriminator.logits(real).mean() > discriminator.logits(noise).mean()
+    candidates = Candidates(torch.zeros(3, 4, 2, 2), torch.zeros(3), decode=lambda _: real)
+    torch.testing.assert_close(discriminator.score(candidates), discriminator.logits(real))
+
+
+def test_latent_evaluators_drive_dynamic_guidance_without_decoding(trained, sd_pipe):
+    score = LatentEvaluator.from_pretrained(trained / "latent", name="fidelity")
+    clip = LatentEvaluator.from_pretrained(trained / "latent-clip")
+    assert score.kind == "score" and clip.kind == "clip" and clip.teacher == f"local-dir:{ASSETS / 'shapes-clip'}"
+    decoded = []
+    original = sd_pipe.decode_for_guidance
+    sd_pipe.decode_for_guidance = lambda *a, **k: decoded.append(1) or original(*a, **k)
+    try:
+        policy = DynamicGuidance(evaluators=[score, clip], lookahead="next_latent")
+        kwargs = call_kwargs("sd", prompt=["a red circle", "a blue square"], height=None, width=None)
+        result = sd_pipe(**kwargs, guidance=policy)
+        with pytest.raises(ValueError, match=r"evaluator 'fidelity' reads latents of shape \(4, 16, 16\) \(the model"):
+            sd_pipe(**call_kwargs("sd", prompt="a"), guidance=policy)  # 16 px images: 8x8 latents
+    finally:
+        del sd_pipe.decode_for_guidance
+    assert decoded == [] and result.trace.nfe == 6.0
+    assert set(result.trace.extras[1]["weights"]) == {"fidelity", "latent-clip"}
+    assert all(s in [1.0, 3.0, 7.5, 11.0, 15.0] for step in result.trace.scales for s in step)
+
+
+def test_a_head_saved_beside_its_clip_finds_it_from_anywhere(trained, tmp_path):
+    import shutil
+
+    shutil.copytree(ASSETS / "shapes-clip", tmp_path / "shapes-clip")
+    shutil.copytree(trained / "latent-clip", tmp_path / "head")
+    config = json.loads((tmp_path / "head" / "config.json").read_text())
+    (tmp_path / "head" / "config.json").write_text(json.dumps({**config, "teacher": "local-dir:../shapes-clip"}))
+    head = LatentEvaluator.from_pretrained(tmp_path / "head")
+    assert head.teacher == f"local-dir:{tmp_path / 'shapes-clip'}"
+    shipped = LatentEvaluator.from_pretrained(ASSETS / "shapes-sd-latent-clip")
+    assert shipped.teacher == f"local-dir:{ASSETS / 'shapes-clip'}"
+
+
+def test_latent_head_is_timestep_aware():
+    torch.manual_seed(0)
+    network = ConvEncoder(4, 8, 1, timestep_aware=True)
+    latents = torch.randn(2, 4, 8, 8)
+    assert not torch.equal(network(latents, torch.tensor([0.0, 0.0])), network(latents, torch.tensor([900.0, 900.0])))
+    with pytest.raises(ValueError, match=r"this network is timestep-aware: pass the latents' `timestep`"):
+        network(latents)
+    with pytest.raises(ValueError, match=r"`size` must be a power of two >= 4, got 12"):
+        ConvEncoder(4, 12, 1)
+
+
+def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"fidelity discriminator file .*config.json' is missing; rebuild it "
+        r"with `guided-train-evaluator discriminator`",
+    ):
+        FidelityDiscriminator.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text('{"in_channels": 4, "size": 8, "out_dim": 1, "width": 4}')
+    (tmp_path / "model.safetensors").write_bytes((trained / "latent" / "model.safetensors").read_bytes())
+    with pytest.raises(
+        ValueError,
+        match=r"latent evaluator in .* is corrupt \(.*\); rebuild it with `guided-train-evaluator latent`",
+    ):
+        LatentEvaluator.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"is corrupt \(no latent evaluator config\)"):
+        LatentEvaluator.from_pretrained(trained / "fidelity")
+    with pytest.raises(ValueError, match=r"`kind` must be one of \['clip', 'score'\], got 'x'"):
+        LatentEvaluator(ConvEncoder(4, 8, 1), "x")
+    with pytest.raises(ValueError, match=r"`teacher` \(the CLIP whose text tower scores"):
+        LatentEvaluator(ConvEncoder(4, 8, 1), "clip")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["latent", "--teacher", "judge"], r"`--teacher` must be 'clip', 'clip:<model>' or 'discriminator:<folder>'"),
+        (["latent"], r"`--teacher` is required for `latent`"),
+        (["latent", "--teacher", "clip"], r"`--teacher clip` is the shapes-world CLIP, for shapes models"),
+        (["discriminator", "--real", "/no/such"], r"`--real` must be a folder of \['.png'"),
+        (["discriminator", "--real", None], r"`--real` is required for 'tiny:sd': a folder of real images"),
+        (["discriminator", "--steps", "0"], r"`--steps` must be >= 1, got 0"),
+        (["latent", "--width", "0", "--teacher", "judge"], r"`--width` must be >= 1, got 0"),
+        (["discriminator", "--prompts-file", "/no/file"], r"`--prompts-file` '/no/file' does not exist"),
+        (["discriminator", "--prompts-file", None], r"`--prompts-file` is required for 'tiny:sd'"),
+        (["discriminator", "--model", "tiny:flux"], r"evaluators can be trained for SD, SDXL and SD3"),
+    ],
+)
+def test_training_command_rejects_bad_input(argv, message, tmp_path, prompts, real_folder, capsys):
+    left_out = {option for option, value in zip(argv, argv[1:]) if value is None}  # `--option None`: not given
+    given = [a for a in argv if a is not None and a not in left_out]
+    args = [*given, "--output", str(tmp_path / "out"), "--num-generated", "2", "--num-real", "2",
+            "--num-inference-steps", "1", "--checkpoints", str(tmp_path)]  # fmt: skip
+    args += [] if "--steps" in argv else ["--steps", "1"]
+    args += [] if "--model" in argv else ["--model", "tiny:sd"]
+    args += [] if "--prompts-file" in argv else prompts
+    args += [] if "--real" in argv else ["--real", str(real_folder)]
+    with pytest.raises(SystemExit) as stopped:
+        main(args)
+    assert stopped.value.code == 2 and message and __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_shapes_world_draws_new_real_images_and_the_shapes_clip_teaches(tmp_path):
+    from pipelines.application.commands.train_evaluator import prompts_of, real_images, teacher_of
+
+    args = __import__("argparse").Namespace(model="shapes:sd", real=None, prompts_file=None, num_real=4, seed=0,
+                                            teacher="clip", output=str(ASSETS / "shapes-sd-latent-clip"))  # fmt: skip
+    draw = real_images(args, 32, fresh=True)
+    first, second = draw(seeded(1), 3), draw(seeded(2), 3)
+    assert first.shape == (3, 3, 32, 32) and not torch.equal(first, second)
+    assert real_images(args, 16, fresh=False).shape == (4, 3, 16, 16)
+    assert len(prompts_of(args)) > 100 and teacher_of(args)[1] == "local-dir:../shapes-clip"  # as shipped
