@@ -29,9 +29,15 @@ from guidance.npo import NegativeAdapter, load_npo_adapter
 from guidance.plot import plot_dynamic_trace, plot_residuals, plot_trace
 from guidance.shapes.assets import ASSETS
 from pipelines.application.models import EMBEDDED_DEFAULT, SHAPES_MODELS, call_defaults, load_pipeline, model_family
-from pipelines.application.options import DEFAULT_CANDIDATES, METHOD_OPTIONS, METHODS, policy_from_options, shipped_coefficients
+from pipelines.application.options import (
+    DEFAULT_CANDIDATES,
+    METHOD_OPTIONS,
+    METHODS,
+    policy_from_options,
+    shipped_coefficients,
+)
+from pipelines.families import FAMILIES
 from pipelines.sampler import GuidedPipelineMixin, call_signature, progress_updates
-from pipelines.testing import FAMILIES
 
 MAX_POLICIES = 4
 OFF = "off"
@@ -738,7 +744,7 @@ def decoded_image(pipe, latents: torch.Tensor, height: int, width: int):
 @torch.no_grad()
 def round_trip(pipe, image):
     """The image through the VAE and back: the best any inversion can reconstruct."""
-    latents = pipe.encode_pixels(pipe.image_processor.preprocess(image).to(pipe.device, pipe.vae.dtype))
+    latents = pipe.pixels_to_latents(pipe.image_processor.preprocess(image).to(pipe.device, pipe.vae.dtype))
     return decoded_image(pipe, latents, image.height, image.width)
 
 

@@ -137,7 +137,7 @@ def inversion_curve(pipe, cases: Cases, iterations: int, **settings) -> dict:
 
 def vae_ceiling(pipe, cases: Cases) -> float:
     """PSNR of the VAE's round trip of the sources: what no inversion can beat."""
-    latents = pipe.encode_pixels(cases.images * 2 - 1)
+    latents = pipe.pixels_to_latents(cases.images * 2 - 1)
     return psnr(pipe.decode_for_guidance(latents) / 2 + 0.5, cases.images).mean().item()
 
 

@@ -27,8 +27,8 @@ from guidance.evaluators import RewardEvaluator
 from guidance.evaluators.latent import LatentEvaluator
 from guidance.evaluators.networks import ConvEncoder
 from pipelines.application.commands.calibrate_linear_ag import calibrate
-from pipelines.application.models import pipeline_class
-from pipelines.schedulers import FLOW_FAMILIES, SCHEDULERS, set_scheduler
+from pipelines.families import FLOW_FAMILIES, guided_class
+from pipelines.schedulers import SCHEDULERS, set_scheduler
 from pipelines.testing import tiny_components
 
 STEPS = 4  # PNDM with its Runge-Kutta warm-up needs 4
@@ -54,7 +54,7 @@ def tiny_pipeline(family: str, scheduler: str, guided: bool = True):
 
     reference = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
                  "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]  # fmt: skip
-    pipeline = pipeline_class(family) if guided else getattr(diffusers, reference)
+    pipeline = guided_class(family) if guided else getattr(diffusers, reference)
     pipe = pipeline(**tiny_components(family))
     pipe.set_progress_bar_config(disable=True)
     return set_scheduler(pipe, scheduler)

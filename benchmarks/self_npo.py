@@ -26,10 +26,10 @@ from benchmarks.results import FIGURES, ROOT, environment, machine, write_result
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance
 from guidance.evaluators import ClipEvaluator
 from guidance.evaluators.latent import LatentEvaluator
-from guidance.npo import load_npo_adapter, lora_layers
+from guidance.lora import lora_layers, set_active_adapters
+from guidance.npo import load_npo_adapter
 from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH, shapes_clip
 from pipelines.application.models import load_shapes_pipeline
-from pipelines.training.self_npo import use_adapter
 
 SCALES = (3.0, 5.0, 7.5, 10.0)
 
@@ -52,10 +52,10 @@ class AdapterEverywhere:
         self.layers = lora_layers(pipe.denoiser)
 
     def __enter__(self):
-        use_adapter(self.layers, "npo")
+        set_active_adapters(self.layers, ["npo"])
 
     def __exit__(self, *exc):
-        use_adapter(self.layers, None)
+        set_active_adapters(self.layers, [])
 
 
 def memory_probe(args, name: str) -> float:

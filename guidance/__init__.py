@@ -12,7 +12,7 @@ from .cfg import ClassifierFreeGuidance, ComposedGuidance, UnconditionalSkip
 from .diffusers_guider import GuiderScale
 from .dynamic import DynamicGuidance, DynamicScale
 from .flowopt import FlowOptConfig, FlowOptResult
-from .linear_ag import LinearAdaptiveGuidance, LinearAGSkip
+from .linear_ag import LinearAdaptiveGuidance, LinearAGCalibration, LinearAGSkip
 from .npo import NegativeAdapter, load_npo_adapter
 from .scales import ConstantScale, GuidanceScale, ScheduledScale
 from .scheduled import ScheduledGuidance
@@ -24,6 +24,7 @@ from .scheduler import (
     GuidanceScheduler,
     GuidanceStep,
     GuidedPrediction,
+    register_part,
 )
 from .trace import GuidanceTrace
 from .unconditional import BaseModel, SeparateModel, SwitchedModel, UnconditionalModel
@@ -49,6 +50,7 @@ __all__ = [
     "GuidanceTrace",
     "GuidedPrediction",
     "GuiderScale",
+    "LinearAGCalibration",
     "LinearAGSkip",
     "LinearAdaptiveGuidance",
     "NegativeAdapter",
@@ -59,4 +61,5 @@ __all__ = [
     "UnconditionalModel",
     "UnconditionalSkip",
     "load_npo_adapter",
+    "register_part",
 ]

@@ -10,6 +10,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .cfg import ComposedGuidance, UnconditionalSkip
+from .checks import check_choice, is_number
 from .denoised import predict_x0
 from .scales import GuidanceScale
 from .scheduler import GuidanceRun, GuidanceStep
@@ -30,10 +31,9 @@ class AdaptiveSkip(UnconditionalSkip):
 
     @register_to_config
     def __init__(self, threshold: float = 0.995, compared: Literal["x0", "prediction", "xt_minus_prediction"] = "x0"):
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
+        if not is_number(threshold) or not 0 < threshold <= 1:
             raise ValueError(f"`threshold` must be a number in (0, 1], got {threshold!r}")
-        if compared not in COMPARED:
-            raise ValueError(f"`compared` must be one of {list(COMPARED)}, got {compared!r}")
+        check_choice("compared", compared, COMPARED)
 
     def reset(self, run: GuidanceRun) -> None:
         self.converged = torch.zeros(run.batch_size, dtype=torch.bool)

@@ -11,11 +11,12 @@ Every shipped method is this class with some parts set; any combination of parts
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
 
+from .checks import check_fraction
 from .scales import GuidanceScale, as_scale
 from .scheduler import (
     BranchRequest,
@@ -24,8 +25,9 @@ from .scheduler import (
     GuidanceScheduler,
     GuidanceStep,
     GuidedPrediction,
-    check_fraction,
     coverage,
+    is_part_config,
+    part_from_config,
 )
 from .unconditional import BASE_MODEL, UnconditionalModel
 
@@ -64,21 +66,22 @@ def classifier_free(
 class ComposedGuidance(GuidanceScheduler):
     """The mechanics shared by every CFG policy: interval, scale rule, skipping rule and unconditional model.
 
-    Subclasses call `_compose` from their constructor with the parts their arguments describe.
+    Subclasses call `_compose` from their constructor with the parts their arguments describe. A part given as an
+    argument is saved inside the config as its dict and rebuilt from it on load.
     """
 
-    ignore_for_config = ["unconditional", "evaluators", "decoder"]
+    ignore_for_config = ["unconditional"]
 
     def _compose(
         self,
-        scale: float | GuidanceScale,
+        scale: float | GuidanceScale | dict,
         guidance_rescale: float = 0.0,
         start: float = 0.0,
         stop: float = 1.0,
-        skip: UnconditionalSkip | None = None,
+        skip: UnconditionalSkip | dict | None = None,
         unconditional: UnconditionalModel | None = None,
     ) -> None:
-        self.scale = as_scale(scale)
+        self.scale = as_scale(part_from_config(scale) if is_part_config(scale) else scale)
         self.guidance_rescale = check_fraction("guidance_rescale", guidance_rescale)
         if guidance_rescale and not self.scale.uses_combine:
             raise ValueError(
@@ -89,6 +92,7 @@ class ComposedGuidance(GuidanceScheduler):
         self.start, self.stop = check_fraction("start", start), check_fraction("stop", stop)
         if start > stop:
             raise ValueError(f"`start` must be <= `stop` (a guidance interval [start, stop]), got {start} > {stop}")
+        skip = part_from_config(skip) if is_part_config(skip) else skip
         if skip is not None and not isinstance(skip, UnconditionalSkip):
             raise TypeError(
                 f"`skip` must be an UnconditionalSkip (e.g. AdaptiveSkip) or None, got {type(skip).__name__}"
@@ -102,30 +106,33 @@ class ComposedGuidance(GuidanceScheduler):
                 f"{type(unconditional).__name__}"
             )
         self.unconditional = unconditional or BASE_MODEL
+        self.part_arguments = {"guidance_scale": self.scale, "skip": self.skip}
+        given = {key: part.to_dict() for key, part in self.part_arguments.items() if isinstance(self.config.get(key),
+                 GuidancePart)}  # fmt: skip
+        if given:
+            self.register_to_config(**given)
 
     @property
     def parts(self) -> list[GuidancePart]:
         return [self.scale] if self.skip is None else [self.scale, self.skip]
 
+    def runtime_objects(self) -> dict[str, Any]:
+        """The runtime objects, and a fresh copy of every part the config holds as a dict (with its own objects)."""
+        parts = {key: part.new() for key, part in self.part_arguments.items() if is_part_config(self.config.get(key))}
+        return {**super().runtime_objects(), **parts}
+
     def reset(self, run: GuidanceRun) -> None:
         for part in self.parts:
             part.reset(run)
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """The config (parts included) and whatever the parts keep besides (LinearAG's coefficients)."""
-        super().save_pretrained(save_directory, **kwargs)
+    def save_objects(self, folder: str | os.PathLike) -> None:
         for part in self.parts:
-            part.save_tensors(save_directory)
-
-    def load_tensors(self, folder: str | os.PathLike) -> None:
-        for part in self.parts:
-            part.load_tensors(folder)
+            part.save_objects(folder)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, subfolder=None, **objects):
-        policy = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **objects)
-        policy.load_tensors(Path(pretrained_model_name_or_path) / (subfolder or ""))
-        return policy
+    def load_objects(cls, folder: str | os.PathLike, config: dict) -> dict[str, Any]:
+        """Every part the config holds as a dict, rebuilt with the objects it saved in `folder`."""
+        return {key: part_from_config(value, folder) for key, value in config.items() if is_part_config(value)}
 
     def inside(self, step: GuidanceStep) -> bool:
         """Whether this step lies in the guidance interval."""

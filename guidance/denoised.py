@@ -34,12 +34,50 @@ def copy_scheduler(scheduler):
 
 
 def is_flow_matching(scheduler) -> bool:
+    """Whether a diffusers scheduler samples a flow-matching model (SD3, Flux; `x = (1 - sigma) x0 + sigma eps`)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler
+
     config = scheduler.config
     return (
-        "FlowMatch" in type(scheduler).__name__
+        isinstance(scheduler, (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler))
         or config.get("prediction_type") == "flow_prediction"
         or bool(config.get("use_flow_sigmas", False))
     )
+
+
+class ForwardProcess:
+    """The forward process at the training timesteps `t` of a scheduler: `x_t = a_t x0 + s_t eps`, with
+    `a = sqrt(alpha_bar_t)`, `s = sqrt(1 - alpha_bar_t)` (variance preserving, t in 0..T-1) or `a = 1 - sigma`,
+    `s = sigma`, `sigma = t / T` (flow matching, t in [0, T]); and the x0 and eps a model's output stands for
+    (epsilon, v or the flow velocity `v = eps - x0`)."""
+
+    def __init__(self, scheduler):
+        self.flow = is_flow_matching(scheduler)
+        self.num_train_timesteps = scheduler.config.num_train_timesteps
+        self.last = self.num_train_timesteps if self.flow else self.num_train_timesteps - 1
+        self.prediction_type = "flow" if self.flow else scheduler.config.get("prediction_type", "epsilon")
+        self.alphas_cumprod = None if self.flow else scheduler.alphas_cumprod.float()
+
+    def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a_t, s_t) in float32, shaped to broadcast over rows of `like`."""
+        shape = (-1, *[1] * (like.dim() - 1))
+        if self.flow:
+            sigma = (t.float() / self.num_train_timesteps).to(like.device).view(shape)
+            return 1 - sigma, sigma
+        alpha_bar = self.alphas_cumprod.to(like.device)[t.long().to(like.device)].view(shape)
+        return alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+
+    def x0_and_eps(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clean estimate and the noise a model's `output` at `(x, t)` implies, in float32."""
+        a, s = self.coefficients(t, x)
+        output = output.float()
+        if self.prediction_type == "epsilon":
+            return (x - s * output) / a, output
+        if self.prediction_type == "v_prediction":
+            return a * x - s * output, s * x + a * output
+        if self.prediction_type == "flow":
+            return x - s * output, x + a * output
+        raise ValueError(f"prediction type {self.prediction_type!r} has no x0 and eps here (epsilon, v_prediction, flow)")
 
 
 def variance_preserving_coefficients(step: GuidanceStep, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -69,19 +107,15 @@ def predict_x0(step: GuidanceStep, prediction: torch.Tensor) -> torch.Tensor:
 
 
 def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-    """`x0` noised to training `timesteps` (one per row) as the model was trained: `(1 - s) x0 + s eps` with
-    `s = t / num_train_timesteps` for flow matching, `sqrt(a) x0 + sqrt(1 - a) eps` with `a = alpha_bar_t` else."""
-    view = (-1, *[1] * (x0.ndim - 1))
-    if is_flow_matching(scheduler):
-        sigma = (timesteps.float() / scheduler.config.num_train_timesteps).to(x0.device, x0.dtype).view(view)
-        return (1 - sigma) * x0 + sigma * noise
-    alpha_bar = scheduler.alphas_cumprod.to(x0.device)[timesteps.long().to(x0.device)].to(x0.dtype).view(view)
-    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+    """`x0` noised to training `timesteps` (one per row) as the model was trained (`ForwardProcess`), in x0's dtype."""
+    a, s = ForwardProcess(scheduler).coefficients(timesteps, x0)
+    return a.to(x0.dtype) * x0 + s.to(x0.dtype) * noise
 
 
 def signal_power(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
-    """`alpha_bar_t` (variance-preserving) or `(1 - sigma)^2` (flow matching) at training `timesteps`: near zero at
-    high noise, so a loss weighted by it ignores what cannot be seen."""
-    if is_flow_matching(scheduler):
-        return (1 - timesteps.float() / scheduler.config.num_train_timesteps) ** 2
-    return scheduler.alphas_cumprod[timesteps.long().cpu()].float()
+    """`a_t^2`: `alpha_bar_t` (variance-preserving) or `(1 - sigma)^2` (flow matching) at training `timesteps`, near
+    zero at high noise, so a loss weighted by it ignores what cannot be seen."""
+    process = ForwardProcess(scheduler)
+    if process.flow:
+        return (1 - timesteps.float() / process.num_train_timesteps) ** 2
+    return process.alphas_cumprod[timesteps.long().cpu()]

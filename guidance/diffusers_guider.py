@@ -58,10 +58,6 @@ class GuiderScale(GuidanceScale):
         config = {k: v for k, v in guider.config.items() if not k.startswith("_")}
         self.register_to_config(guider={"class_name": type(guider).__name__, **config})
 
-    def new(self, **overrides) -> GuiderScale:
-        """A fresh rule with a fresh guider of the same config (a guider keeps per-run state)."""
-        return type(self)(**{"guider": self.config.guider, **overrides})
-
     def reset(self, run: GuidanceRun) -> None:
         self.started = False
 

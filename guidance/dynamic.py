@@ -14,6 +14,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .cfg import ComposedGuidance, UnconditionalSkip
+from .checks import check_choice
 from .denoised import copy_scheduler, predict_x0
 from .evaluators.base import Candidates, Evaluator
 from .scales import GuidanceScale
@@ -34,30 +35,18 @@ class DynamicScale(GuidanceScale):
     def __init__(
         self,
         candidates: Sequence[float] = (1.0, 3.0, 7.5, 11.0, 15.0),
-        evaluators: Sequence[Evaluator] | None = None,
         weighting: Literal["adaptive", "fixed"] = "adaptive",
         weights: Sequence[float] | None = None,
         lookahead: Literal["auto", "x0", "next_latent"] = "auto",
+        *,
+        evaluators: Sequence[Evaluator] | None = None,
         decoder: torch.nn.Module | None = None,
-        evaluator_names: list[str] | None = None,
     ):
         self.register_to_config(candidates=check_candidates(candidates))
-        if evaluators is None and evaluator_names:
-            raise ValueError(
-                f"this dynamic guidance was saved with the evaluators {evaluator_names}, which a config cannot hold: "
-                "pass them again as `evaluators=` (e.g. to from_pretrained)"
-            )
-        if evaluators is None:
-            raise ValueError(
-                "`evaluators` is required: a list of guidance.evaluators.Evaluator (ClipEvaluator, "
-                "FidelityDiscriminator, RewardEvaluator, LatentEvaluator)"
-            )
         self.evaluators = check_evaluators(evaluators)
-        self.register_to_config(evaluator_names=[e.name for e in self.evaluators])
-        if weighting not in WEIGHTINGS:
-            raise ValueError(f"`weighting` must be one of {list(WEIGHTINGS)}, got {weighting!r}")
-        if lookahead not in LOOKAHEADS:
-            raise ValueError(f"`lookahead` must be one of {list(LOOKAHEADS)}, got {lookahead!r}")
+        self.register_to_config(evaluators=[e.name for e in self.evaluators])  # their names: what a config can hold
+        check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("lookahead", lookahead, LOOKAHEADS)
         self.fixed_weights = check_weights(weights, self.evaluators)
         self.register_to_config(weights=self.fixed_weights.tolist())
         self.decoder = decoder
@@ -163,7 +152,6 @@ class DynamicGuidance(ComposedGuidance):
             decoded next latent is noise at early steps); timestep-aware latent heads are distilled on noisy
             latents, which the next latent is, while a blurry early x0 estimate is outside what they saw.
         decoder: a VAE decoding x0 latents for pixel evaluators instead of the pipeline's (e.g. AutoencoderTiny).
-        evaluator_names: set from `evaluators` and saved; a saved policy loaded without its evaluators raises.
         guidance_rescale, start, stop, skip, unconditional: as in `ClassifierFreeGuidance` (outside [start, stop],
             no CFG at all; with `skip=AdaptiveSkip(...)` converged rows stop being guided).
 
@@ -172,36 +160,26 @@ class DynamicGuidance(ComposedGuidance):
     `guidance.plot.plot_dynamic_trace` draws them.
     """
 
+    ignore_for_config = ["evaluators", "decoder", "unconditional"]
+
     @register_to_config
     def __init__(
         self,
         candidates: Sequence[float] = (1.0, 3.0, 7.5, 11.0, 15.0),
-        evaluators: Sequence[Evaluator] | None = None,
         weighting: Literal["adaptive", "fixed"] = "adaptive",
         weights: Sequence[float] | None = None,
         lookahead: Literal["auto", "x0", "next_latent"] = "auto",
-        decoder: torch.nn.Module | None = None,
-        evaluator_names: list[str] | None = None,
         guidance_rescale: float = 0.0,
         start: float = 0.0,
         stop: float = 1.0,
         skip: UnconditionalSkip | None = None,
+        *,
+        evaluators: Sequence[Evaluator] | None = None,
+        decoder: torch.nn.Module | None = None,
         unconditional: UnconditionalModel | None = None,
     ):
-        scale = DynamicScale(
-            candidates=candidates,
-            evaluators=evaluators,
-            weighting=weighting,
-            weights=weights,
-            lookahead=lookahead,
-            decoder=decoder,
-            evaluator_names=evaluator_names,
-        )
-        self.register_to_config(
-            candidates=scale.config.candidates,
-            weights=scale.config.weights,
-            evaluator_names=scale.config.evaluator_names,
-        )
+        scale = DynamicScale(candidates, weighting, weights, lookahead, evaluators=evaluators, decoder=decoder)
+        self.register_to_config(**{key: scale.config[key] for key in ("candidates", "weights", "evaluators")})
         self._compose(scale, guidance_rescale, start, stop, skip, unconditional)
 
     @property
@@ -227,8 +205,19 @@ def check_candidates(candidates) -> list[float]:
 
 
 def check_evaluators(evaluators) -> list[Evaluator]:
+    if evaluators is None:
+        raise ValueError(
+            "`evaluators` is required: a list of guidance.evaluators.Evaluator (ClipEvaluator, FidelityDiscriminator, "
+            "RewardEvaluator, LatentEvaluator)"
+        )
     if isinstance(evaluators, Evaluator):
         evaluators = [evaluators]
+    if isinstance(evaluators, Sequence) and evaluators and all(isinstance(e, str) for e in evaluators):
+        raise ValueError(
+            f"this dynamic guidance was saved with the evaluators {list(evaluators)}, which a config cannot hold: "
+            "pass them again as `evaluators=` (to from_pretrained; for a DynamicScale inside another policy, give the "
+            "part: `guidance_scale=DynamicScale.from_config(saved['guidance_scale'], evaluators=...)`)"
+        )
     if not isinstance(evaluators, Sequence) or len(evaluators) == 0:
         raise ValueError(f"`evaluators` must be a non-empty list of Evaluator, got {evaluators!r}")
     for evaluator in evaluators:

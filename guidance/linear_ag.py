@@ -3,30 +3,94 @@ by an affine combination of past predictions, with coefficients fitted offline b
 
 At a synthesised step i: `eps_u_hat_i = b_0 eps_c_i + sum_{k=1..W} (b_k^c eps_c_{i-k} + b_k^u eps_u_{i-k}) + b_1`,
 where `eps_u_{i-k}` is the unconditional prediction used at step i-k (exact or itself synthesised). The
-unconditional pass runs only at `exact_steps` (by default the first 20% of the evaluations). Steps are indices of
-the run's timesteps: one model evaluation each (PNDM and Heun evaluate more often than `num_inference_steps`).
+unconditional pass runs only at `exact_steps` (by default those the calibration kept exact: the first 20% of the
+evaluations). Steps are indices of the run's timesteps: one model evaluation each (PNDM and Heun evaluate more often
+than `num_inference_steps`). The fit itself (`LinearAGCalibration`) is a runtime object saved beside the config.
 """
 
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers.configuration_utils import register_to_config
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from .cfg import ComposedGuidance, UnconditionalSkip
+from .checks import check_int
 from .scales import GuidanceScale
 from .scheduler import GuidanceRun, GuidanceStep
 from .unconditional import UnconditionalModel
 
 COEFFICIENTS_FILE = "linear_ag_coefficients.safetensors"
-CALIBRATE = "`guided-calibrate-linear-ag` (python -m pipelines.application.commands.calibrate_linear_ag)"
+CALIBRATE = "`guided-calibrate-linear-ag` (or pipelines.training.linear_ag.calibrate)"
 
 
 def default_exact_steps(num_timesteps: int) -> list[int]:
     return list(range(max(1, round(0.2 * num_timesteps))))
+
+
+@dataclass
+class LinearAGCalibration:
+    """A LinearAG fit: the coefficients of every step, shape (num_timesteps, 2 + 2 window), zero at the steps that were
+    exact at calibration, and what they hold for (the scheduler class, step count, timesteps and latent shape)."""
+
+    coefficients: torch.Tensor = field(repr=False)
+    exact_steps: list[int]
+    window: int
+    num_inference_steps: int
+    scheduler_class: str | None = None
+    latent_shape: list[int] | None = None
+    timesteps: list[float] | None = None
+
+    def __post_init__(self):
+        check_int("window", self.window, minimum=0)
+        check_int("num_inference_steps", self.num_inference_steps, minimum=1)
+        shape = tuple(self.coefficients.shape) if isinstance(self.coefficients, torch.Tensor) else None
+        if shape is None or len(shape) != 2 or shape[1] != 2 + 2 * self.window:
+            raise ValueError(f"LinearAG coefficients must have shape (timesteps, {2 + 2 * self.window}) for window "
+                             f"{self.window}, got {shape or type(self.coefficients).__name__}")  # fmt: skip
+        self.coefficients = self.coefficients.float()
+        if not self.exact_steps or any(not 0 <= s < shape[0] for s in self.exact_steps):
+            raise ValueError(f"`exact_steps` must be step indices in [0, {shape[0]}), got {self.exact_steps!r}")
+        if self.timesteps is not None and len(self.timesteps) != shape[0]:
+            raise ValueError(f"`timesteps` must list the {shape[0]} timesteps of the fit, got {len(self.timesteps)}")
+
+    @property
+    def num_timesteps(self) -> int:
+        return self.coefficients.shape[0]
+
+    def describe(self) -> str:
+        return (
+            f"{self.scheduler_class or 'any scheduler'} with {self.num_inference_steps} inference steps "
+            f"({self.num_timesteps} timesteps)"
+        )
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        """One safetensors file: the coefficients, and the rest as JSON in its metadata."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        described = {key: value for key, value in asdict(self).items() if key != "coefficients"}
+        save_file({"coefficients": self.coefficients.contiguous()}, Path(folder) / COEFFICIENTS_FILE,
+                  metadata={"linear_ag": json.dumps(described)})  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, folder: str | os.PathLike) -> LinearAGCalibration:
+        path = Path(folder) / COEFFICIENTS_FILE
+        if not path.is_file():
+            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} lacks {path.name}: run {CALIBRATE}")
+        try:
+            with safe_open(path, "pt") as handle:
+                described = json.loads((handle.metadata() or {})["linear_ag"])
+                coefficients = handle.get_tensor("coefficients")
+            return cls(coefficients, **described)
+        except (KeyError, OSError, RuntimeError, TypeError, ValueError) as error:
+            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt ({error}): run {CALIBRATE} "
+                             "again") from error  # fmt: skip
 
 
 def regressors(cond: list[torch.Tensor], uncond: list[torch.Tensor], i: int, window: int) -> torch.Tensor:
@@ -40,96 +104,58 @@ def regressors(cond: list[torch.Tensor], uncond: list[torch.Tensor], i: int, win
 
 
 class LinearAGSkip(UnconditionalSkip):
-    """LinearAG's rule: the unconditional pass runs at `exact_steps` only, and is synthesised elsewhere from the
-    coefficients fitted for one scheduler class, step count and latent shape. Trace extras: `uncond` ("exact",
-    "synthesised" or "none")."""
+    """LinearAG's rule: the unconditional pass runs at `exact_steps` only (default: those the calibration kept exact),
+    and is synthesised elsewhere from `calibration`, fitted for one scheduler class, step count and latent shape. Trace
+    extras: `uncond` ("exact", "synthesised" or "none")."""
 
-    ignore_for_config = ["coefficients"]
+    ignore_for_config = ["calibration"]
 
     @register_to_config
-    def __init__(
-        self,
-        num_inference_steps: int = 20,
-        num_timesteps: int | None = None,
-        exact_steps: list[int] | None = None,
-        window: int = 2,
-        scheduler_class: str | None = None,
-        latent_shape: list[int] | None = None,
-        timesteps: list[float] | None = None,
-        coefficients: torch.Tensor | None = None,
-    ):
-        if (
-            isinstance(num_inference_steps, bool)
-            or not isinstance(num_inference_steps, int)
-            or num_inference_steps < 1
-        ):
-            raise ValueError(f"`num_inference_steps` must be an int >= 1, got {num_inference_steps!r}")
-        total = num_inference_steps if num_timesteps is None else num_timesteps
-        if isinstance(total, bool) or not isinstance(total, int) or total < 1:
-            raise ValueError(f"`num_timesteps` must be an int >= 1 or None, got {num_timesteps!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ValueError(f"`window` must be an int >= 0, got {window!r}")
-        exact = default_exact_steps(total) if exact_steps is None else list(exact_steps)
-        if not exact or any(not 0 <= s < total for s in exact):
-            raise ValueError(f"`exact_steps` must be step indices in [0, {total}), got {exact_steps!r}")
-        if timesteps is not None and len(timesteps) != total:
-            raise ValueError(f"`timesteps` must list the {total} timesteps of the fit, got {len(timesteps)}")
-        self.register_to_config(num_timesteps=total, exact_steps=sorted(set(exact)))
+    def __init__(self, exact_steps: list[int] | None = None, *, calibration: LinearAGCalibration | None = None):
+        if calibration is not None and not isinstance(calibration, LinearAGCalibration):
+            raise TypeError(f"`calibration` must be a LinearAGCalibration or None, got {type(calibration).__name__}")
+        self.calibration = calibration
+        if exact_steps is not None:
+            exact_steps = sorted({check_int("exact_steps", s, minimum=0) for s in exact_steps})
+            total = calibration.num_timesteps if calibration is not None else None
+            if not exact_steps or (total is not None and exact_steps[-1] >= total):
+                raise ValueError(f"`exact_steps` must be step indices in [0, {total}), got {exact_steps!r}")
+            self.register_to_config(exact_steps=exact_steps)
         self.interval = (0.0, 1.0)
-        self.coefficients = None
-        if coefficients is not None:  # checked against the interval when a policy takes this rule (check_interval)
-            self.set_coefficients(coefficients, check=False)
-
-    def new(self, **overrides) -> LinearAGSkip:
-        """A fresh rule with the same coefficients (they are not in the config), some arguments replaced."""
-        return super().new(**{"coefficients": self.coefficients, **overrides})
 
     @property
-    def num_features(self) -> int:
-        return 2 + 2 * self.config.window
+    def exact_steps(self) -> list[int]:
+        given = self.config.exact_steps
+        return given if given is not None else (self.calibration.exact_steps if self.calibration else [])
 
-    def set_coefficients(self, coefficients: torch.Tensor, source: str = "`coefficients`", check: bool = True) -> None:
-        expected = (self.config.num_timesteps, self.num_features)
-        if not isinstance(coefficients, torch.Tensor) or tuple(coefficients.shape) != expected:
-            shape = (
-                tuple(coefficients.shape) if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
-            )
-            raise ValueError(f"LinearAG coefficients in {source} have shape {shape}, the config implies {expected}")
-        self.coefficients = coefficients.float()
-        if check:
-            self.check_fitted()
+    @property
+    def window(self) -> int:
+        return self.calibration.window
 
     def check_fitted(self) -> None:
         """Every step the interval may synthesise needs fitted coefficients: a step that was exact at calibration has
         none (its row is zero), so dropping it from `exact_steps` would synthesise its prediction from nothing."""
-        if self.coefficients is None:
+        if self.calibration is None:
             return
         start, stop = self.interval
-        total, exact = self.config.num_timesteps, set(self.config.exact_steps)
+        total, exact, coefficients = self.calibration.num_timesteps, set(self.exact_steps), self.calibration.coefficients
         unfitted = [
-            i
-            for i in range(total)
-            if start <= i / max(total - 1, 1) <= stop and i not in exact and not self.coefficients[i].any()
+            i for i in range(total) if start <= i / max(total - 1, 1) <= stop and i not in exact and not coefficients[i].any()
         ]
         if unfitted:
-            calibrated = [i for i in range(total) if not self.coefficients[i].any()]
+            calibrated = [i for i in range(total) if not coefficients[i].any()]
             raise ValueError(
                 f"LinearAG coefficients have no fit for steps {unfitted}, which were exact at calibration (exact "
                 f"steps of the fit: {calibrated}): keep them in `exact_steps`, got {sorted(exact)}"
             )
 
-    def describe(self) -> str:
-        config = self.config
-        return (
-            f"{config.scheduler_class or 'any scheduler'} with {config.num_inference_steps} inference steps "
-            f"({config.num_timesteps} timesteps)"
-        )
-
     def check_interval(self, start: float, stop: float) -> None:
         """The interval must not guide a synthesised step whose history never ran (it would come from nothing)."""
         self.interval = (start, stop)
+        if self.calibration is None:
+            return
         self.check_fitted()
-        total, window, exact = self.config.num_timesteps, self.config.window, set(self.config.exact_steps)
+        total, window, exact = self.calibration.num_timesteps, self.window, set(self.exact_steps)
         guided = [i for i in range(total) if start <= i / max(total - 1, 1) <= stop]
         if not guided or guided[0] == 0:
             return
@@ -145,33 +171,38 @@ class LinearAGSkip(UnconditionalSkip):
                 )
 
     def reset(self, run: GuidanceRun) -> None:
-        if self.coefficients is None:
+        if self.calibration is None:
             raise ValueError(f"LinearAG has no coefficients: load a calibration folder written by {CALIBRATE}")
-        config = self.config
+        self.check_run(run)
+        self.used_cond: list[torch.Tensor | None] = []
+        self.used_uncond: list[torch.Tensor | None] = []
+        self.real: list[bool] = []  # per step: its unconditional prediction ran or was synthesised from real ones
+
+    def check_run(self, run: GuidanceRun) -> None:
+        """The run must be what the coefficients were fitted for: scheduler, step count, timesteps, latent shape."""
+        fit = self.calibration
         scheduler_class = type(run.scheduler).__name__ if run.scheduler is not None else None
-        fitted = (config.scheduler_class or scheduler_class, config.num_inference_steps, config.num_timesteps)
+        fitted = (fit.scheduler_class or scheduler_class, fit.num_inference_steps, fit.num_timesteps)
         if fitted != (scheduler_class, run.num_inference_steps, run.num_timesteps):
             raise ValueError(
-                f"LinearAG coefficients were fitted for {self.describe()}, this run uses {scheduler_class} with "
+                f"LinearAG coefficients were fitted for {fit.describe()}, this run uses {scheduler_class} with "
                 f"{run.num_inference_steps} inference steps ({run.num_timesteps} timesteps): calibrate for it "
                 f"with {CALIBRATE}"
             )
         run_timesteps = [float(t) for t in run.scheduler.timesteps] if run.scheduler is not None else None
         same = run_timesteps is None or (
-            len(config.timesteps or []) == len(run_timesteps)
-            and all(
-                abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(config.timesteps, run_timesteps, strict=True)
-            )
+            len(fit.timesteps or []) == len(run_timesteps)
+            and all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(fit.timesteps, run_timesteps, strict=True))
         )
-        if config.timesteps is not None and not same:
+        if fit.timesteps is not None and not same:
             raise ValueError(
-                f"LinearAG coefficients were fitted for the timesteps {[round(t, 2) for t in config.timesteps]}, this "
+                f"LinearAG coefficients were fitted for the timesteps {[round(t, 2) for t in fit.timesteps]}, this "
                 f"run's are {[round(t, 2) for t in run_timesteps]} (another spacing or sigma schedule): calibrate "
                 f"for it with {CALIBRATE}"
             )
-        if config.latent_shape not in (None, list(run.latent_shape)):
+        if fit.latent_shape not in (None, list(run.latent_shape)):
             raise ValueError(
-                f"LinearAG coefficients were fitted for latents of shape {config.latent_shape}, this run has "
+                f"LinearAG coefficients were fitted for latents of shape {fit.latent_shape}, this run has "
                 f"{list(run.latent_shape)}: calibrate at this resolution"
             )
         if run.start_index != 0:
@@ -179,25 +210,22 @@ class LinearAGSkip(UnconditionalSkip):
                 f"LinearAG synthesises from the predictions of the first steps, so a run must start at step 0, "
                 f"got a run starting at step {run.start_index}"
             )
-        self.used_cond: list[torch.Tensor | None] = []
-        self.used_uncond: list[torch.Tensor | None] = []
-        self.real: list[bool] = []  # per step: its unconditional prediction ran or was synthesised from real ones
 
     def rows(self, step: GuidanceStep, needed: bool) -> torch.Tensor:
-        exact = step.step_index in self.config.exact_steps
+        exact = step.step_index in self.exact_steps
         return torch.full((step.batch_size,), needed and exact, dtype=torch.bool)
 
     def complete(self, step, request, cond, uncond, needed):
-        i, window = step.step_index, self.config.window
+        i, window, coefficients = step.step_index, self.window, self.calibration.coefficients
         if request.uncond.all():
             used, kind, real = uncond, "exact", True
         else:
             missing = [j for j in range(max(i - window, 0), i) if not self.real[j]]
-            fitted = bool(self.coefficients[i].any())
+            fitted = bool(coefficients[i].any())
             real = fitted and not missing
             if needed and not real:
                 why = (
-                    f"it was exact at calibration (no coefficients); exact steps now: {self.config.exact_steps}"
+                    f"it was exact at calibration (no coefficients); exact steps now: {self.exact_steps}"
                     if not fitted
                     else f"the unconditional predictions of steps {missing}, which it is built from, never ran"
                 )
@@ -207,7 +235,7 @@ class LinearAGSkip(UnconditionalSkip):
                 )
             if real:
                 features = regressors(self.used_cond + [cond], self.used_uncond + [cond], i, window)
-                used = (features.float() @ self.coefficients[i].to(cond.device)).to(cond.dtype)
+                used = (features.float() @ coefficients[i].to(cond.device)).to(cond.dtype)
             else:
                 used = torch.zeros_like(cond)  # a placeholder no guided step may use (checked above)
             kind = "synthesised" if needed else "none"
@@ -218,84 +246,72 @@ class LinearAGSkip(UnconditionalSkip):
             self.used_cond[i - window] = self.used_uncond[i - window] = None
         return used, torch.full((step.batch_size,), needed, dtype=torch.bool), {"uncond": kind}
 
-    def save_tensors(self, folder: str | os.PathLike) -> None:
-        if self.coefficients is not None:
-            save_file({"coefficients": self.coefficients.contiguous()}, Path(folder) / COEFFICIENTS_FILE)
+    def save_objects(self, folder: str | os.PathLike) -> None:
+        if self.calibration is not None:
+            self.calibration.save_pretrained(folder)
 
-    def load_tensors(self, folder: str | os.PathLike) -> None:
-        path = Path(folder) / COEFFICIENTS_FILE
-        if not path.is_file():
-            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} lacks {path.name}: run {CALIBRATE}")
-        try:
-            coefficients = load_file(path)["coefficients"]
-        except (KeyError, OSError, RuntimeError) as error:
-            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt: {error}") from error
-        self.set_coefficients(coefficients, repr(str(folder)))
+    @classmethod
+    def load_objects(cls, folder: str | os.PathLike, config: dict) -> dict[str, Any]:
+        return {"calibration": LinearAGCalibration.from_pretrained(folder)}
 
 
 class LinearAdaptiveGuidance(ComposedGuidance):
     """CFG whose unconditional prediction is exact at `exact_steps` and synthesised elsewhere (LinearAG).
 
-    Build it with `LinearAdaptiveGuidance.from_pretrained(folder)` on coefficients written by the calibration
-    command; they are tied to the scheduler class, the step count (and the timesteps it makes) and the latent shape
-    they were fitted for, and using them elsewhere is an error. Shorthand for
-    `ClassifierFreeGuidance(guidance_scale, skip=LinearAGSkip(...), ...)`.
+    Build it with `LinearAdaptiveGuidance.from_pretrained(folder)` on a folder written by the calibration (or pass
+    `calibration=`); the coefficients are tied to the scheduler class, the step count (and the timesteps it makes)
+    and the latent shape they were fitted for, and using them elsewhere is an error. Shorthand for
+    `ClassifierFreeGuidance(guidance_scale, skip=LinearAGSkip(exact_steps, calibration=...), ...)`.
+
+    Args:
+        guidance_scale: CFG scale `w`, or a scale rule.
+        exact_steps: the steps whose unconditional pass runs; None: those the calibration kept exact. Steps exact at
+            calibration have no coefficients and must stay exact.
+        guidance_rescale, start, stop, unconditional: as in `ClassifierFreeGuidance`.
+        calibration: the fit (`LinearAGCalibration`), a runtime object saved beside the config.
     """
 
-    ignore_for_config = [*ComposedGuidance.ignore_for_config, "coefficients"]
+    ignore_for_config = ["calibration", "unconditional"]
 
     @register_to_config
     def __init__(
         self,
         guidance_scale: float | GuidanceScale = 7.5,
-        num_inference_steps: int = 20,
-        num_timesteps: int | None = None,
         exact_steps: list[int] | None = None,
-        window: int = 2,
-        scheduler_class: str | None = None,
-        latent_shape: list[int] | None = None,
-        timesteps: list[float] | None = None,
         guidance_rescale: float = 0.0,
         start: float = 0.0,
         stop: float = 1.0,
+        *,
+        calibration: LinearAGCalibration | None = None,
         unconditional: UnconditionalModel | None = None,
-        coefficients: torch.Tensor | None = None,
     ):
-        skip = LinearAGSkip(
-            num_inference_steps=num_inference_steps,
-            num_timesteps=num_timesteps,
-            exact_steps=exact_steps,
-            window=window,
-            scheduler_class=scheduler_class,
-            latent_shape=latent_shape,
-            timesteps=timesteps,
-            coefficients=coefficients,
-        )
-        self.register_to_config(num_timesteps=skip.config.num_timesteps, exact_steps=skip.config.exact_steps)
+        skip = LinearAGSkip(exact_steps, calibration=calibration)
         self._compose(guidance_scale, guidance_rescale, start, stop, skip, unconditional)
 
     @property
-    def coefficients(self) -> torch.Tensor | None:
-        return self.skip.coefficients
+    def calibration(self) -> LinearAGCalibration | None:
+        return self.skip.calibration
 
-    def new(self, **overrides) -> LinearAdaptiveGuidance:
-        """A fresh policy with the same coefficients, some arguments replaced."""
-        return super().new(**{"coefficients": self.coefficients, **overrides})
+    @property
+    def coefficients(self) -> torch.Tensor | None:
+        return None if self.calibration is None else self.calibration.coefficients
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **overrides) -> LinearAdaptiveGuidance:
-        """Coefficients and config from a calibration folder; `overrides` may change guidance_scale, start, stop,
+    def load_objects(cls, folder: str | os.PathLike, config: dict) -> dict[str, Any]:
+        return {**super().load_objects(folder, config), "calibration": LinearAGCalibration.from_pretrained(folder)}
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> LinearAdaptiveGuidance:
+        """The policy and its coefficients from a calibration folder; `kwargs` may change guidance_scale, start, stop,
         exact_steps or set `unconditional`."""
         folder = Path(pretrained_model_name_or_path)
         if not (folder / cls.config_name).is_file():
             raise ValueError(f"LinearAG coefficients folder {str(folder)!r} lacks {cls.config_name}: run {CALIBRATE}")
         try:
-            config = cls.load_config(folder)
+            cls.load_config(folder)
         except (ValueError, OSError) as error:  # diffusers reports an unreadable JSON as OSError
             raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt: {error}") from error
-        policy = cls.from_config_dict(config, **overrides)
-        policy.load_tensors(folder)
-        return policy
+        return super().from_pretrained(folder, **kwargs)
 
 
 def fit_coefficients(

@@ -18,24 +18,17 @@ from collections.abc import Iterator
 
 import torch
 
+from .lora import (
+    active_adapters,
+    adapter_names,
+    denoiser_of,
+    lora_layers,
+    lora_term,
+    merged_adapters,
+    set_active_adapters,
+    variant_adapters,
+)
 from .unconditional import UnconditionalModel
-
-
-def lora_layers(denoiser: torch.nn.Module) -> list[torch.nn.Module]:
-    """The peft LoRA layers of a denoiser."""
-    from peft.tuners.lora import LoraLayer
-
-    return [module for module in denoiser.modules() if isinstance(module, LoraLayer)]
-
-
-def _active(layer) -> list[str]:
-    return [layer._active_adapter] if isinstance(layer._active_adapter, str) else list(layer._active_adapter)
-
-
-def lora_output(layer: torch.nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    """`B(A(x)) * scaling` of one adapter of a LoRA layer (Linear or Conv)."""
-    lora_a, lora_b = layer.lora_A[adapter], layer.lora_B[adapter]
-    return lora_b(lora_a(layer.lora_dropout[adapter](x.to(lora_a.weight.dtype)))) * layer.scaling[adapter]
 
 
 class NegativeAdapter(UnconditionalModel):
@@ -67,7 +60,7 @@ class NegativeAdapter(UnconditionalModel):
         return terms
 
     def _check(self, layers: list[torch.nn.Module]) -> None:
-        names = {name for layer in layers for name in layer.lora_A}
+        names = adapter_names(layers)
         for name in [self.adapter_name] + ([self.delta_adapter] if self.delta_adapter else []):
             if name not in names:
                 raise ValueError(
@@ -75,19 +68,18 @@ class NegativeAdapter(UnconditionalModel):
                     f"`pipe.load_lora_weights(folder, adapter_name={name!r})`"
                 )
         if self.delta_adapter is not None:
-            inactive = [layer for layer in layers if self.delta_adapter in layer.lora_A and
-                        self.delta_adapter not in _active(layer)]  # fmt: skip
+            holding = [layer for layer in layers if self.delta_adapter in layer.lora_A]
+            inactive = [layer for layer in holding if self.delta_adapter not in active_adapters(layer)]
             if inactive:
                 raise ValueError(
                     f"`delta_adapter` {self.delta_adapter!r} must be active (the fine-tune the conditional rows use): "
                     f"`pipe.set_adapters([{self.delta_adapter!r}])`"
                 )
-        merged = sorted({name for layer in layers for name in getattr(layer, "merged_adapters", [])})
-        if self.adapter_name in merged:
+        if self.adapter_name in merged_adapters(layers):
             raise ValueError(
                 f"adapter {self.adapter_name!r} is fused into the weights: unfuse it (`pipe.unfuse_lora()`)"
             )
-        variants = sorted({name for layer in layers for name in getattr(layer, "lora_variant", {})})
+        variants = sorted(variant_adapters(layers))
         if variants:
             raise ValueError(f"adapters {variants} are DoRA or another LoRA variant; NegativeAdapter takes plain LoRA")
 
@@ -114,7 +106,7 @@ class NegativeAdapter(UnconditionalModel):
                 picked = x[rows[0] : rows[0] + len(rows)]
             else:
                 picked = x[index(x.device)]
-            extra = sum(weight * lora_output(layer, name, picked) for name, weight in terms if name in layer.lora_A)
+            extra = sum(weight * lora_term(layer, name, picked) for name, weight in terms if name in layer.lora_A)
             if isinstance(extra, int):
                 return output
             if block and not torch.is_grad_enabled():
@@ -122,11 +114,11 @@ class NegativeAdapter(UnconditionalModel):
                 return output
             return output.index_add(0, index(x.device), extra.to(output.dtype))
 
-        saved = [(layer, layer._active_adapter) for layer in layers]
+        saved = [(layer, active_adapters(layer)) for layer in layers]
         handles = []
         try:
-            for layer in layers:  # never on the conditional rows, even when loaded active
-                layer._active_adapter = [name for name in _active(layer) if name != self.adapter_name]
+            for layer, active in saved:  # never on the conditional rows, even when loaded active
+                set_active_adapters([layer], [name for name in active if name != self.adapter_name])
                 if rows:
                     handles.append(layer.register_forward_hook(add_to_unconditional_rows))
             yield
@@ -134,7 +126,7 @@ class NegativeAdapter(UnconditionalModel):
             for handle in handles:
                 handle.remove()
             for layer, active in saved:
-                layer._active_adapter = active
+                set_active_adapters([layer], active)
 
     def __repr__(self) -> str:
         delta = f", delta_adapter={self.delta_adapter!r}, beta={self.beta}" if self.delta_adapter else ""
@@ -159,22 +151,22 @@ def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> Negat
     """Load a diffusers-format LoRA folder (a Self-NPO or Diffusion-NPO release) into `pipe` as `adapter_name`, off
     for every pass but the unconditional rows of a policy given the returned `NegativeAdapter(adapter_name, **kwargs)`
     as its `unconditional`."""
-    denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
-    if any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):  # loading again replaces it
+    denoiser = denoiser_of(pipe)
+    if adapter_name in adapter_names(lora_layers(denoiser)):  # loading again replaces it
         pipe.delete_adapters(adapter_name)
-    active = {layer: _active(layer) for layer in lora_layers(denoiser)}
+    active = {layer: active_adapters(layer) for layer in lora_layers(denoiser)}
     try:
         pipe.load_lora_weights(folder, adapter_name=adapter_name)
     except Exception as error:
         for layer in lora_layers(denoiser):  # peft switches on the adapters left when it deletes the failed one
-            layer._active_adapter = [name for name in active.get(layer, []) if name in layer.lora_A]
+            set_active_adapters([layer], active.get(layer, []))
         readable = size_mismatch(error, folder, denoiser)
         if readable is None:
             raise
         raise readable from error
-    if not any(adapter_name in layer.lora_A for layer in lora_layers(denoiser)):
+    if adapter_name not in adapter_names(lora_layers(denoiser)):
         raise ValueError(f"{str(folder)!r} holds no LoRA weights for this pipeline's {type(denoiser).__name__}: "
                          "was it trained for another model?")  # fmt: skip
     for layer in lora_layers(denoiser):
-        layer._active_adapter = [name for name in _active(layer) if name != adapter_name]
+        set_active_adapters([layer], [name for name in active_adapters(layer) if name != adapter_name])
     return NegativeAdapter(adapter_name, **kwargs)

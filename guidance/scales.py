@@ -10,7 +10,8 @@ from typing import Any, Literal
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .scheduler import GuidancePart, GuidanceStep, check_scale
+from .checks import check_choice, check_scale
+from .scheduler import GuidancePart, GuidanceStep
 
 SCHEDULES = ("constant", "linear", "cosine")
 Combine = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -76,8 +77,7 @@ class ScheduledScale(StepScale):
         schedule: Literal["constant", "linear", "cosine"] = "linear",
     ):
         check_scale("guidance_scale", guidance_scale)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"`schedule` must be one of {list(SCHEDULES)}, got {schedule!r}")
+        check_choice("schedule", schedule, SCHEDULES)
         if final_guidance_scale is not None:
             check_scale("final_guidance_scale", final_guidance_scale)
         if schedule == "constant" and final_guidance_scale not in (None, guidance_scale):

@@ -8,14 +8,11 @@ predictions back (`combine`) to get one guided prediction, which the diffusers s
 
 from __future__ import annotations
 
-import functools
 import inspect
-import math
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -133,11 +130,64 @@ class GuidedPrediction:
     """Method-specific values for this step's trace entry (similarities, candidate scores, ...)."""
 
 
-class GuidanceScheduler(ConfigMixin):
+class Configurable(ConfigMixin):
+    """What policies and their parts share, as diffusers does it: the constructor's arguments are the config
+    (`@register_to_config`, saved as JSON); runtime objects a config cannot hold (evaluators, a calibration, an
+    unconditional model, a decoder) are listed in `ignore_for_config`, kept as attributes of the same names and passed
+    by keyword to the constructor, `from_config`, `from_pretrained` and `new`."""
+
+    ignore_for_config: ClassVar[list[str]] = []
+
+    @classmethod
+    def from_config(cls, config: dict | None = None, **kwargs):
+        """An object of this class from a saved config; `kwargs` replace config values or give runtime objects. What a
+        saved config says of a runtime object (an evaluator's name) reaches the constructor, which says what to pass."""
+        config, runtime = dict(config or {}), {}
+        for name in cls.ignore_for_config:
+            saved = config.pop(name, None)
+            if name in kwargs:
+                runtime[name] = kwargs.pop(name)
+            elif saved is not None:
+                runtime[name] = saved
+        cls.check_arguments(kwargs)
+        arguments, _, _ = cls.extract_init_dict(config, **kwargs)
+        return cls(**arguments, **runtime)
+
+    @classmethod
+    def check_arguments(cls, kwargs: dict) -> None:
+        """Every name of `kwargs` is a constructor argument, else an error listing the valid ones."""
+        valid = sorted(set(inspect.signature(cls.__init__).parameters) - {"self"})
+        unknown = sorted(set(kwargs) - set(valid))
+        if unknown:
+            raise ValueError(f"`{cls.__name__}` got unknown arguments {unknown}; valid: {valid}")
+
+    def runtime_objects(self) -> dict[str, Any]:
+        """The runtime objects this object was built with, by constructor argument."""
+        return {name: getattr(self, name) for name in self.ignore_for_config}
+
+    def new(self, **kwargs):
+        """A fresh object of the same config and runtime objects, `kwargs` replacing some (diffusers' guiders' `new`):
+        no run state."""
+        return self.from_config(self.config, **{**self.runtime_objects(), **kwargs})
+
+    def save_objects(self, folder: str | os.PathLike) -> None:
+        """Write the runtime objects that files can hold (fitted coefficients) beside the config."""
+
+    @classmethod
+    def load_objects(cls, folder: str | os.PathLike, config: dict) -> dict[str, Any]:
+        """The runtime objects `save_objects` wrote to `folder` for this saved `config`, by constructor argument."""
+        return {}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
+        return f"{type(self).__name__}({args})"
+
+
+class GuidanceScheduler(Configurable):
     """Base class of every guidance method: subclasses implement `branches` and `combine`.
 
     The constructor's arguments are the config (decorate `__init__` with `@register_to_config`), so every policy
-    has `save_pretrained`, `from_pretrained` and `new(**overrides)`. The sampler calls `reset` when a run starts,
+    has `save_pretrained`, `from_pretrained` and `new(**kwargs)`. The sampler calls `reset` when a run starts,
     then `branches` and `combine` at every model evaluation. `unconditional` says which weights compute the
     unconditional branch (the base model unless a policy says otherwise). A policy object serves one run at a
     time, as a diffusers scheduler does; give each thread its own (`policy.new()`).
@@ -145,12 +195,6 @@ class GuidanceScheduler(ConfigMixin):
 
     config_name = "guidance_config.json"
     unconditional: UnconditionalModel = BASE_MODEL
-
-    def __init_subclass__(cls, **kwargs):
-        """Record each policy's constructor arguments (objects included), so that `new` can rebuild it."""
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _recording_init(cls.__dict__["__init__"])
 
     def reset(self, run: GuidanceRun) -> None:
         """Forget the previous run; called once per sampling run before the first evaluation."""
@@ -170,52 +214,40 @@ class GuidanceScheduler(ConfigMixin):
         raise NotImplementedError
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
-        """Write the config (`guidance_config.json`) to `save_directory`, as diffusers schedulers do."""
+        """Write the config (`guidance_config.json`) and the runtime objects files can hold to `save_directory`."""
         self.save_config(save_directory, **kwargs)
+        self.save_objects(save_directory)
 
     @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **objects
-    ):
-        """Load a policy saved with `save_pretrained` (a local folder or a hub id).
-
-        `objects` are constructor arguments a config cannot hold (evaluators, a decoder, an unconditional model)
-        or values to override.
-        """
-        return cls.from_config_dict(cls.load_config(pretrained_model_name_or_path, subfolder=subfolder), **objects)
-
-    @classmethod
-    def from_config_dict(cls, config: dict, **objects) -> GuidanceScheduler:
-        """The policy a saved config describes (keys the constructor does not take are left out); `objects` go to
-        the constructor, or to the saved part that takes them (a `DynamicScale`'s `evaluators`)."""
-        names = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        arguments = {key: value for key, value in config.items() if key in names}
-        for name in [name for name in objects if name not in names]:
-            takers = [key for key, value in arguments.items() if name in part_parameters(value)]
-            if not takers:
-                raise TypeError(f"`{cls.__name__}` and its saved parts take no argument `{name}`")
-            arguments[takers[0]] = {**arguments[takers[0]], name: objects.pop(name)}
-        return cls(**{**arguments, **objects})
-
-    def new(self, **overrides) -> GuidanceScheduler:
-        """A fresh policy of the same class and arguments, some replaced (diffusers' `.new`); no run state."""
-        arguments = getattr(self, "_arguments", None)
-        if arguments is None:  # a subclass without its own __init__: rebuild from the config
-            arguments = {k: v for k, v in self.config.items() if not k.startswith("_")}
-        unknown = sorted(set(overrides) - set(arguments))
-        if unknown:
-            raise ValueError(
-                f"`{type(self).__name__}.new` got unknown config keys {unknown}; valid: {sorted(arguments)}"
-            )
-        fresh = {key: value.new() if isinstance(value, GuidancePart) else value for key, value in arguments.items()}
-        return type(self)(**{**fresh, **overrides})
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs):
+        """Load a policy saved with `save_pretrained` from a folder or a hub id (offline: from the local cache);
+        `kwargs` as in `from_config` (runtime objects a config cannot hold, values to replace)."""
+        folder = local_folder(pretrained_model_name_or_path)
+        folder = os.path.join(folder, subfolder) if subfolder else folder
+        if not os.path.isfile(os.path.join(folder, cls.config_name)):
+            raise ValueError(f"{folder!r} is not a saved guidance policy: it has no {cls.config_name}")
+        config = cls.load_config(folder)
+        cls.check_arguments(kwargs)
+        not_given = {key: value for key, value in config.items() if key not in kwargs}
+        return cls.from_config(config, **cls.load_objects(folder, not_given), **kwargs)
 
 
-class GuidancePart(ConfigMixin):
+def local_folder(name: str | os.PathLike) -> str:
+    """A local folder, or the snapshot of a hub repository (from the local cache when offline)."""
+    if not isinstance(name, (str, os.PathLike)):
+        raise TypeError(f"`pretrained_model_name_or_path` must be a folder or a hub id, got {type(name).__name__}")
+    path = os.fspath(name)
+    if os.path.isdir(path) or path.count("/") != 1 or path.startswith((".", "/")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path)
+    except Exception as error:  # the hub raises many kinds (offline, not found, gated)
+        raise ValueError(f"{path!r} is neither a local folder nor a reachable (or cached) hub id: {error}") from error
+
+
+class GuidancePart(Configurable):
     """A piece a policy is composed of (a scale rule, a skipping rule): configurable and reset per run.
 
     Its config is saved inside the policy's (`to_dict`, with `_class_name`) and rebuilt from it (`part_from_config`).
@@ -227,113 +259,48 @@ class GuidancePart(ConfigMixin):
     def __init__(self):
         pass
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "__init__" in cls.__dict__:
-            cls.__init__ = _recording_init(cls.__dict__["__init__"])
-
     def reset(self, run: GuidanceRun) -> None:
         """Forget the previous run."""
-
-    def save_tensors(self, folder: str | os.PathLike) -> None:
-        """Write what the config cannot hold (fitted coefficients) next to the policy's config."""
-
-    def load_tensors(self, folder: str | os.PathLike) -> None:
-        """Read what `save_tensors` wrote."""
 
     def to_dict(self) -> dict:
         return {"_class_name": type(self).__name__, **{k: v for k, v in self.config.items() if not k.startswith("_")}}
 
-    def new(self, **overrides) -> GuidancePart:
-        """A fresh part with the same arguments (objects shared), some replaced."""
-        return type(self)(**{**self._arguments, **overrides})
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config.items() if not k.startswith("_"))
-        return f"{type(self).__name__}({args})"
+REGISTERED_PARTS: dict[str, type[GuidancePart]] = {}
+
+
+def register_part(cls: type[GuidancePart]) -> type[GuidancePart]:
+    """Make a part class of your own loadable from saved configs (the shipped ones are known already)."""
+    if not (isinstance(cls, type) and issubclass(cls, GuidancePart)):
+        raise TypeError(f"`cls` must be a GuidancePart subclass, got {cls!r}")
+    REGISTERED_PARTS[cls.__name__] = cls
+    return cls
 
 
 def part_classes() -> dict[str, type[GuidancePart]]:
-    """Every `GuidancePart` subclass imported so far, by name (what a saved config may name)."""
-    found, pending = {}, [GuidancePart]
-    while pending:
-        for subclass in pending.pop().__subclasses__():
-            found[subclass.__name__] = subclass
-            pending.append(subclass)
-    return found
+    """The part classes a saved config may name: the shipped ones and those given to `register_part`."""
+    from .adaptive import AdaptiveSkip
+    from .diffusers_guider import GuiderScale
+    from .dynamic import DynamicScale
+    from .linear_ag import LinearAGSkip
+    from .scales import ConstantScale, ScheduledScale
+
+    shipped = (ConstantScale, ScheduledScale, DynamicScale, GuiderScale, AdaptiveSkip, LinearAGSkip)
+    return {**{cls.__name__: cls for cls in shipped}, **REGISTERED_PARTS}
 
 
-def part_parameters(value: Any) -> set[str]:
-    """The constructor parameters of the part a saved dict describes (none for any other value)."""
-    if not isinstance(value, dict) or value.get("_class_name") not in part_classes():
-        return set()
-    return set(inspect.signature(part_classes()[value["_class_name"]].__init__).parameters)
+def is_part_config(value: Any) -> bool:
+    return isinstance(value, dict) and "_class_name" in value
 
 
-def part_from_config(value: Any) -> Any:
-    """A part rebuilt from its saved dict (`{"_class_name": ..., ...}`); any other value as it is."""
-    if not isinstance(value, dict) or "_class_name" not in value:
-        return value
+def part_from_config(value: dict, folder: str | os.PathLike | None = None) -> GuidancePart:
+    """A part rebuilt from its saved dict (`{"_class_name": ..., ...}`), with the runtime objects it saved in `folder`
+    when given."""
     classes = part_classes()
     name = value["_class_name"]
     if name not in classes:
-        raise ValueError(f"saved guidance part {name!r} is unknown; known parts: {sorted(classes)}")
-    return classes[name](**{k: v for k, v in value.items() if k != "_class_name"})
-
-
-_recording = threading.local()
-
-
-def _recording_init(init):
-    """Wrap `__init__`: parts saved as dicts become parts again, the outermost call's arguments are kept in
-    `_arguments` (for `new`), and parts in the config are stored as their dicts (JSON)."""
-    signature = inspect.signature(init)
-
-    def named(bound: inspect.BoundArguments) -> dict:
-        arguments = {k: part_from_config(v) for k, v in bound.arguments.items() if k != "self"}
-        for name, parameter in signature.parameters.items():
-            if parameter.kind is inspect.Parameter.VAR_KEYWORD:
-                arguments.update(arguments.pop(name, {}))
-        return arguments
-
-    @functools.wraps(init)
-    def wrapper(self, *args, **kwargs):
-        # keyword arguments only: diffusers' `register_to_config` pairs positional ones with the parameters that
-        # are not in `ignore_for_config`, which shifts them when an ignored parameter comes first
-        bound = signature.bind(self, *args, **kwargs)
-        arguments = named(bound)
-        if getattr(_recording, "active", set()) & {id(self)}:  # a constructor called from the outermost one
-            return init(self, **arguments)
-        _recording.active = getattr(_recording, "active", set()) | {id(self)}
-        try:
-            init(self, **arguments)
-        finally:
-            _recording.active = _recording.active - {id(self)}
-        bound.apply_defaults()
-        object.__setattr__(self, "_arguments", {**named(bound), **arguments})
-        parts = {k: v.to_dict() for k, v in self.config.items() if isinstance(v, GuidancePart)}
-        if parts:
-            self.register_to_config(**parts)
-
-    return wrapper
-
-
-GuidancePart.__init__ = _recording_init(GuidancePart.__init__)  # parts without a constructor of their own
-
-
-def check_scale(name: str, value: Any) -> float:
-    """A guidance scale: a finite real number >= 0, else an error naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
-    return float(value)
-
-
-def check_fraction(name: str, value: Any) -> float:
-    """A fraction of sampling progress in [0, 1], else an error naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a real number in [0, 1], got {type(value).__name__} {value!r}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
-    return float(value)
+        raise ValueError(f"saved guidance part {name!r} is unknown; known parts: {sorted(classes)} (register yours with "
+                         "guidance.register_part)")  # fmt: skip
+    cls = classes[name]
+    objects = cls.load_objects(folder, value) if folder is not None else {}
+    return cls.from_config(value, **objects)

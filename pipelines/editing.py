@@ -132,7 +132,7 @@ class FlowEditingMixin:
 
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
             t = torch.tensor(sigma * 1000.0, device=x.device)
-            return self._predict(denoiser, inputs.scheduler, x, t, conditioning.cond, conditioning.shared)
+            return self.denoiser_prediction(denoiser, inputs.scheduler, x, t, conditioning.cond, conditioning.shared)
 
         return velocity
 
@@ -239,7 +239,7 @@ class FlowEditingMixin:
                  output_type, return_iterates, callback_on_iteration, callback_on_step_end, callback_names,
                  prepare_kwargs) -> FlowEditOutput:  # fmt: skip
         steps, n_start = config.config.num_inference_steps, config.n_start
-        y = self.encode_pixels(pixels)
+        y = self.pixels_to_latents(pixels)
         source = self._editing_inputs(sources, y, size, steps, negative_prompt, 1.0, prepare_kwargs)
         same = targets == sources and embedded == 1.0
         target = source if same else self._editing_inputs(targets, y, size, steps, negative_prompt, embedded,
@@ -309,7 +309,7 @@ class FlowEditingMixin:
             source_guidance = ClassifierFreeGuidance(1.0 if flux else defaults["source_guidance_scale"])
         if target_guidance is None:
             target_guidance = ClassifierFreeGuidance(1.0 if flux else defaults["target_guidance_scale"])
-        y = self.encode_pixels(pixels)
+        y = self.pixels_to_latents(pixels)
         source_embedded = source_guidance_scale or defaults["source_guidance_scale"]
         source = self._editing_inputs(sources, y, size, steps, negative_prompt, source_embedded, prepare_kwargs)
         target_embedded = guidance_scale or defaults["target_guidance_scale"]

@@ -17,7 +17,7 @@ from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
 from .editing import FlowEditingMixin
-from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs
 from .stable_diffusion import batch_size_of
 
 logger = logging.get_logger(__name__)
@@ -48,6 +48,7 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
     given). A guidance-distilled model's guidance embedding (`guidance_scale`) passes through unchanged.
     """
 
+    __call__ = guided_call(FluxPipeline)
     _output_class = GuidedFluxPipelineOutput
     flowopt_family = "flux"
     _guidance_owned_args = ("true_cfg_scale",)
@@ -66,58 +67,79 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
         batch_size, channels, height, width = latents.shape
         return self._pack_latents(latents, batch_size, channels, height, width)
 
-    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+    def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0]).to(latents.dtype)
         return denoiser(hidden_states=latents, timestep=timestep / 1000, **inputs, **shared, return_dict=False)[0]
 
-    def _prepare(self, a: dict) -> GuidedInputs:
+    def _prepare(
+        self,
+        *,
+        prompt,
+        prompt_2,
+        negative_prompt,
+        negative_prompt_2,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        guidance_scale,
+        num_images_per_prompt,
+        generator,
+        latents,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        negative_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        joint_attention_kwargs,
+        max_sequence_length,
+        scheduler=None,
+        **_,
+    ) -> GuidedInputs:
         # Mirrors diffusers' FluxPipeline.__call__ up to its loop, on a copy of the scheduler.
-        height = a["height"] or self.default_sample_size * self.vae_scale_factor
-        width = a["width"] or self.default_sample_size * self.vae_scale_factor
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
 
         # 1. Check inputs
         self.check_inputs(
-            a["prompt"],
-            a["prompt_2"],
+            prompt,
+            prompt_2,
             height,
             width,
-            negative_prompt=a["negative_prompt"],
-            negative_prompt_2=a["negative_prompt_2"],
-            prompt_embeds=a["prompt_embeds"],
-            negative_prompt_embeds=a["negative_prompt_embeds"],
-            pooled_prompt_embeds=a["pooled_prompt_embeds"],
-            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
-            max_sequence_length=a["max_sequence_length"],
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
         )
 
         # 2. Define call parameters
-        prompt = a["prompt"]
-        batch_size = batch_size_of(prompt, a["prompt_embeds"])
+        batch_size = batch_size_of(prompt, prompt_embeds)
         device = self._execution_device
-        joint_attention_kwargs = a["joint_attention_kwargs"] or {}
+        joint_attention_kwargs = joint_attention_kwargs or {}
 
         # 3. Encode the prompt and the negative prompt ("" when none is given: any step may need it)
         encode = dict(
             device=device,
-            num_images_per_prompt=a["num_images_per_prompt"],
-            max_sequence_length=a["max_sequence_length"],
+            num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length,
             lora_scale=joint_attention_kwargs.get("scale", None),
         )
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt,
-            prompt_2=a["prompt_2"],
-            prompt_embeds=a["prompt_embeds"],
-            pooled_prompt_embeds=a["pooled_prompt_embeds"],
+            prompt_2=prompt_2,
+            prompt_embeds=prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
             **encode,
         )
-        negative_prompt = a["negative_prompt"]
-        if negative_prompt is None and a["negative_prompt_embeds"] is None:
+        if negative_prompt is None and negative_prompt_embeds is None:
             negative_prompt = "" if prompt is None or isinstance(prompt, str) else [""] * len(prompt)
         negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
             prompt=negative_prompt,
-            prompt_2=a["negative_prompt_2"],
-            prompt_embeds=a["negative_prompt_embeds"],
-            pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+            prompt_2=negative_prompt_2,
+            prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=negative_pooled_prompt_embeds,
             **encode,
         )
         if prompt_embeds.shape != negative_prompt_embeds.shape:
@@ -128,23 +150,23 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
 
         # 4. Prepare latent variables (packed 2x2 patches)
         latents, latent_image_ids = self.prepare_latents(
-            batch_size * a["num_images_per_prompt"],
+            batch_size * num_images_per_prompt,
             self.transformer.config.in_channels // 4,
             height,
             width,
             prompt_embeds.dtype,
             device,
-            a["generator"],
-            a["latents"],
+            generator,
+            latents,
         )
 
         # 5. Prepare timesteps
-        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
-        num_steps = a["num_inference_steps"]
+        scheduler = copy_scheduler(scheduler or self.scheduler)
+        num_steps = num_inference_steps
         if "sigmas" not in inspect.signature(scheduler.set_timesteps).parameters:
-            timesteps, num_inference_steps = own_schedule(scheduler, num_steps, device, a["sigmas"])
+            timesteps, num_inference_steps = own_schedule(scheduler, num_steps, device, sigmas)
         else:
-            sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if a["sigmas"] is None else a["sigmas"]
+            sigmas = np.linspace(1.0, 1 / num_steps, num_steps) if sigmas is None else sigmas
             if getattr(scheduler.config, "use_flow_sigmas", False):
                 sigmas = None
             mu = calculate_shift(
@@ -159,7 +181,7 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
         # 6. The distilled guidance embedding, identical for every branch
         embedded_guidance = None
         if self.transformer.config.guidance_embeds:
-            embedded_guidance = torch.full([latents.shape[0]], a["guidance_scale"], device=device, dtype=torch.float32)
+            embedded_guidance = torch.full([latents.shape[0]], guidance_scale, device=device, dtype=torch.float32)
         conditioning = Conditioning(
             cond={
                 "encoder_hidden_states": prompt_embeds,
@@ -177,7 +199,18 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
                 "joint_attention_kwargs": joint_attention_kwargs,
             },
         )
-        return self._inputs(a, latents, timesteps, num_inference_steps, scheduler, conditioning, height, width)
+        return guided_inputs(
+            prompt,
+            num_images_per_prompt,
+            generator,
+            latents,
+            timesteps,
+            num_inference_steps,
+            scheduler,
+            conditioning,
+            height,
+            width,
+        )
 
     def _decode(self, latents, inputs, output_type):
         # 8. Unpack, decode and post-process (diffusers' FluxPipeline.__call__)

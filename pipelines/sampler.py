@@ -7,10 +7,11 @@
    At each step the guidance scheduler says which rows run which branch; exactly those rows go through the denoiser
    (conditional and unconditional rows in one batch when the same weights compute both), the policy combines the
    predictions and the diffusers scheduler steps.
-3. `decode(latents, inputs, output_type) -> the family's output`; and `encode_image(image) -> latents` for editing.
+3. `decode(latents, inputs, output_type) -> the family's output`; and `image_to_latents(image) -> latents` for editing.
 
-A family implements `_prepare` (mirroring its diffusers `__call__` up to the loop), `_predict` (one denoiser call) and
-`_decode`. No per-call state lives on the pipeline: a run's scheduler, conditioning and trace belong to the run, and
+A family implements `_prepare` (mirroring its diffusers `__call__` up to the loop, with diffusers' call arguments by
+keyword), `_predict` (one denoiser call) and `_decode`, and sets `__call__ = guided_call(<its diffusers class>)`: the
+diffusers signature and docstring, plus a keyword-only `guidance`. No per-call state lives on the pipeline: a run's scheduler, conditioning and trace belong to the run, and
 diffusers' `_interrupt`/`_current_timestep`/`_num_timesteps` are per thread.
 """
 
@@ -23,6 +24,7 @@ import os
 import re
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -34,6 +36,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from guidance import BranchRequest, GuidanceRun, GuidanceScheduler, GuidanceStep, GuidanceTrace, GuidedPrediction
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
+from guidance.lora import denoiser_of
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -216,20 +219,17 @@ class GuidedPipelineMixin:
     @property
     def denoiser(self) -> torch.nn.Module:
         """The model guidance runs: the UNet or the transformer."""
-        return self.unet if hasattr(self, "unet") else self.transformer
+        return denoiser_of(self)
 
-    def __call__(self, *args, guidance: GuidanceScheduler | None = None, **kwargs):
-        """Diffusers' `__call__` with one more argument, `guidance`: a `GuidanceScheduler` deciding CFG per step.
-
-        Without `guidance` this is exactly the diffusers pipeline. With it: `prepare`, `denoise`, `decode`, and the
-        output also has `trace` (appended last to the tuple when `return_dict=False`).
-        """
+    def _guided_call(self, args: tuple, kwargs: dict, guidance: GuidanceScheduler | None):
+        """What `__call__` does: the diffusers call without `guidance`; with it `prepare`, `denoise`, `decode`, and
+        the output also has `trace` (appended last to the tuple when `return_dict=False`)."""
         if guidance is None:
             return super().__call__(*args, **kwargs)
         check_guidance(guidance)
         call_args = self._call_arguments(args, kwargs)
         with torch.no_grad():
-            inputs = self._prepare(call_args)
+            inputs = self._prepare(**call_args)
             result = self.denoise(
                 inputs,
                 guidance,
@@ -248,9 +248,8 @@ class GuidedPipelineMixin:
         width, num_inference_steps, generator, latents, ...); output and callback arguments are ignored.
         `scheduler`: a diffusers scheduler to run with instead of the pipeline's own (copied, never changed)."""
         call_args = self._call_arguments(args, kwargs)
-        call_args["scheduler"] = scheduler
         with torch.no_grad():
-            return self._prepare(call_args)
+            return self._prepare(**call_args, scheduler=scheduler)
 
     def _call_arguments(self, args: tuple, kwargs: dict) -> dict:
         """Diffusers' `__call__` arguments bound with their defaults, checked for use with guidance."""
@@ -394,7 +393,7 @@ class GuidedPipelineMixin:
             sizes = [batch_size if rows[name] is None else len(rows[name]) for name in names]
             branches = [name for name, size in zip(names, sizes, strict=True) for _ in range(size)]
             with model.context(module) if separate else model.rows_context(module, branches):
-                output = self._predict(module, scheduler, model_input, t, inputs, conditioning.shared)
+                output = self.denoiser_prediction(module, scheduler, model_input, t, inputs, conditioning.shared)
             chunks = output.split(sizes) if len(names) > 1 else (output,)
             for name, chunk in zip(names, chunks, strict=True):
                 predictions[name] = scatter_rows(chunk, rows[name], batch_size)
@@ -429,7 +428,7 @@ class GuidedPipelineMixin:
         with torch.no_grad():
             return self._decode(latents, inputs, output_type)
 
-    def encode_image(
+    def image_to_latents(
         self,
         image: Any,
         height: int | None = None,
@@ -444,12 +443,12 @@ class GuidedPipelineMixin:
         `sample_mode`: the posterior's mode ("argmax", deterministic) or a sample ("sample").
         """
         pixels = self.image_processor.preprocess(image, height=height, width=width)
-        return self.encode_pixels(pixels, generator, sample_mode)
+        return self.pixels_to_latents(pixels, generator, sample_mode)
 
-    def encode_pixels(
+    def pixels_to_latents(
         self, pixels: torch.Tensor, generator: torch.Generator | None = None, sample_mode: str = "argmax"
     ) -> torch.Tensor:
-        """Images in [-1, 1], (batch, 3, height, width) at a size the VAE takes -> latents as `encode_image`."""
+        """Images in [-1, 1], (batch, 3, height, width) at a size the VAE takes -> latents as `image_to_latents`."""
         with torch.no_grad():
             latents = vae_latents.encode(self.vae, pixels, generator, sample_mode)
             return self.pack_latents(latents).to(self.denoiser.dtype)
@@ -467,22 +466,15 @@ class GuidedPipelineMixin:
         """The VAE's layout -> the denoiser's; Flux packs 2x2 patches into tokens."""
         return latents
 
-    def _prepare(self, call_args: dict) -> GuidedInputs:
+    def _prepare(self, *, scheduler: Any = None, **call_args) -> GuidedInputs:
+        """The family's `GuidedInputs` from diffusers' call arguments (by keyword) and the `scheduler` to run with."""
         raise NotImplementedError
 
-    @staticmethod
-    def _inputs(
-        a: dict, latents, timesteps, num_inference_steps, scheduler, conditioning, height, width, step_kwargs=None
-    ):
-        """A family's prepared inputs, with what every family takes from the call arguments `a` (the prompt of each
-        row, the generator)."""
-        prompts = prompt_rows(a["prompt"], a["num_images_per_prompt"])
-        step_kwargs = {key: snapshot(value) for key, value in (step_kwargs or {}).items()}
-        return GuidedInputs(latents, timesteps, num_inference_steps, scheduler, conditioning, height, width, prompts,
-                            step_kwargs, a["generator"])  # fmt: skip
-
-    def _predict(self, denoiser, scheduler, latents, t, inputs: dict, shared: dict) -> torch.Tensor:
-        """One denoiser call on a batch of rows; implemented by each family."""
+    def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs: dict, shared: dict) -> torch.Tensor:
+        """One call of `denoiser` on a batch of rows: `latents` at timestep `t`, with the rows' conditioning `inputs`
+        (a branch's denoiser arguments, e.g. `Conditioning.rows`) and the `shared` ones; `scheduler` scales the input
+        where the family's loop does (None: no scaling). Implemented by each family, as its diffusers loop calls the
+        model."""
         raise NotImplementedError
 
     def _decode(self, latents: torch.Tensor, inputs: GuidedInputs, output_type: str):
@@ -497,6 +489,44 @@ def _signature_of(function) -> inspect.Signature:
 def call_signature(method) -> inspect.Signature:
     """The signature of a pipeline class's diffusers `__call__` (with `self`), computed once per class."""
     return _signature_of(getattr(method, "__func__", method))
+
+
+GUIDANCE_DOC = """
+        guidance (`GuidanceScheduler`, *optional*):
+            A guidance policy deciding classifier-free guidance at every step (`guidance.ClassifierFreeGuidance`,
+            `AdaptiveGuidance`, `LinearAdaptiveGuidance`, `DynamicGuidance`, ... or any composition of parts). It
+            replaces the call's own guidance scale; the output then also has `trace` (appended last to the tuple when
+            `return_dict=False`). Without it, the call is exactly the diffusers pipeline's.
+"""
+
+
+def guided_call(diffusers_class: type) -> Callable:
+    """The `__call__` of a guided pipeline: the diffusers class's signature and docstring, plus a keyword-only
+    `guidance` (derived here, so that a diffusers upgrade carries over)."""
+
+    def __call__(self, *args, guidance: GuidanceScheduler | None = None, **kwargs):
+        return self._guided_call(args, kwargs, guidance)
+
+    signature = inspect.signature(diffusers_class.__call__)
+    parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    extra = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    guidance = inspect.Parameter("guidance", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                 annotation="GuidanceScheduler | None")  # fmt: skip
+    __call__.__signature__ = signature.replace(parameters=[*parameters, guidance, *extra])
+    __call__.__doc__ = (diffusers_class.__call__.__doc__ or "").rstrip() + "\n" + GUIDANCE_DOC
+    __call__.__qualname__ = f"Guided{diffusers_class.__name__}.__call__"
+    return __call__
+
+
+def guided_inputs(
+    prompt: Any, num_images_per_prompt: int, generator: Any, latents, timesteps, num_inference_steps, scheduler,
+    conditioning, height, width, step_kwargs=None,
+) -> GuidedInputs:  # fmt: skip
+    """A family's prepared inputs, with what every family takes from the call (the prompt of each row, the
+    generator; the step arguments' generators at their state now)."""
+    step_kwargs = {key: snapshot(value) for key, value in (step_kwargs or {}).items()}
+    return GuidedInputs(latents, timesteps, num_inference_steps, scheduler, conditioning, height, width,
+                        prompt_rows(prompt, num_images_per_prompt), step_kwargs, generator)  # fmt: skip
 
 
 def check_guidance(guidance: Any) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import diffusers
 
+from guidance.denoised import is_flow_matching
+
 # name: (diffusers class, config overrides, model kind: "diffusion" (SD 1.x/2.x, SDXL) or "flow" (SD3, Flux))
 SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "ddim": ("DDIMScheduler", {}, "diffusion"),
@@ -23,7 +25,6 @@ SCHEDULERS: dict[str, tuple[str, dict, str]] = {
     "flow-euler": ("FlowMatchEulerDiscreteScheduler", {}, "flow"),
     "flow-heun": ("FlowMatchHeunDiscreteScheduler", {}, "flow"),
 }
-FLOW_FAMILIES = ("sd3", "flux")
 
 
 def set_scheduler(pipe, name: str):
@@ -31,7 +32,7 @@ def set_scheduler(pipe, name: str):
     if name not in SCHEDULERS:
         raise ValueError(f"`scheduler` must be one of {sorted(SCHEDULERS)}, got {name!r}")
     class_name, overrides, kind = SCHEDULERS[name]
-    flow = "FlowMatch" in type(pipe.scheduler).__name__
+    flow = is_flow_matching(pipe.scheduler)
     if (kind == "flow") != flow:
         wanted = "flow-matching (SD3, Flux)" if kind == "flow" else "diffusion (SD 1.x/2.x, SDXL)"
         raise ValueError(

@@ -13,7 +13,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
-from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, noise_latents
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs, noise_latents
 
 
 @dataclass
@@ -44,6 +44,7 @@ def batch_size_of(prompt, prompt_embeds) -> int:
 class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline):
     """`StableDiffusionPipeline` whose `__call__` also takes `guidance=<GuidanceScheduler>`."""
 
+    __call__ = guided_call(StableDiffusionPipeline)
     _output_class = GuidedStableDiffusionPipelineOutput
     _guidance_owned_args = ("guidance_scale", "guidance_rescale")
     _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds")
@@ -52,57 +53,73 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
     }
 
-    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+    def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs, shared):
         return unet_prediction(denoiser, scheduler, latents, t, inputs, shared)
 
-    def _prepare(self, a: dict) -> GuidedInputs:
+    def _prepare(
+        self,
+        *,
+        prompt,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        negative_prompt,
+        num_images_per_prompt,
+        eta,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        cross_attention_kwargs,
+        clip_skip,
+        scheduler=None,
+        **_,
+    ) -> GuidedInputs:
         # Mirrors diffusers' StableDiffusionPipeline.__call__ up to its loop, on a copy of the scheduler.
         check_no_guidance_embedding(self.unet)
         # 0. Default height and width to unet
         sample_size = self.unet.config.sample_size
         sample_h, sample_w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
-        height = a["height"] or sample_h * self.vae_scale_factor
-        width = a["width"] or sample_w * self.vae_scale_factor
+        height = height or sample_h * self.vae_scale_factor
+        width = width or sample_w * self.vae_scale_factor
 
         # 1. Check inputs
-        self.check_inputs(
-            a["prompt"], height, width, None, a["negative_prompt"], a["prompt_embeds"], a["negative_prompt_embeds"]
-        )
+        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
 
         # 2. Define call parameters
-        batch_size = batch_size_of(a["prompt"], a["prompt_embeds"])
+        batch_size = batch_size_of(prompt, prompt_embeds)
         device = self._execution_device
 
         # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
-        cross_attention_kwargs = a["cross_attention_kwargs"]
+        cross_attention_kwargs = cross_attention_kwargs
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            a["prompt"],
+            prompt,
             device,
-            a["num_images_per_prompt"],
+            num_images_per_prompt,
             True,
-            a["negative_prompt"],
-            prompt_embeds=a["prompt_embeds"],
-            negative_prompt_embeds=a["negative_prompt_embeds"],
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
             lora_scale=lora_scale,
-            clip_skip=a["clip_skip"],
+            clip_skip=clip_skip,
         )
 
         # 4. Prepare timesteps
-        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
-        timesteps, num_inference_steps = retrieve_timesteps(
-            scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
-        )
+        scheduler = copy_scheduler(scheduler or self.scheduler)
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
 
         # 5. Prepare latent variables
         latent_shape = (
-            batch_size * a["num_images_per_prompt"],
+            batch_size * num_images_per_prompt,
             self.unet.config.in_channels,
             int(height) // self.vae_scale_factor,
             int(width) // self.vae_scale_factor,
         )
         latents = noise_latents(
-            latent_shape, a["generator"], device, prompt_embeds.dtype, a["latents"], scheduler.init_noise_sigma
+            latent_shape, generator, device, prompt_embeds.dtype, latents, scheduler.init_noise_sigma
         )
 
         # 6. Prepare extra step kwargs and the denoiser's conditioning
@@ -111,8 +128,10 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             uncond={"encoder_hidden_states": negative_prompt_embeds},
             shared={"timestep_cond": None, "cross_attention_kwargs": cross_attention_kwargs},
         )
-        return self._inputs(
-            a,
+        return guided_inputs(
+            prompt,
+            num_images_per_prompt,
+            generator,
             latents,
             timesteps,
             num_inference_steps,
@@ -120,7 +139,7 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             conditioning,
             height,
             width,
-            self.prepare_extra_step_kwargs(a["generator"], a["eta"]),
+            self.prepare_extra_step_kwargs(generator, eta),
         )
 
     def _decode(self, latents, inputs, output_type):

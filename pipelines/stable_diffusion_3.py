@@ -16,7 +16,7 @@ from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
 from .editing import FlowEditingMixin
-from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs
 from .stable_diffusion import batch_size_of
 
 
@@ -31,6 +31,7 @@ class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, Stab
     The flow model predicts a velocity; guidance combines velocities exactly as diffusers' CFG does.
     """
 
+    __call__ = guided_call(StableDiffusion3Pipeline)
     _output_class = GuidedStableDiffusion3PipelineOutput
     flowopt_family = "sd3"
     _guidance_owned_args = ("guidance_scale",)
@@ -60,75 +61,101 @@ class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, Stab
         size = self.transformer.config.pos_embed_max_size
         return None if size is None else size * self.pixel_multiple()
 
-    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+    def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs, shared):
         timestep = t.expand(latents.shape[0])
         return denoiser(hidden_states=latents, timestep=timestep, **inputs, **shared, return_dict=False)[0]
 
-    def _prepare(self, a: dict) -> GuidedInputs:
+    def _prepare(
+        self,
+        *,
+        prompt,
+        prompt_2,
+        prompt_3,
+        height,
+        width,
+        num_inference_steps,
+        sigmas,
+        negative_prompt,
+        negative_prompt_2,
+        negative_prompt_3,
+        num_images_per_prompt,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        joint_attention_kwargs,
+        clip_skip,
+        max_sequence_length,
+        mu,
+        scheduler=None,
+        **_,
+    ) -> GuidedInputs:
         # Mirrors diffusers' StableDiffusion3Pipeline.__call__ up to its loop, on a copy of the scheduler.
-        height = a["height"] or self.default_sample_size * self.vae_scale_factor
-        width = a["width"] or self.default_sample_size * self.vae_scale_factor
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
 
         # 1. Check inputs
         self.check_inputs(
-            a["prompt"],
-            a["prompt_2"],
-            a["prompt_3"],
+            prompt,
+            prompt_2,
+            prompt_3,
             height,
             width,
-            negative_prompt=a["negative_prompt"],
-            negative_prompt_2=a["negative_prompt_2"],
-            negative_prompt_3=a["negative_prompt_3"],
-            prompt_embeds=a["prompt_embeds"],
-            negative_prompt_embeds=a["negative_prompt_embeds"],
-            pooled_prompt_embeds=a["pooled_prompt_embeds"],
-            negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
-            max_sequence_length=a["max_sequence_length"],
+            negative_prompt=negative_prompt,
+            negative_prompt_2=negative_prompt_2,
+            negative_prompt_3=negative_prompt_3,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            max_sequence_length=max_sequence_length,
         )
 
         # 2. Define call parameters
-        batch_size = batch_size_of(a["prompt"], a["prompt_embeds"])
+        batch_size = batch_size_of(prompt, prompt_embeds)
         device = self._execution_device
 
         # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
-        joint_attention_kwargs = a["joint_attention_kwargs"]
+        joint_attention_kwargs = joint_attention_kwargs
         lora_scale = joint_attention_kwargs.get("scale", None) if joint_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
             self.encode_prompt(
-                prompt=a["prompt"],
-                prompt_2=a["prompt_2"],
-                prompt_3=a["prompt_3"],
-                negative_prompt=a["negative_prompt"],
-                negative_prompt_2=a["negative_prompt_2"],
-                negative_prompt_3=a["negative_prompt_3"],
+                prompt=prompt,
+                prompt_2=prompt_2,
+                prompt_3=prompt_3,
+                negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2,
+                negative_prompt_3=negative_prompt_3,
                 do_classifier_free_guidance=True,
-                prompt_embeds=a["prompt_embeds"],
-                negative_prompt_embeds=a["negative_prompt_embeds"],
-                pooled_prompt_embeds=a["pooled_prompt_embeds"],
-                negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                 device=device,
-                clip_skip=a["clip_skip"],
-                num_images_per_prompt=a["num_images_per_prompt"],
-                max_sequence_length=a["max_sequence_length"],
+                clip_skip=clip_skip,
+                num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length,
                 lora_scale=lora_scale,
             )
         )
 
         # 4. Prepare latent variables
         latents = self.prepare_latents(
-            batch_size * a["num_images_per_prompt"],
+            batch_size * num_images_per_prompt,
             self.transformer.config.in_channels,
             height,
             width,
             prompt_embeds.dtype,
             device,
-            a["generator"],
-            a["latents"],
+            generator,
+            latents,
         )
 
         # 5. Prepare timesteps (resolution-dependent shift when the scheduler asks for it)
-        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
-        mu = a["mu"]
+        scheduler = copy_scheduler(scheduler or self.scheduler)
+        mu = mu
         if scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             patch_size = self.transformer.config.patch_size
             image_seq_len = (latents.shape[2] // patch_size) * (latents.shape[3] // patch_size)
@@ -141,7 +168,7 @@ class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, Stab
             )
         scheduler_kwargs = {} if mu is None else {"mu": mu}
         timesteps, num_inference_steps = retrieve_timesteps(
-            scheduler, a["num_inference_steps"], device, sigmas=a["sigmas"], **scheduler_kwargs
+            scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
         )
         conditioning = Conditioning(
             cond={"encoder_hidden_states": prompt_embeds, "pooled_projections": pooled_prompt_embeds},
@@ -151,7 +178,18 @@ class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, Stab
             },
             shared={"joint_attention_kwargs": joint_attention_kwargs},
         )
-        return self._inputs(a, latents, timesteps, num_inference_steps, scheduler, conditioning, height, width)
+        return guided_inputs(
+            prompt,
+            num_images_per_prompt,
+            generator,
+            latents,
+            timesteps,
+            num_inference_steps,
+            scheduler,
+            conditioning,
+            height,
+            width,
+        )
 
     def _decode(self, latents, inputs, output_type):
         # 8. Decode and post-process (diffusers' StableDiffusion3Pipeline.__call__)

@@ -12,7 +12,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
-from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, noise_latents
+from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs, noise_latents
 from .stable_diffusion import batch_size_of, check_no_guidance_embedding, unet_prediction
 
 
@@ -24,6 +24,7 @@ class GuidedStableDiffusionXLPipelineOutput(StableDiffusionXLPipelineOutput):
 class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipeline):
     """`StableDiffusionXLPipeline` whose `__call__` also takes `guidance=<GuidanceScheduler>`."""
 
+    __call__ = guided_call(StableDiffusionXLPipeline)
     _output_class = GuidedStableDiffusionXLPipelineOutput
     _guidance_owned_args = ("guidance_scale", "guidance_rescale")
     _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds")
@@ -32,63 +33,92 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
     }
 
-    def _predict(self, denoiser, scheduler, latents, t, inputs, shared):
+    def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs, shared):
         return unet_prediction(denoiser, scheduler, latents, t, inputs, shared)
 
-    def _prepare(self, a: dict) -> GuidedInputs:
+    def _prepare(
+        self,
+        *,
+        prompt,
+        prompt_2,
+        height,
+        width,
+        num_inference_steps,
+        timesteps,
+        sigmas,
+        denoising_end,
+        negative_prompt,
+        negative_prompt_2,
+        num_images_per_prompt,
+        eta,
+        generator,
+        latents,
+        prompt_embeds,
+        negative_prompt_embeds,
+        pooled_prompt_embeds,
+        negative_pooled_prompt_embeds,
+        cross_attention_kwargs,
+        original_size,
+        crops_coords_top_left,
+        target_size,
+        negative_original_size,
+        negative_crops_coords_top_left,
+        negative_target_size,
+        clip_skip,
+        scheduler=None,
+        **_,
+    ) -> GuidedInputs:
         # Mirrors diffusers' StableDiffusionXLPipeline.__call__ up to its loop, on a copy of the scheduler.
         check_no_guidance_embedding(self.unet)
         # 0. Default height and width to unet
-        height = a["height"] or self.default_sample_size * self.vae_scale_factor
-        width = a["width"] or self.default_sample_size * self.vae_scale_factor
-        original_size = a["original_size"] or (height, width)
-        target_size = a["target_size"] or (height, width)
+        height = height or self.default_sample_size * self.vae_scale_factor
+        width = width or self.default_sample_size * self.vae_scale_factor
+        original_size = original_size or (height, width)
+        target_size = target_size or (height, width)
 
         # 1. Check inputs
         self.check_inputs(
-            a["prompt"],
-            a["prompt_2"],
+            prompt,
+            prompt_2,
             height,
             width,
             None,
-            a["negative_prompt"],
-            a["negative_prompt_2"],
-            a["prompt_embeds"],
-            a["negative_prompt_embeds"],
-            a["pooled_prompt_embeds"],
-            a["negative_pooled_prompt_embeds"],
+            negative_prompt,
+            negative_prompt_2,
+            prompt_embeds,
+            negative_prompt_embeds,
+            pooled_prompt_embeds,
+            negative_pooled_prompt_embeds,
         )
 
         # 2. Define call parameters
-        num_images = batch_size_of(a["prompt"], a["prompt_embeds"]) * a["num_images_per_prompt"]
+        num_images = batch_size_of(prompt, prompt_embeds) * num_images_per_prompt
         device = self._execution_device
 
         # 3. Encode input prompt: the negative prompt is always encoded, since any step may need it
-        cross_attention_kwargs = a["cross_attention_kwargs"]
+        cross_attention_kwargs = cross_attention_kwargs
         lora_scale = cross_attention_kwargs.get("scale", None) if cross_attention_kwargs is not None else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = (
             self.encode_prompt(
-                prompt=a["prompt"],
-                prompt_2=a["prompt_2"],
+                prompt=prompt,
+                prompt_2=prompt_2,
                 device=device,
-                num_images_per_prompt=a["num_images_per_prompt"],
+                num_images_per_prompt=num_images_per_prompt,
                 do_classifier_free_guidance=True,
-                negative_prompt=a["negative_prompt"],
-                negative_prompt_2=a["negative_prompt_2"],
-                prompt_embeds=a["prompt_embeds"],
-                negative_prompt_embeds=a["negative_prompt_embeds"],
-                pooled_prompt_embeds=a["pooled_prompt_embeds"],
-                negative_pooled_prompt_embeds=a["negative_pooled_prompt_embeds"],
+                negative_prompt=negative_prompt,
+                negative_prompt_2=negative_prompt_2,
+                prompt_embeds=prompt_embeds,
+                negative_prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=pooled_prompt_embeds,
+                negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
                 lora_scale=lora_scale,
-                clip_skip=a["clip_skip"],
+                clip_skip=clip_skip,
             )
         )
 
         # 4. Prepare timesteps
-        scheduler = copy_scheduler(a.get("scheduler") or self.scheduler)
-        timesteps, num_inference_steps = retrieve_timesteps(
-            scheduler, a["num_inference_steps"], device, a["timesteps"], a["sigmas"]
-        )
+        scheduler = copy_scheduler(scheduler or self.scheduler)
+        timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
 
         # 5. Prepare latent variables
         latent_shape = (
@@ -98,7 +128,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
             int(width) // self.vae_scale_factor,
         )
         latents = noise_latents(
-            latent_shape, a["generator"], device, prompt_embeds.dtype, a["latents"], scheduler.init_noise_sigma
+            latent_shape, generator, device, prompt_embeds.dtype, latents, scheduler.init_noise_sigma
         )
 
         # 7. Prepare added time ids & embeddings, one row per image and branch
@@ -108,17 +138,17 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
             projection_dim = self.text_encoder_2.config.projection_dim
         add_time_ids = self._get_add_time_ids(
             original_size,
-            a["crops_coords_top_left"],
+            crops_coords_top_left,
             target_size,
             dtype=prompt_embeds.dtype,
             text_encoder_projection_dim=projection_dim,
         )
         negative_add_time_ids = add_time_ids
-        if a["negative_original_size"] is not None and a["negative_target_size"] is not None:
+        if negative_original_size is not None and negative_target_size is not None:
             negative_add_time_ids = self._get_add_time_ids(
-                a["negative_original_size"],
-                a["negative_crops_coords_top_left"],
-                a["negative_target_size"],
+                negative_original_size,
+                negative_crops_coords_top_left,
+                negative_target_size,
                 dtype=prompt_embeds.dtype,
                 text_encoder_projection_dim=projection_dim,
             )
@@ -141,15 +171,17 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         )
 
         # 8.1 Apply denoising_end
-        denoising_end = a["denoising_end"]
+        denoising_end = denoising_end
         if isinstance(denoising_end, float) and 0 < denoising_end < 1:
             num_train_timesteps = scheduler.config.num_train_timesteps
             cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
             num_inference_steps = len([t for t in timesteps if t >= cutoff])
             timesteps = timesteps[:num_inference_steps]
 
-        return self._inputs(
-            a,
+        return guided_inputs(
+            prompt,
+            num_images_per_prompt,
+            generator,
             latents,
             timesteps,
             num_inference_steps,
@@ -157,7 +189,7 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
             conditioning,
             height,
             width,
-            self.prepare_extra_step_kwargs(a["generator"], a["eta"]),
+            self.prepare_extra_step_kwargs(generator, eta),
         )
 
     def _decode(self, latents, inputs, output_type):

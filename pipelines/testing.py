@@ -8,14 +8,12 @@ CLIP BPE vocabulary without merges, and a character-level T5 unigram vocabulary.
 from __future__ import annotations
 
 import string
-from typing import Literal
 
 import torch
 
 from guidance.shapes.tokenizer import clip_byte_vocabulary
 
-Family = Literal["sd", "sdxl", "sd3", "flux"]
-FAMILIES: tuple[str, ...] = ("sd", "sdxl", "sd3", "flux")
+from .families import FAMILIES, Family
 
 
 def tiny_clip_tokenizer():

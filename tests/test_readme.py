@@ -92,8 +92,8 @@ def test_readme_batch_example_writes_a_run_that_resumes(tmp_path, monkeypatch):
 
 
 def test_readme_npo_example_uses_the_shipped_adapter():
-    from guidance.npo import lora_layers
+    from guidance.lora import active_adapters, lora_layers
 
     example = readme_example("npo = load_npo_adapter(pipe")
     assert example["out"].trace.nfe == 100 and example["with_ag"].trace.nfe < 100  # 50 steps, diffusers default
-    assert all(layer._active_adapter == [] for layer in lora_layers(example["pipe"].unet))  # kept off
+    assert all(active_adapters(layer) == [] for layer in lora_layers(example["pipe"].unet))  # kept off

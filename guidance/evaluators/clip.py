@@ -8,6 +8,7 @@ import torch
 
 from .base import Candidates, Evaluator, prepare_images
 
+
 def load_open_clip(model: str, pretrained: str | None = None):
     """(model, tokenizer) of an open_clip model name (with `pretrained` weights) or "local-dir:<folder>".
 

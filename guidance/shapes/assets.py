@@ -70,7 +70,7 @@ def __getattr__(name: str):
 
 
 def rebuild_hint(name: str) -> str:
-    return f"rebuild it with `guided-train-shapes {TRAIN_COMMAND[name]}`"
+    return f"rebuild it with `python -m pipelines.application.commands.train_shapes {TRAIN_COMMAND[name]}`"
 
 
 def asset_path(name: str, root: str | Path | None = None) -> Path:

@@ -16,7 +16,7 @@ from torch import nn
 
 from .world import ATTRIBUTES, Scene, ShapesWorld
 
-REBUILD_HINT = "rebuild it with `guided-train-shapes scorer`"
+REBUILD_HINT = "rebuild it with `python -m pipelines.application.commands.train_shapes scorer`"
 
 
 class AttributeScorer(nn.Module):

@@ -55,7 +55,7 @@ HALF_SIZES = {"small": 4.5, "large": 7.5}
 JITTER = 1.5
 SUPERSAMPLE = 4
 WORLD_FILE = "shapes-world.json"
-REBUILD_HINT = "rebuild it with `python -m guidance.shapes.world --write assets/shapes-world.json`"
+REBUILD_HINT = "rebuild it with `python -m pipelines.application.commands.train_shapes world`"
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,12 @@ class ShapesWorld:
 
     def write_json(self, path: str | os.PathLike) -> None:
         Path(path).write_text(json.dumps(self.spec, indent=1) + "\n")
+
+    def training_captions(self, count: int, seed: int = 0) -> list[str]:
+        """`count` distinct training captions in a random order drawn from `seed` (calibration prompts)."""
+        scenes = self.training_scenes()
+        order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(seed))[:count]
+        return [self.caption(scenes[i]) for i in order.tolist()]
 
     def scene(self, **attributes: str) -> Scene:
         """A scene from attribute values; unknown values are rejected with the list of valid ones."""
@@ -183,27 +189,3 @@ class ShapesWorld:
         fixed = [w for w in template_words if w not in ATTRIBUTES]
         values = [v for name in ATTRIBUTES for v in self.values[name]]
         return sorted(set(fixed + values))
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Write the shapes world's description (the built-in default).")
-    parser.add_argument("--write", required=True, help="path of the JSON file to write (assets/shapes-world.json)")
-    parser.add_argument("--prompts", default=None, help="also write distinct training captions to this file")
-    parser.add_argument("--count", type=int, default=200, help="how many captions --prompts gets")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the caption draw")
-    args = parser.parse_args(argv)
-    world = ShapesWorld()
-    world.write_json(args.write)
-    print(f"wrote {args.write}")
-    if args.prompts:
-        scenes = world.training_scenes()
-        order = torch.randperm(len(scenes), generator=torch.Generator().manual_seed(args.seed))[: args.count]
-        Path(args.prompts).write_text("\n".join(world.caption(scenes[i]) for i in order.tolist()) + "\n")
-        print(f"wrote {min(args.count, len(scenes))} training captions to {args.prompts}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -148,8 +148,8 @@ def manifest_hash(rows: Sequence[ManifestRow]) -> str:
 
 def compile_denoiser(pipe) -> None:
     """`torch.compile` the UNet or transformer in place."""
-    name = "unet" if hasattr(pipe, "unet") else "transformer"
-    setattr(pipe, name, torch.compile(getattr(pipe, name)))
+    name = "unet" if pipe.denoiser is getattr(pipe, "unet", None) else "transformer"
+    setattr(pipe, name, torch.compile(pipe.denoiser))
 
 
 def _groups(jobs: Sequence[ImageJob]) -> list[list[ImageJob]]:
@@ -297,7 +297,8 @@ def generate_batch(
     """
     from accelerate import PartialState
 
-    from .models import FAMILY_OF_CLASS, call_defaults, load_pipeline
+    from ..families import family_of
+    from .models import call_defaults, load_pipeline
 
     if dtype not in DTYPES:
         raise ValueError(f"`dtype` must be one of {list(DTYPES)}, got {dtype!r}")
@@ -340,7 +341,7 @@ def generate_batch(
         device = device or str(state.device)
         pipe, family = load_pipeline(model, getattr(torch, dtype), device, scheduler)
     else:
-        family = FAMILY_OF_CLASS.get(type(pipe).__name__.removeprefix("Guided"), "")
+        family = family_of(pipe)
     if npo is not None:
         load_npo_adapter(pipe, npo)
     extra = call_defaults(model, family, max_sequence_length)

@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from guidance import ClassifierFreeGuidance, GuidanceRun, LinearAdaptiveGuidance
-from guidance.linear_ag import default_exact_steps, fit_coefficients
+from guidance.linear_ag import LinearAGCalibration, default_exact_steps, fit_coefficients
 
 
 class RecordPredictions(ClassifierFreeGuidance):
@@ -58,15 +58,13 @@ def calibrate(
             f"{exact}"
         )
     coefficients, residuals = fit_coefficients(cond, uncond, exact, window)
-    policy = LinearAdaptiveGuidance(
-        guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps,
-        num_timesteps=num_timesteps,
-        exact_steps=exact,
+    calibration = LinearAGCalibration(
+        coefficients,
+        exact_steps=sorted(set(exact)),
         window=window,
+        num_inference_steps=num_inference_steps,
         scheduler_class=type(pipe.scheduler).__name__,
         latent_shape=list(cond.shape[2:]),
         timesteps=recorder.timesteps,
-        coefficients=coefficients,
     )
-    return policy, residuals
+    return LinearAdaptiveGuidance(guidance_scale, calibration=calibration), residuals

@@ -29,8 +29,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
+
+from guidance.denoised import ForwardProcess
+from guidance.lora import adapter_state_dict, add_lora, lora_layers, set_active_adapters
 
 STUDENT, TEACHER = "npo", "npo_ema"
 
@@ -84,43 +88,9 @@ def pseudo_huber(x: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tenso
     return (torch.sqrt((x.float() - target.float()) ** 2 + c**2) - c).mean()
 
 
-class _Diffusion:
-    """The noise schedule of a UNet (variance preserving: `a = sqrt(abar_t)`, `s = sqrt(1 - abar_t)`, t in 0..999) or
-    of SD3 (flow matching: `a = 1 - sigma`, `s = sigma`, sigma = t / 1000), and x0/eps from the model's output
-    (epsilon, v, or the flow velocity: `x0 = x - sigma v`, `eps = x + (1 - sigma) v`)."""
-
-    def __init__(self, scheduler, flow: bool):
-        self.flow = flow
-        self.last = 1000 if flow else 999
-        if flow:
-            self.prediction_type = "flow"
-            return
-        self.abar = scheduler.alphas_cumprod.float()
-        self.prediction_type = scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"Self-NPO trains epsilon- or v-prediction UNets, got {self.prediction_type!r}")
-
-    def a_s(self, t: torch.Tensor, like: torch.Tensor):
-        shape = (-1, *[1] * (like.dim() - 1))
-        if self.flow:
-            sigma = (t.float() / 1000).to(like.device).view(shape)
-            return 1 - sigma, sigma
-        abar = self.abar.to(like.device)[t].view(shape)
-        return abar.sqrt(), (1 - abar).sqrt()
-
-    def x0_eps(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor):
-        a, s = self.a_s(t, x)
-        output = output.float()
-        if self.prediction_type == "epsilon":
-            return (x - s * output) / a, output
-        if self.prediction_type == "v_prediction":
-            return a * x - s * output, s * x + a * output
-        return x - s * output, x + a * output
-
-
-def use_adapter(layers, name: str | None) -> None:
-    for layer in layers:
-        layer._active_adapter = [] if name is None else [name]
+def check_prediction(process: ForwardProcess) -> None:
+    if process.prediction_type not in ("epsilon", "v_prediction", "flow"):
+        raise ValueError(f"Self-NPO trains epsilon- or v-prediction UNets and flow models, got {process.prediction_type!r}")
 
 
 class SelfNPOTrainer:
@@ -129,12 +99,8 @@ class SelfNPOTrainer:
     def __init__(self, pipe, prompts: list[str], config: SelfNPOConfig, images: list | None = None,
                  prepare_kwargs: dict | None = None):  # fmt: skip
         from accelerate import Accelerator
-        from peft import LoraConfig
 
-        from guidance.npo import lora_layers
-
-        flow = not hasattr(pipe, "unet")
-        if flow and type(pipe).__name__ != "GuidedStableDiffusion3Pipeline":
+        if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline)):
             raise ValueError(f"Self-NPO training takes SD 1.x/2.x, SDXL or SD3 pipelines, got {type(pipe).__name__}")
         if not prompts:
             raise ValueError("`prompts` must hold at least one prompt")
@@ -145,7 +111,9 @@ class SelfNPOTrainer:
             processes = self.accelerator.num_processes
             raise ValueError(f"`batch_size` {config.batch_size} must be a multiple of the {processes} processes "
                              "(each takes an equal share)")  # fmt: skip
-        self.diffusion = _Diffusion(pipe.scheduler, flow)
+        self.diffusion = ForwardProcess(pipe.scheduler)
+        check_prediction(self.diffusion)
+        flow = self.diffusion.flow
         self.prepare_kwargs = dict(prepare_kwargs or {})
         unet = pipe.denoiser
         unet.requires_grad_(False)
@@ -157,12 +125,10 @@ class SelfNPOTrainer:
             self.student = dict(unet.named_parameters())
             self.teacher = dict(self.teacher_model.named_parameters())
         else:
-            lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, target_modules=list(config.target_modules),
-                              init_lora_weights=True)  # fmt: skip
             with torch.random.fork_rng(devices=[]):  # the adapter's initial A from the seed too
                 torch.manual_seed(config.seed)
-                unet.add_adapter(lora, adapter_name=STUDENT)
-                unet.add_adapter(lora, adapter_name=TEACHER)
+                for name in (STUDENT, TEACHER):
+                    add_lora(unet, name, config.rank, config.lora_alpha, config.target_modules)
             self.layers = lora_layers(unet)
             named = dict(unet.named_parameters())
             self.student = {n: p for n, p in named.items() if f".{STUDENT}." in n}
@@ -177,7 +143,7 @@ class SelfNPOTrainer:
         self.step = 0
         self.pool, self.pool_prompts = self._pool(images)
         # the unconditional branch as the public code: "" (SD), zero embeddings (SDXL: diffusers' default for none)
-        negative = None if "XL" in type(pipe).__name__ else [""] * len(self.prompts)
+        negative = None if isinstance(pipe, StableDiffusionXLPipeline) else [""] * len(self.prompts)
         inputs = pipe.prepare(prompt=self.prompts, negative_prompt=negative, num_inference_steps=1,
                               **self.prepare_kwargs)  # fmt: skip
         self.conditioning = inputs.conditioning
@@ -189,11 +155,11 @@ class SelfNPOTrainer:
         """x0 latents: encoded images (with their captions) or the model's own samples, deterministic by seed."""
         c = self.config
         if images is not None:
-            latents = self.pipe.encode_image(images)
+            latents = self.pipe.image_to_latents(images)
             return latents, torch.arange(len(latents)) % len(self.prompts)
         from guidance import ClassifierFreeGuidance
 
-        use_adapter(self.layers, None)
+        set_active_adapters(self.layers, [])
         prompts = [self.prompts[k % len(self.prompts)] for k in range(c.pool_size)]
         generators = [torch.Generator().manual_seed(c.seed * 100003 + k) for k in range(c.pool_size)]
         out = self.pipe(prompts, num_inference_steps=c.pool_steps, output_type="latent",
@@ -208,10 +174,10 @@ class SelfNPOTrainer:
         inputs = self.conditioning.rows(list(branches), dict.fromkeys(branches, rows))
         x, t = torch.cat([x] * len(branches)), torch.cat([t] * len(branches))
         if self.diffusion.flow:  # the transformer takes sigma * 1000
-            out = self.pipe._predict(model, None, x, t.float(), inputs, self.conditioning.shared)
+            out = self.pipe.denoiser_prediction(model, None, x, t.float(), inputs, self.conditioning.shared)
         else:  # the VP x_t as it is (no scheduler input scaling)
             out = model(x, t, **inputs, **self.conditioning.shared, return_dict=False)[0]
-        return self.diffusion.x0_eps(out, x, t)
+        return self.diffusion.x0_and_eps(out, x, t)
 
     def _draws(self, step: int, micro: int = 0):
         """Everything random of a micro-batch of a step, from (seed, step, micro): sample indices, start points,
@@ -244,11 +210,11 @@ class SelfNPOTrainer:
         index, start, noise, renoise, end, later = (x.to(device) for x in self._draws(self.step, micro))
         rows = self.pool_prompts.to(device)[index]
         x0, width = self.pool.to(device)[index].float(), 1000 // c.grid_steps
-        a, s = self.diffusion.a_s(start, x0)
+        a, s = self.diffusion.coefficients(start, x0)
         x, t = a * x0 + s * noise, start
         bare = self.teacher_model if self.teacher_model is not None else self.accelerator.unwrap_model(self.unet)
         with torch.no_grad():  # the teacher's K DDIM steps with the CFG-combined estimates
-            use_adapter(self.layers, TEACHER)
+            set_active_adapters(self.layers, [TEACHER])
             for _ in range(c.rollout_steps + 1):
                 x0, eps = self._eps(x, t, rows, ("uncond", "cond"), bare)  # one pass, as CFG batches them
                 (x0_u, x0_c), (eps_u, eps_c) = x0.chunk(2), eps.chunk(2)
@@ -258,16 +224,16 @@ class SelfNPOTrainer:
                 if not bool(moving.any()):
                     break
                 t_prev = torch.maximum(t - width, end)
-                a_prev, s_prev = self.diffusion.a_s(t_prev, x)
+                a_prev, s_prev = self.diffusion.coefficients(t_prev, x)
                 step = a_prev * x0_hat + s_prev * eps_hat
                 x = torch.where(moving.view(-1, *[1] * (x.dim() - 1)), step, x)
                 t = torch.where(moving, t_prev, t)
             target = x0_hat
-            a_e, s_e = self.diffusion.a_s(end, x)
-            a_l, s_l = self.diffusion.a_s(later, x)
+            a_e, s_e = self.diffusion.coefficients(end, x)
+            a_l, s_l = self.diffusion.coefficients(later, x)
             # x_t' = a_t' x_te / a_te + sqrt(s_t'^2 - (a_t' s_te / a_te)^2) eps'
             x_later = a_l / a_e * x + (s_l**2 - (a_l * s_e / a_e) ** 2).clamp_min(0).sqrt() * renoise
-        use_adapter(self.layers, STUDENT)
+        set_active_adapters(self.layers, [STUDENT])
         with self.accelerator.accumulate(self.unet):
             x0_student, _ = self._eps(x_later, later, rows)
             loss = pseudo_huber(x0_student, target, c.huber_c)
@@ -347,15 +313,12 @@ class SelfNPOTrainer:
     def save_lora(self, folder: Path) -> Path:
         """The student: a diffusers-format LoRA folder (`pipe.load_lora_weights(folder, adapter_name="npo")`), or with
         `full` the whole denoiser in `folder/unet` (`folder/transformer`), a model for `SeparateModel`."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
         unet = self.accelerator.unwrap_model(self.unet)
         if self.config.full:
             if self.accelerator.is_main_process:
                 unet.save_pretrained(folder / ("transformer" if self.diffusion.flow else "unet"))
             return folder
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=STUDENT))
+        layers = adapter_state_dict(unet, STUDENT)
         if self.accelerator.is_main_process:
             key = "transformer_lora_layers" if self.diffusion.flow else "unet_lora_layers"
             type(self.pipe).save_lora_weights(folder, **{key: layers}, safe_serialization=True)

@@ -91,7 +91,7 @@ def test_config_round_trip_and_new(tmp_path):
     assert (loaded.config.start, loaded.config.stop) == (0.1, 0.9)
     changed = cfg.new(guidance_scale=2.0)
     assert changed is not cfg and changed.config.guidance_scale == 2.0 and changed.config.stop == 0.9
-    with pytest.raises(ValueError, match=r"unknown config keys \['scale'\]"):
+    with pytest.raises(ValueError, match=r"`ClassifierFreeGuidance` got unknown arguments \['scale'\]; valid: \["):
         cfg.new(scale=2.0)
     with pytest.raises(ValueError, match="`guidance_scale` must be a finite number"):
         cfg.new(guidance_scale=-3)

@@ -183,7 +183,7 @@ def test_a_composed_linear_ag_saves_its_coefficients(tmp_path):
     composed = ClassifierFreeGuidance(ScheduledScale(4.0, 2.0, "linear"), skip=fitted.skip)
     composed.save_pretrained(tmp_path)
     loaded = ClassifierFreeGuidance.from_pretrained(tmp_path)
-    torch.testing.assert_close(loaded.skip.coefficients, fitted.coefficients)
+    torch.testing.assert_close(loaded.skip.calibration.coefficients, fitted.coefficients)
     result = run(pipe, loaded)
     assert [e["uncond"] for e in result.trace.extras] == ["exact"] * 2 + ["synthesised"] * 2
     assert result.trace.scales[0][0] == 4.0 and result.trace.scales[-1][0] == 2.0
@@ -244,14 +244,16 @@ def test_a_nested_dynamic_scale_round_trips_with_its_evaluators(tmp_path, sd_pip
     dark = darkness()
     policy = ClassifierFreeGuidance(DynamicScale(candidates=[1.0, 4.0], evaluators=[dark]), skip=AdaptiveSkip(0.99))
     policy.save_pretrained(tmp_path)
-    assert policy.config.guidance_scale["evaluator_names"] == ["dark"]
-    loaded = ClassifierFreeGuidance.from_pretrained(tmp_path, evaluators=[dark])
-    assert loaded.scale.evaluators == [dark]
+    saved = ClassifierFreeGuidance.load_config(tmp_path)
+    assert saved["guidance_scale"]["evaluators"] == ["dark"]  # their names: what a config can hold
+    scale = DynamicScale.from_config(saved["guidance_scale"], evaluators=[dark])  # the part, given its objects
+    loaded = ClassifierFreeGuidance.from_pretrained(tmp_path, guidance_scale=scale)
+    assert loaded.scale.evaluators == [dark] and loaded.skip.config.threshold == 0.99
     assert np.abs(run(sd_pipe, loaded).images - run(sd_pipe, policy).images).max() == 0
     with pytest.raises(ValueError, match=r"saved with the evaluators \['dark'\], which a config cannot hold: pass"):
         ClassifierFreeGuidance.from_pretrained(tmp_path)
-    with pytest.raises(TypeError, match="`ClassifierFreeGuidance` and its saved parts take no argument `evaluator`"):
-        ClassifierFreeGuidance.from_pretrained(tmp_path, evaluator=[dark])
+    with pytest.raises(ValueError, match=r"`ClassifierFreeGuidance` got unknown arguments \['evaluators'\]; valid: "):
+        ClassifierFreeGuidance.from_pretrained(tmp_path, evaluators=[dark])
 
 
 def test_a_guider_scale_refuses_the_policys_rescaling():

@@ -112,8 +112,8 @@ def test_adaptive_weights_follow_each_evaluators_relative_change():
 
 
 def test_positional_arguments_land_in_their_own_config_keys(tmp_path):
-    """diffusers' `register_to_config` shifts positional arguments past an ignored one (`evaluators`)."""
-    policy = DynamicGuidance([1.0, 4.0], [Spread(2)], "fixed", [2.0])
+    """Runtime objects (`evaluators`) are keyword-only, so positional arguments keep their config keys."""
+    policy = DynamicGuidance([1.0, 4.0], "fixed", [2.0], evaluators=[Spread(2)])
     assert policy.config.weighting == "fixed" and policy.config.weights == [2.0] and policy.config.candidates == [1, 4]
     policy.save_pretrained(tmp_path)
     assert DynamicGuidance.from_pretrained(tmp_path, evaluators=[Spread(2)]).config.weighting == "fixed"
@@ -124,7 +124,7 @@ def test_config_round_trip_keeps_candidates_and_weights(tmp_path):
     policy.save_pretrained(tmp_path)
     loaded = DynamicGuidance.from_pretrained(tmp_path, evaluators=[Spread(2)])
     assert loaded.config.candidates == [1.0, 4.0] and loaded.config.weights == [3.0]
-    assert loaded.config.weighting == "fixed" and "evaluators" not in loaded.config
+    assert loaded.config.weighting == "fixed" and loaded.config.evaluators == ["spread"]  # names only
     changed = loaded.new(candidates=[2.0, 6.0])
     assert changed.config.candidates == [2.0, 6.0] and changed.evaluators == loaded.evaluators
 
@@ -198,5 +198,5 @@ def test_pixel_evaluators_decode_in_every_pipeline(family):
 
 
 def test_new_refuses_unknown_config_keys():
-    with pytest.raises(ValueError, match=r"`DynamicGuidance.new` got unknown config keys \['scale'\]; valid: "):
+    with pytest.raises(ValueError, match=r"`DynamicGuidance` got unknown arguments \['scale'\]; valid: "):
         DynamicGuidance(candidates=[1.0, 2.0], evaluators=[Spread(2)]).new(scale=3.0)

@@ -6,7 +6,7 @@ import torch
 from conftest import REFERENCE, build, call_kwargs, seeded, size_kwargs
 from diffusers import EulerDiscreteScheduler, HeunDiscreteScheduler, PNDMScheduler
 
-from guidance import ClassifierFreeGuidance, LinearAdaptiveGuidance
+from guidance import ClassifierFreeGuidance, LinearAdaptiveGuidance, LinearAGCalibration
 from guidance.linear_ag import fit_coefficients
 from guidance.shapes.assets import ASSETS
 from pipelines.application.commands.calibrate_linear_ag import main
@@ -39,8 +39,9 @@ def test_fit_recovers_a_known_affine_combination():
 def test_calibrated_policy_round_trips_and_saves_unconditional_passes(fitted):
     folder, residuals = fitted
     assert len(residuals) == 5 and residuals[:2] == [0.0, 0.0] and all(0 < r < 1 for r in residuals[2:])
-    config = json.loads((folder / "guidance_config.json").read_text())
-    assert config["scheduler_class"] == "DDIMScheduler" and config["latent_shape"] == [4, 8, 8]
+    calibration = LinearAGCalibration.from_pretrained(folder)
+    assert calibration.scheduler_class == "DDIMScheduler" and calibration.latent_shape == [4, 8, 8]
+    assert json.loads((folder / "guidance_config.json").read_text())["exact_steps"] is None  # the calibration's
     policy = LinearAdaptiveGuidance.from_pretrained(folder)
     pipe = build("sd")
     kwargs = call_kwargs("sd", prompt=PROMPTS[:2], num_inference_steps=5)
@@ -93,9 +94,10 @@ def test_calibrated_for_a_multistage_scheduler_it_runs_there(scheduler_class):
     pipe.scheduler = scheduler_class.from_config(pipe.scheduler.config)
     policy, residuals = calibrate(pipe, PROMPTS, 4, 5.0, batch_size=3, **size_kwargs("sd"))
     timesteps = len(residuals)
-    assert timesteps > 4 and policy.config.num_timesteps == timesteps and policy.config.num_inference_steps == 4
+    calibration = policy.calibration
+    assert timesteps > 4 and calibration.num_timesteps == timesteps and calibration.num_inference_steps == 4
     result = pipe(**call_kwargs("sd", prompt=PROMPTS[:2], num_inference_steps=4), guidance=policy)
-    exact = len(policy.config.exact_steps)
+    exact = len(policy.skip.exact_steps)
     assert result.trace.num_steps == timesteps and result.trace.nfe == timesteps + exact
     assert np.isfinite(result.images).all()
 
@@ -139,16 +141,24 @@ def test_missing_or_corrupt_coefficients_folder(tmp_path, fitted):
     )
     with pytest.raises(ValueError, match="is corrupt"):
         LinearAdaptiveGuidance.from_pretrained(broken)
-    (broken / "guidance_config.json").write_text(
-        (folder / "guidance_config.json").read_text().replace('"window": 2', '"window": 3')
-    )
-    with pytest.raises(ValueError, match=r"have shape \(5, 6\), the config implies \(5, 8\)"):
+    (broken / "guidance_config.json").write_text((folder / "guidance_config.json").read_text())
+    calibration = LinearAGCalibration.from_pretrained(folder)
+    calibration.window = 3  # the saved description no longer fits the coefficients
+    from safetensors.torch import save_file
+
+    save_file({"coefficients": calibration.coefficients}, broken / "linear_ag_coefficients.safetensors",
+              metadata={"linear_ag": json.dumps({"exact_steps": [0, 1], "window": 3, "num_inference_steps": 5})})
+    with pytest.raises(ValueError, match=r"is corrupt \(LinearAG coefficients must have shape \(timesteps, 8\) for "
+                       r"window 3, got \(5, 6\)\)"):  # fmt: skip
+        LinearAdaptiveGuidance.from_pretrained(broken)
+    save_file({"coefficients": calibration.coefficients}, broken / "linear_ag_coefficients.safetensors")
+    with pytest.raises(ValueError, match=r"is corrupt \('linear_ag'\)"):  # no description of the fit
         LinearAdaptiveGuidance.from_pretrained(broken)
     (broken / "linear_ag_coefficients.safetensors").unlink()
     with pytest.raises(ValueError, match="lacks linear_ag_coefficients.safetensors: run `guided-calibrate-linear-ag`"):
         LinearAdaptiveGuidance.from_pretrained(broken)
     with pytest.raises(ValueError, match="LinearAG has no coefficients: load a calibration folder"):
-        build("sd")(**call_kwargs("sd", prompt="x"), guidance=LinearAdaptiveGuidance(num_inference_steps=3))
+        build("sd")(**call_kwargs("sd", prompt="x"), guidance=LinearAdaptiveGuidance())
 
 
 def test_the_fit_runs_in_float64_on_the_cpu_and_returns_float32():
@@ -178,7 +188,7 @@ def test_calibration_command_writes_a_loadable_folder(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "trajectories of DDIMScheduler with 4 inference steps (4 timesteps)" in printed
     assert "relative residual per step: 0:0.000 1:" in printed
-    assert LinearAdaptiveGuidance.from_pretrained(out).config.exact_steps == [0]
+    assert LinearAdaptiveGuidance.from_pretrained(out).skip.exact_steps == [0]
 
 
 @pytest.mark.parametrize("family", list(REFERENCE))
@@ -193,22 +203,30 @@ def test_works_in_every_pipeline_with_negative_prompts(family):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_inference_steps": 0}, r"`num_inference_steps` must be an int >= 1, got 0"),
-        ({"window": -1}, r"`window` must be an int >= 0, got -1"),
-        ({"num_inference_steps": 4, "exact_steps": [5]}, r"`exact_steps` must be step indices in \[0, 4\), got \[5\]"),
-        ({"exact_steps": []}, r"`exact_steps` must be step indices in \[0, 20\), got \[\]"),
+        ({"num_inference_steps": 0}, r"`num_inference_steps` must be >= 1, got 0"),
+        ({"window": -1}, r"`window` must be >= 0, got -1"),
+        ({"exact_steps": [5]}, r"`exact_steps` must be step indices in \[0, 4\), got \[5\]"),
+        ({"exact_steps": []}, r"`exact_steps` must be step indices in \[0, 4\), got \[\]"),
+        ({"timesteps": [1.0]}, r"`timesteps` must list the 4 timesteps of the fit, got 1"),
+        ({"coefficients": torch.zeros(4, 5)}, r"coefficients must have shape \(timesteps, 6\) for window 2, got \(4, 5\)"),
     ],
 )
 def test_bad_linear_ag_arguments(kwargs, message):
+    fit = {"coefficients": torch.zeros(4, 6), "exact_steps": [0], "window": 2, "num_inference_steps": 4}
     with pytest.raises(ValueError, match=message):
-        LinearAdaptiveGuidance(**kwargs)
+        LinearAGCalibration(**{**fit, **kwargs})
+    calibration = LinearAGCalibration(**fit)
+    with pytest.raises(ValueError, match=r"`exact_steps` must be step indices in \[0, 4\), got \[4\]"):
+        LinearAdaptiveGuidance(exact_steps=[4], calibration=calibration)
+    with pytest.raises(TypeError, match=r"`calibration` must be a LinearAGCalibration or None, got Tensor"):
+        LinearAdaptiveGuidance(calibration=torch.zeros(4, 6))
 
 
 def test_new_and_composition_keep_loaded_coefficients():
     shipped = LinearAdaptiveGuidance.from_pretrained(ASSETS / "linear-ag" / "shapes-sd-20")
     torch.testing.assert_close(shipped.new(guidance_scale=5.0).coefficients, shipped.coefficients)
     composed = ClassifierFreeGuidance(5.0, skip=shipped.skip)
-    torch.testing.assert_close(composed.new().skip.coefficients, shipped.coefficients)
+    torch.testing.assert_close(composed.new().skip.calibration.coefficients, shipped.coefficients)
 
 
 def test_exact_steps_of_the_calibration_cannot_be_dropped(fitted):

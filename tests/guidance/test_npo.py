@@ -11,7 +11,8 @@ from conftest import build, call_kwargs, seeded
 from peft import LoraConfig
 
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, ScheduledGuidance
-from guidance.npo import NegativeAdapter, lora_layers
+from guidance.lora import active_adapters, lora_layers, set_active_adapters
+from guidance.npo import NegativeAdapter
 from guidance.unconditional import SeparateModel
 
 TARGETS = {"sd": ["to_q", "to_k", "to_v", "to_out.0"], "sd3": ["to_q", "to_k", "to_v"], "flux": ["to_q", "to_k"]}
@@ -25,8 +26,7 @@ def with_adapters(family: str, *names: str):
     for name in names:
         config = LoraConfig(r=4, lora_alpha=4, target_modules=TARGETS[family], init_lora_weights=False)
         denoiser.add_adapter(config, adapter_name=name)
-    for layer in lora_layers(denoiser):
-        layer._active_adapter = []
+    set_active_adapters(lora_layers(denoiser), [])
     return pipe
 
 
@@ -54,20 +54,19 @@ def test_one_batched_pass_equals_a_separate_negative_model(family):
                  guidance=ClassifierFreeGuidance(4.0))  # fmt: skip
     assert np.abs(out.images - plain.images).max() > 1e-3  # the adapter does something
     assert out.trace.nfe == plain.trace.nfe  # NPO costs what CFG costs
-    assert all(layer._active_adapter == [] and not layer._forward_hooks for layer in lora_layers(pipe.denoiser))
+    assert all(active_adapters(layer) == [] and not layer._forward_hooks for layer in lora_layers(pipe.denoiser))
 
 
 def test_weights_alpha_and_a_fine_tune_delta_follow_the_formula():
     pipe = with_adapters("sd", "npo", "style")
-    for layer in lora_layers(pipe.unet):
-        layer._active_adapter = ["style"]  # the fine-tune, active for every conditional row
+    set_active_adapters(lora_layers(pipe.unet), ["style"])  # the fine-tune, active for every conditional row
     reference = images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=SeparateModel(
         negative_copy(pipe, {"npo": 2.0, "style": 0.25}))))  # fmt: skip
     policy = ClassifierFreeGuidance(
         4.0, unconditional=NegativeAdapter("npo", alpha=2.0, delta_adapter="style", beta=0.25)
     )
     assert np.abs(images(pipe, "sd", policy) - reference).max() < 1e-5
-    assert all(layer._active_adapter == ["style"] for layer in lora_layers(pipe.unet))
+    assert all(active_adapters(layer) == ["style"] for layer in lora_layers(pipe.unet))
     no_npo = ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("npo", alpha=0.0))
     assert np.abs(images(pipe, "sd", no_npo) - images(pipe, "sd", ClassifierFreeGuidance(4.0))).max() < 1e-6
 
@@ -77,13 +76,12 @@ def test_an_active_npo_adapter_is_kept_off_the_conditional_rows_and_restored():
     reference = images(
         pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=SeparateModel(negative_copy(pipe, {"npo": 1.0})))
     )
-    for layer in lora_layers(pipe.unet):
-        layer._active_adapter = ["npo"]  # as load_lora_weights leaves it
+    set_active_adapters(lora_layers(pipe.unet), ["npo"])  # as load_lora_weights leaves it
     assert (
         np.abs(images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter())) - reference).max()
         < 1e-5
     )
-    assert all(layer._active_adapter == ["npo"] for layer in lora_layers(pipe.unet))
+    assert all(active_adapters(layer) == ["npo"] for layer in lora_layers(pipe.unet))
 
 
 @pytest.mark.parametrize(
@@ -142,6 +140,6 @@ def test_an_adapter_for_another_model_is_refused_at_load():
     before = images(held, "sd", ClassifierFreeGuidance(4.0))
     with pytest.raises(ValueError, match="does not fit this pipeline's UNet2DConditionModel"):
         load_npo_adapter(held, ASSETS / "shapes-sd-npo", adapter_name="other")
-    assert all(layer._active_adapter == [] and list(layer.lora_A) == ["npo"] for layer in lora_layers(held.unet))
+    assert all(active_adapters(layer) == [] and list(layer.lora_A) == ["npo"] for layer in lora_layers(held.unet))
     after = images(held, "sd", ClassifierFreeGuidance(4.0))
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(before, after, strict=True))

@@ -158,7 +158,7 @@ def test_flowedit_keeps_the_image_when_the_prompts_agree_and_edits_otherwise(pip
                      "source_guidance_scale": 2.0, "guidance_scale": 2.0}  # fmt: skip
     kept = pipe.flowedit(source_images(), SOURCE, SOURCE, generator=seeded(0), output_type="latent", **SMALL,
                          **same_guidance)  # fmt: skip
-    source_latents = pipe.encode_pixels(pipe._source_images(source_images(), 1)[0])
+    source_latents = pipe.pixels_to_latents(pipe._source_images(source_images(), 1)[0])
     torch.testing.assert_close(kept.images.float(), source_latents, atol=1e-5, rtol=0)
     edited = pipe.flowedit(source_images(), SOURCE, TARGET, generator=seeded(0), output_type="np", **SMALL)
     branches = 1 if family == "flux" else 2

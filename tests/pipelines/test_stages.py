@@ -1,4 +1,4 @@
-"""The sampler's public stages: prepare, denoise (any number of times, from any index), decode, encode_image; and no
+"""The sampler's public stages: prepare, denoise (any number of times, from any index), decode, image_to_latents; and no
 per-call state on the pipeline (threads)."""
 
 import threading
@@ -104,11 +104,11 @@ def test_denoise_repeats_with_a_stochastic_sampler(scheduler, extra):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_encode_image_gives_latents_in_the_denoisers_layout(family):
+def test_image_to_latents_gives_latents_in_the_denoisers_layout(family):
     pipe = build(family)
     inputs = prepared(pipe, family)
     image = np.random.default_rng(0).random((2, 16, 16, 3)).astype(np.float32)
-    latents = pipe.encode_image(image)
+    latents = pipe.image_to_latents(image)
     assert latents.shape == inputs.latents.shape and torch.isfinite(latents).all()
     pixels = torch.from_numpy(image).permute(0, 3, 1, 2) * 2 - 1
     mode = pipe.vae.encode(pixels).latent_dist.mode()
@@ -125,7 +125,7 @@ def test_encode_then_decode_reconstructs_a_shapes_world_image():
     images = world.render(scenes, seeded())  # in [-1, 1]
     pipe = load_shapes_pipeline("shapes-sd")
     inputs = pipe.prepare(prompt=[world.caption(s) for s in scenes], num_inference_steps=2)
-    latents = pipe.encode_image((images + 1) / 2)
+    latents = pipe.image_to_latents((images + 1) / 2)
     decoded = pipe.decode(latents, inputs, output_type="pt").images * 2 - 1
     psnr = 10 * torch.log10(4 / (decoded - images).pow(2).mean())
     assert psnr > 25

@@ -9,8 +9,8 @@ import torch
 
 from guidance import GuidanceScheduler
 
-from ..options import GUIDANCE_OPTIONS, METHODS, policy_from_options
 from ...schedulers import SCHEDULERS
+from ..options import GUIDANCE_OPTIONS, METHODS, policy_from_options
 
 MODEL_HELP = (
     "shapes:sd or shapes:sd3 (the shapes-world models shipped in assets/), a diffusers pipeline folder "

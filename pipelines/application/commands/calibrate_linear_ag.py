@@ -13,9 +13,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from ...schedulers import SCHEDULERS
 from ...training.linear_ag import calibrate
 from ..models import call_defaults, load_pipeline
-from ...schedulers import SCHEDULERS
 from .common import check_at_least_one, read_prompt_file
 
 
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     policy.save_pretrained(args.output)
     print(
-        f"fitted on {len(prompts)} trajectories of {policy.skip.describe()}; exact steps {policy.config.exact_steps}"
+        f"fitted on {len(prompts)} trajectories of {policy.calibration.describe()}; exact steps {policy.skip.exact_steps}"
     )
     print("relative residual per step: " + " ".join(f"{i}:{r:.3f}" for i, r in enumerate(residuals)))
     print(f"saved to {Path(args.output).resolve()}")

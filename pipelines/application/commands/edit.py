@@ -17,11 +17,10 @@ import PIL.Image
 import torch
 from safetensors.torch import save_file
 
+from ...families import FLOW_FAMILIES
 from ..models import call_defaults, load_pipeline
-from .common import check_at_least_one
 from .arguments import add_guidance_arguments, add_model_arguments, make_guidance
-
-FLOW_FAMILIES = ("sd3", "flux")
+from .common import check_at_least_one
 
 
 def step_size(value: str) -> float | str:

@@ -12,8 +12,8 @@ import sys
 
 from ..batch import generate_batch
 from ..options import GUIDANCE_OPTIONS
-from .common import check_at_least_one, read_prompt_file
 from .arguments import add_guidance_arguments, add_model_arguments
+from .common import check_at_least_one, read_prompt_file
 
 
 def read_rows(args: argparse.Namespace):

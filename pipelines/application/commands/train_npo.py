@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from ..models import call_defaults, load_pipeline
 from ...training.self_npo import SelfNPOConfig, train_self_npo
+from ..models import call_defaults, load_pipeline
 from .common import read_prompt_file
 
 

@@ -1,0 +1,70 @@
+"""The checks of public arguments, written once: each returns the value (as the type it stands for) or raises an error
+naming the argument, what was expected and what was received. The library, the commands and the demo use them all."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def is_number(value: Any) -> bool:
+    """A real number (an int or a float), not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer (not a bool) in [minimum, maximum]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}")
+    check_range(name, value, minimum, maximum)
+    return value
+
+
+def check_number(
+    name: str, value: Any, minimum: float | None = None, maximum: float | None = None, above: float | None = None
+) -> float:
+    """A finite real number in [minimum, maximum] and, when `above` is given, greater than it."""
+    if not is_number(value):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value}")
+    if above is not None and not value > above:
+        raise ValueError(f"`{name}` must be a number > {above:g}, got {value:g}")
+    check_range(name, value, minimum, maximum)
+    return float(value)
+
+
+def check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"`{name}` must be in [{minimum:g}, {maximum:g}], got {value:g}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be <= {maximum:g}, got {value:g}")
+
+
+def check_scale(name: str, value: Any) -> float:
+    """A guidance scale: a finite real number >= 0."""
+    if not is_number(value):
+        raise TypeError(f"`{name}` must be a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"`{name}` must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def check_fraction(name: str, value: Any) -> float:
+    """A fraction of sampling progress in [0, 1]."""
+    if not is_number(value):
+        raise TypeError(f"`{name}` must be a real number in [0, 1], got {type(value).__name__} {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"`{name}` must be in [0, 1], got {value}")
+    return float(value)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
+    """One of `choices`."""
+    choices = list(choices)
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
+    return value
