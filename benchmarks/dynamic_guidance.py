@@ -107,8 +107,8 @@ def main() -> None:
     headline = f"dynamic, latent, {tuned}"
     methods = {f"CFG {scale:g}": ClassifierFreeGuidance(scale) for scale in FIXED}
     for space, evaluators in (("latent", latent), ("pixel", pixel)):  # lookahead "auto": next latent / x0
-        methods[f"dynamic, {space}, {tuned}"] = TimedDynamicGuidance(args.candidates, evaluators)
-        methods[f"dynamic, {space}, paper candidates"] = TimedDynamicGuidance(PAPER_CANDIDATES, evaluators)
+        methods[f"dynamic, {space}, {tuned}"] = TimedDynamicGuidance(args.candidates, evaluators=evaluators)
+        methods[f"dynamic, {space}, paper candidates"] = TimedDynamicGuidance(PAPER_CANDIDATES, evaluators=evaluators)
     results, feedback = {}, {}
     for name, policy in tqdm(methods.items(), desc="methods"):
         images, trace, seconds = generate(pipe, captions, seeds, args.steps, policy)

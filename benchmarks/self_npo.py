@@ -114,8 +114,8 @@ def main() -> None:
     methods["AG 7.5"] = lambda: AdaptiveGuidance(7.5)
     methods["AG 7.5 + NPO"] = lambda: AdaptiveGuidance(7.5, unconditional=npo)
     if not args.no_dynamic:
-        methods[dynamic] = lambda: DynamicGuidance((5, 7.5, 10, 15), heads)
-        methods[f"{dynamic} + NPO"] = lambda: DynamicGuidance((5, 7.5, 10, 15), heads, unconditional=npo)
+        methods[dynamic] = lambda: DynamicGuidance((5, 7.5, 10, 15), evaluators=heads)
+        methods[f"{dynamic} + NPO"] = lambda: DynamicGuidance((5, 7.5, 10, 15), evaluators=heads, unconditional=npo)
     if args.probe:
         probe(args, pipe, captions, extra, methods[args.probe]())
         return

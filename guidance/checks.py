@@ -68,3 +68,18 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}")
     return value
+
+
+def check_seed(name: str, value: Any) -> int:
+    """A random seed: an integer in [0, 2**63 - 1] (what `torch.Generator.manual_seed` takes on every device)."""
+    return check_int(name, value, minimum=0, maximum=2**63 - 1)
+
+
+def check_image_side(name: str, value: Any, multiple: int) -> int | None:
+    """An image height or width in pixels: None (the model's default) or a positive multiple of `multiple`."""
+    if value is None:
+        return None
+    check_int(name, value, minimum=1)
+    if value % multiple:
+        raise ValueError(f"`{name}` must be a multiple of {multiple} (the model's latent grid), got {value}")
+    return value
