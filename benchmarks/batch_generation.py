@@ -52,8 +52,9 @@ def diffusers_loop(pipe, prompts, folder: Path, steps: int, batch_size: int, siz
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(start + k) for k in range(len(batch))]
-        images = pipe(batch, num_inference_steps=steps, guidance_scale=scale, generator=generators, height=size,
-                      width=size).images  # fmt: skip
+        images = pipe(
+            batch, num_inference_steps=steps, guidance_scale=scale, generator=generators, height=size, width=size
+        ).images
         for k, image in enumerate(images):
             image.save(folder / f"{start + k:05d}.png")
 
@@ -81,10 +82,19 @@ def side_by_side(args, prompts, scratch: Path) -> list[dict]:
                 reference, s, folder, args.steps, b, args.height, 7.5
             ),
             "generate_batch": lambda folder, b=batch_size, s=subset: generate_batch(
-                s, folder, pipe=guided, model=args.model, num_inference_steps=args.steps, height=args.height,
-                width=args.height, batch_size=b, guidance={"guidance_scale": 7.5}, progress=False, overwrite=True,
+                s,
+                folder,
+                pipe=guided,
+                model=args.model,
+                num_inference_steps=args.steps,
+                height=args.height,
+                width=args.height,
+                batch_size=b,
+                guidance={"guidance_scale": 7.5},
+                progress=False,
+                overwrite=True,
             ),
-        }  # fmt: skip
+        }
         for name, run in variants.items():  # warm-up
             run(scratch / "warm-up" / name.replace(" ", "-"))
         seconds = {name: [] for name in variants}
@@ -114,13 +124,37 @@ def scaling(args, prompts, scratch: Path) -> list[dict]:
         environment_ = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
         launcher = [sys.executable, "-m", "pipelines.application.commands.generate"]
         if processes > 1:
-            launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                        str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                        "-m", "pipelines.application.commands.generate"]  # fmt: skip
+            launcher = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--multi_gpu",
+                "--num_processes",
+                str(processes),
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+                "-m",
+                "pipelines.application.commands.generate",
+            ]
         out = scratch / f"processes-{processes}"
-        command = [*launcher, "--prompts-file", str(prompt_file), "--num-inference-steps", str(args.steps),
-                   "--batch-size", str(args.batch_sizes[0]), "--output-dir", str(out), "--no-progress",
-                   "--device", "cpu"]  # fmt: skip
+        command = [
+            *launcher,
+            "--prompts-file",
+            str(prompt_file),
+            "--num-inference-steps",
+            str(args.steps),
+            "--batch-size",
+            str(args.batch_sizes[0]),
+            "--output-dir",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
         start = time.perf_counter()
         subprocess.run(command, env=environment_, cwd=ROOT, check=True, capture_output=True)
         seconds = time.perf_counter() - start

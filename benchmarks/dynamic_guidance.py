@@ -174,7 +174,7 @@ def main() -> None:
                 "feedback_cost": feedback.get(name),
             }
             for name, (_, trace) in results.items()
-        },  # fmt: skip
+        },
         "mean_schedule": mean_schedule,
         "megaflops": flops,
     }

@@ -63,8 +63,13 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = pipe(prompts, num_inference_steps=args.steps, guidance=policy, output_type="latent",
-                   generator=torch.Generator().manual_seed(0))  # fmt: skip
+        out = pipe(
+            prompts,
+            num_inference_steps=args.steps,
+            guidance=policy,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        )
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return time.perf_counter() - start, out.trace.nfe

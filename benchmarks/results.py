@@ -21,8 +21,13 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         outputs = [":!benchmarks/results", ":!docs/figures"]
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
-                                cwd=ROOT, capture_output=True, text=True, check=True)  # fmt: skip
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *outputs],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     except (OSError, subprocess.CalledProcessError):
         return "unknown (not a git checkout)"
     return commit.stdout.strip() + (" with uncommitted changes" if status.stdout.strip() else "")

@@ -35,8 +35,17 @@ STEPS = 4  # PNDM with its Runge-Kutta warm-up needs 4
 SCALE = 4.0
 ROWS = {"prompt": ["a red circle", "a small blue square"], "negative_prompt": ["green", "a yellow triangle"]}
 CALIBRATION = ["a red circle", "a blue square", "a green triangle", "a yellow circle"]
-POLICIES = ["cfg", "scheduled", "interval", "ag", "linear-ag", "dynamic-x0-pixel", "dynamic-x0-latent",
-            "dynamic-next-pixel", "dynamic-next-latent"]  # fmt: skip
+POLICIES = [
+    "cfg",
+    "scheduled",
+    "interval",
+    "ag",
+    "linear-ag",
+    "dynamic-x0-pixel",
+    "dynamic-x0-latent",
+    "dynamic-next-pixel",
+    "dynamic-next-latent",
+]
 CASES = [("sd", name) for name, (_, _, kind) in SCHEDULERS.items() if kind == "diffusion"]
 CASES += [(family, name) for family in FLOW_FAMILIES for name, (_, _, kind) in SCHEDULERS.items() if kind == "flow"]
 CASES += [("sdxl", name) for name in ("euler", "dpm++2m-karras", "heun", "unipc")]
@@ -45,15 +54,20 @@ NO_REFERENCE = {("flux", "flow-heun"): "diffusers' FluxPipeline refuses FlowMatc
 
 def call_kwargs(family: str, steps: int) -> dict:
     text = {"max_sequence_length": 16} if family in FLOW_FAMILIES else {}
-    return dict(height=16, width=16, output_type="np", num_inference_steps=steps, num_images_per_prompt=2, **ROWS,
-                **text)  # fmt: skip
+    return dict(
+        height=16, width=16, output_type="np", num_inference_steps=steps, num_images_per_prompt=2, **ROWS, **text
+    )
 
 
 def tiny_pipeline(family: str, scheduler: str, guided: bool = True):
     import diffusers
 
-    reference = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline",
-                 "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}[family]  # fmt: skip
+    reference = {
+        "sd": "StableDiffusionPipeline",
+        "sdxl": "StableDiffusionXLPipeline",
+        "sd3": "StableDiffusion3Pipeline",
+        "flux": "FluxPipeline",
+    }[family]
     pipeline = guided_class(family) if guided else getattr(diffusers, reference)
     pipe = pipeline(**tiny_components(family))
     pipe.set_progress_bar_config(disable=True)

@@ -64,8 +64,19 @@ def memory_probe(args, name: str) -> float:
     import json
     import subprocess
 
-    command = [sys.executable, "-m", "benchmarks.self_npo", "--model", args.model, "--adapter", args.adapter, "--steps", str(args.steps),
-               "--probe", name] + (["--captions", str(args.captions)] if args.captions else [])  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.self_npo",
+        "--model",
+        args.model,
+        "--adapter",
+        args.adapter,
+        "--steps",
+        str(args.steps),
+        "--probe",
+        name,
+    ] + (["--captions", str(args.captions)] if args.captions else [])
     out = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -163,8 +174,15 @@ def main() -> None:
         with torch.no_grad():
             distance = frechet_distance(clip.image_features(images * 2 - 1), real_features)
         ratio = statistics.median(ratios[name]) if name in ratios else None
-        rows[name] = {"accuracy": accuracy, "errors": errors, "fd": distance, "nfe": trace.nfe, "time_ratio": ratio,
-                      "clip_score": clip_score(clip, images, prompts), "peak_mib": peak.get(name)}  # fmt: skip
+        rows[name] = {
+            "accuracy": accuracy,
+            "errors": errors,
+            "fd": distance,
+            "nfe": trace.nfe,
+            "time_ratio": ratio,
+            "clip_score": clip_score(clip, images, prompts),
+            "peak_mib": peak.get(name),
+        }
         lines.append(
             f"| {name} | " + " | ".join(f"{100 * accuracy[k]:.1f}" for k in ATTRIBUTES) + f" | "
             f"{100 * (1 - errors / judged):.2f} | {errors} | {distance:.4f} | {rows[name]['clip_score']:.2f} | "

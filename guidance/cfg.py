@@ -107,8 +107,11 @@ class ComposedGuidance(GuidanceScheduler):
             )
         self.unconditional = unconditional or BASE_MODEL
         self.part_arguments = {"guidance_scale": self.scale, "skip": self.skip}
-        given = {key: part.to_dict() for key, part in self.part_arguments.items() if isinstance(self.config.get(key),
-                 GuidancePart)}  # fmt: skip
+        given = {
+            key: part.to_dict()
+            for key, part in self.part_arguments.items()
+            if isinstance(self.config.get(key), GuidancePart)
+        }
         if given:
             self.register_to_config(**given)
 

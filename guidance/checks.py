@@ -16,8 +16,8 @@ def is_number(value: Any) -> bool:
 def check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
     """An integer (not a bool) in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}")
-    check_range(name, value, minimum, maximum)
+        raise TypeError(f"`{name}` must be an int, got {type(value).__name__} {value!r}")
+    check_range(name, value, minimum, maximum, "an int")
     return value
 
 
@@ -30,18 +30,18 @@ def check_number(
     if not math.isfinite(value):
         raise ValueError(f"`{name}` must be a finite number, got {value}")
     if above is not None and not value > above:
-        raise ValueError(f"`{name}` must be a number > {above:g}, got {value:g}")
-    check_range(name, value, minimum, maximum)
+        raise ValueError(f"`{name}` must be a number > {above!r}, got {value!r}")
+    check_range(name, value, minimum, maximum, "a number")
     return float(value)
 
 
-def check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+def check_range(name: str, value: float, minimum: float | None, maximum: float | None, kind: str) -> None:
     if minimum is not None and maximum is not None and not minimum <= value <= maximum:
-        raise ValueError(f"`{name}` must be in [{minimum:g}, {maximum:g}], got {value:g}")
+        raise ValueError(f"`{name}` must be {kind} in [{minimum!r}, {maximum!r}], got {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum:g}, got {value:g}")
+        raise ValueError(f"`{name}` must be {kind} >= {minimum!r}, got {value!r}")
     if maximum is not None and value > maximum:
-        raise ValueError(f"`{name}` must be <= {maximum:g}, got {value:g}")
+        raise ValueError(f"`{name}` must be {kind} <= {maximum!r}, got {value!r}")
 
 
 def check_scale(name: str, value: Any) -> float:

@@ -77,7 +77,9 @@ class ForwardProcess:
             return a * x - s * output, s * x + a * output
         if self.prediction_type == "flow":
             return x - s * output, x + a * output
-        raise ValueError(f"prediction type {self.prediction_type!r} has no x0 and eps here (epsilon, v_prediction, flow)")
+        raise ValueError(
+            f"prediction type {self.prediction_type!r} has no x0 and eps here (epsilon, v_prediction, flow)"
+        )
 
 
 def variance_preserving_coefficients(step: GuidanceStep, like: torch.Tensor) -> tuple[torch.Tensor, ...]:

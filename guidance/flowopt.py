@@ -10,10 +10,19 @@ first `z` comes from UniInv (UniEdit-Flow) with the source prompt (`uniinv`).
 Step size. Near a fixed point the error evolves as `e_{k+1} = (I - eta J) e_k`, `J` the Jacobian of `f_c`. If along
 the iterates the symmetric part of `J` is at least `m > 0` and its norm at most `L`, then
 `||I - eta J||^2 <= 1 - 2 eta m + eta^2 L^2 < 1` for `0 < eta < 2 m / L^2`: the iteration contracts, and the bound is
-best at `eta = m / L^2` (for `J = a I`, `eta = 1 / a` converges in one step). `step_size="auto"` estimates `L` from the
-solve itself, by power iteration on finite differences `(f_c(z + d) - f_c(z)) / |d|`, starts at `eta = 1 / L`, and
-backtracks per image: a step whose residual `|f_c(z_{k+1}) - y|` is larger than the current one is rejected and
-`eta` halved, so the residual of the accepted iterates never increases. A fixed step size follows the paper's code.
+best at `eta = m / L^2` (for `J = a I`, `eta = 1 / a` converges in one step).
+
+`step_size="auto"` estimates `L` from the solve itself, by power iteration on finite differences
+`(f_c(z + d) - f_c(z)) / |d|`, and starts at `eta = 1 / L`: the right step when `J` is close to `L I`, but above the
+bound `2 m / L^2` whenever `m < L / 2`. What it guarantees comes from backtracking, per image: a step whose residual
+`|f_c(z_{k+1}) - y|` is larger than the current one is rejected and `eta` halved, so the residual of the accepted
+iterates never increases (an image gives up when its step has shrunk 64-fold).
+
+A fixed step size follows the paper's code: every iteration runs and is kept, whether or not it lowers the residual;
+an image whose residual rose at some iteration is reported as diverged (`FlowOptResult.diverged`, and the run's
+`stopped` is "diverged"). Early stopping happens only when asked for: `tolerance` (an image stops once its residual
+per latent element is at most that) and `min_improvement` (an image stops once an iteration lowers its residual by less
+than that fraction, or raises it).
 """
 
 from __future__ import annotations
@@ -24,6 +33,8 @@ from typing import Any
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+
+from .checks import check_int, check_number, is_number
 
 Solve = Callable[[torch.Tensor], torch.Tensor]
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
@@ -48,6 +59,8 @@ class FlowOptConfig(ConfigMixin):
         step_size: `eta`, a positive number, or "auto" (see the module docstring).
         tolerance: stop an image when the RMS of `f_c(z) - y` per latent element falls to it (0: never).
         probes: power-iteration probes of "auto" (each one solve).
+        min_improvement: stop an image when an iteration lowers its residual by less than this fraction of it, or
+            raises it (0: never; the paper's code runs every iteration).
     """
 
     config_name = "flowopt_config.json"
@@ -61,21 +74,19 @@ class FlowOptConfig(ConfigMixin):
         step_size: float | str = 0.01,
         tolerance: float = 0.0,
         probes: int = 2,
+        min_improvement: float = 0.0,
     ):
-        for name, value, low in (("num_inference_steps", num_inference_steps, 1), ("iterations", iterations, 0),
-                                 ("probes", probes, 1)):  # fmt: skip
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"`{name}` must be an int >= {low}, got {value!r}")
+        check_int("num_inference_steps", num_inference_steps, minimum=1)
+        check_int("iterations", iterations, minimum=0)
+        check_int("probes", probes, minimum=1)
         if isinstance(n_max, bool) or not isinstance(n_max, int) or not 1 <= n_max <= num_inference_steps:
             raise ValueError(
                 f"`n_max` must be an int in [1, num_inference_steps={num_inference_steps}], got {n_max!r}"
             )
-        auto = step_size == "auto"
-        number = not isinstance(step_size, bool) and isinstance(step_size, (int, float))
-        if not auto and not (number and step_size > 0):
+        if step_size != "auto" and not (is_number(step_size) and step_size > 0):
             raise ValueError(f"`step_size` must be a positive number or 'auto', got {step_size!r}")
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
-            raise ValueError(f"`tolerance` must be a number >= 0, got {tolerance!r}")
+        check_number("tolerance", tolerance, minimum=0)
+        check_number("min_improvement", min_improvement, minimum=0, maximum=1)
 
     @classmethod
     def defaults(cls, family: str, task: str, **overrides) -> FlowOptConfig:
@@ -108,6 +119,13 @@ class FlowOptResult:
     solves: int = 0
     """Solves run, probes and rejected steps included."""
     stopped: str = "iterations"
+    """Why the run ended: "iterations" (all ran), "converged" (every image stopped early: its tolerance, too small an
+    improvement, or "auto" gave up), "diverged" (an image's residual rose at a kept iteration) or "callback"."""
+    outcomes: list[str] = field(default_factory=list)
+    """Per image: "iterations", "tolerance", "stalled" (less than `min_improvement`), "diverged" (its residual rose;
+    with `min_improvement` it stopped there), "gave up" ("auto"'s step shrank 64-fold) or "callback"."""
+    diverged: list[bool] = field(default_factory=list)
+    """Per image: whether its residual rose at a kept iteration (a fixed step too large for it)."""
 
 
 def rms(x: torch.Tensor) -> torch.Tensor:
@@ -158,28 +176,31 @@ def flowopt(
     generator: torch.Generator | None = None,
 ) -> FlowOptResult:
     """Iterate eq. 6, `z <- z - eta (f_c(z) - y)`, from `z` for `config.iterations` iterations (a batch of images,
-    each with its own residual, step size and stop). The update runs in float32 whatever the model's dtype.
+    each with its own residual, step size and outcome). The update runs in float32 whatever the model's dtype.
 
     `callback(iteration, {"latents": f_c(z_k), "noise_latents": z_k, "residuals": per image})` after every
     iteration (0 included); returning `{"stop": True}` ends the run there.
     """
+    settings = config.config
     target, z = y.float(), z.float()
     fz = solve(z).float()
     solves, residual = 1, rms(fz - target)
-    auto = config.config.step_size == "auto"
+    auto = settings.step_size == "auto"
     if auto:
-        eta = estimate_step_size(solve, z, fz, config.config.probes, generator)
-        solves += config.config.probes
+        eta = estimate_step_size(solve, z, fz, settings.probes, generator)
+        solves += settings.probes
     else:
-        eta = torch.full((z.shape[0],), float(config.config.step_size), device=z.device)
+        eta = torch.full((z.shape[0],), float(settings.step_size), device=z.device)
     floor = eta / 64  # "auto" gives up on an image whose step had to shrink this far
-    active = residual > config.config.tolerance
+    outcomes = ["tolerance" if r <= settings.tolerance else "iterations" for r in residual.tolist()]
+    active = torch.tensor([o == "iterations" for o in outcomes], device=z.device)
+    diverged = torch.zeros_like(active)
     result = FlowOptResult(z, fz, [residual.tolist()], [eta.tolist()], [fz] if keep_iterates else [], solves)
     if _stop_requested(callback, 0, fz, z, residual):
-        return _finish(result, z, fz, "callback")
-    for iteration in range(1, config.config.iterations + 1):
+        return _finish(result, z, fz, outcomes, diverged, "callback")
+    for iteration in range(1, settings.iterations + 1):
         if not active.any():
-            return _finish(result, z, fz, "converged")
+            break
         proposal = torch.where(rows(active, z), z - eta.view(-1, *[1] * (z.ndim - 1)) * (fz - target), z)  # eq. 6
         f_proposal = solve(proposal).float()
         result.solves += 1
@@ -187,19 +208,31 @@ def flowopt(
         accepted = active & (r_proposal <= residual) if auto else active
         if auto:
             eta = torch.where(active & ~accepted, eta / 2, eta)
-        improved = accepted & (r_proposal < residual * (1 - 1e-3))
+        rose = accepted & (r_proposal > residual)
+        small = accepted & (r_proposal > residual * (1 - settings.min_improvement)) & ~rose
         z = torch.where(rows(accepted, z), proposal, z)
         fz = torch.where(rows(accepted, fz), f_proposal, fz)
         residual = torch.where(accepted, r_proposal, residual)
-        # an image stops at the tolerance, when an accepted step no longer improves it, or when "auto" gave up
-        active = active & (residual > config.config.tolerance) & ~(accepted & ~improved) & (eta >= floor)
+        diverged |= rose
+        early = settings.min_improvement > 0
+        ended = {
+            "tolerance": accepted & (residual <= settings.tolerance),
+            "diverged": rose if early else torch.zeros_like(rose),
+            "stalled": small if early else torch.zeros_like(small),
+            "gave up": active & (eta < floor),
+        }
+        for outcome, mask in ended.items():
+            for image in (mask & active).nonzero().flatten().tolist():
+                outcomes[image] = outcome
+            active = active & ~mask
         result.residuals.append(residual.tolist())
         result.step_sizes.append(eta.tolist())
         if keep_iterates:
             result.iterates.append(fz)
         if _stop_requested(callback, iteration, fz, z, residual):
-            return _finish(result, z, fz, "callback")
-    return _finish(result, z, fz, "converged" if not active.any() else "iterations")
+            outcomes = ["callback" if a else o for o, a in zip(outcomes, active.tolist(), strict=True)]
+            return _finish(result, z, fz, outcomes, diverged, "callback")
+    return _finish(result, z, fz, outcomes, diverged, None)
 
 
 def _stop_requested(callback, iteration: int, fz: torch.Tensor, z: torch.Tensor, residual: torch.Tensor) -> bool:
@@ -209,6 +242,11 @@ def _stop_requested(callback, iteration: int, fz: torch.Tensor, z: torch.Tensor,
     return bool(answer and answer.get("stop"))
 
 
-def _finish(result: FlowOptResult, z: torch.Tensor, fz: torch.Tensor, why: str) -> FlowOptResult:
-    result.latents, result.solution, result.stopped = z, fz, why
+def _finish(result, z, fz, outcomes: list[str], diverged: torch.Tensor, why: str | None) -> FlowOptResult:
+    """The result with its final iterate, each image's outcome and the run's: `why`, else what the images say."""
+    result.latents, result.solution, result.outcomes, result.diverged = z, fz, outcomes, diverged.tolist()
+    if why is None:
+        early = {"tolerance", "stalled", "gave up"}
+        why = "diverged" if any(result.diverged) else "converged" if set(outcomes) <= early else "iterations"
+    result.stopped = why
     return result

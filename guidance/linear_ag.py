@@ -53,8 +53,10 @@ class LinearAGCalibration:
         check_int("num_inference_steps", self.num_inference_steps, minimum=1)
         shape = tuple(self.coefficients.shape) if isinstance(self.coefficients, torch.Tensor) else None
         if shape is None or len(shape) != 2 or shape[1] != 2 + 2 * self.window:
-            raise ValueError(f"LinearAG coefficients must have shape (timesteps, {2 + 2 * self.window}) for window "
-                             f"{self.window}, got {shape or type(self.coefficients).__name__}")  # fmt: skip
+            raise ValueError(
+                f"LinearAG coefficients must have shape (timesteps, {2 + 2 * self.window}) for window "
+                f"{self.window}, got {shape or type(self.coefficients).__name__}"
+            )
         self.coefficients = self.coefficients.float()
         if not self.exact_steps or any(not 0 <= s < shape[0] for s in self.exact_steps):
             raise ValueError(f"`exact_steps` must be step indices in [0, {shape[0]}), got {self.exact_steps!r}")
@@ -75,8 +77,11 @@ class LinearAGCalibration:
         """One safetensors file: the coefficients, and the rest as JSON in its metadata."""
         Path(folder).mkdir(parents=True, exist_ok=True)
         described = {key: value for key, value in asdict(self).items() if key != "coefficients"}
-        save_file({"coefficients": self.coefficients.contiguous()}, Path(folder) / COEFFICIENTS_FILE,
-                  metadata={"linear_ag": json.dumps(described)})  # fmt: skip
+        save_file(
+            {"coefficients": self.coefficients.contiguous()},
+            Path(folder) / COEFFICIENTS_FILE,
+            metadata={"linear_ag": json.dumps(described)},
+        )
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike) -> LinearAGCalibration:
@@ -89,8 +94,9 @@ class LinearAGCalibration:
                 coefficients = handle.get_tensor("coefficients")
             return cls(coefficients, **described)
         except (KeyError, OSError, RuntimeError, TypeError, ValueError) as error:
-            raise ValueError(f"LinearAG coefficients folder {str(folder)!r} is corrupt ({error}): run {CALIBRATE} "
-                             "again") from error  # fmt: skip
+            raise ValueError(
+                f"LinearAG coefficients folder {str(folder)!r} is corrupt ({error}): run {CALIBRATE} again"
+            ) from error
 
 
 def regressors(cond: list[torch.Tensor], uncond: list[torch.Tensor], i: int, window: int) -> torch.Tensor:
@@ -138,9 +144,15 @@ class LinearAGSkip(UnconditionalSkip):
         if self.calibration is None:
             return
         start, stop = self.interval
-        total, exact, coefficients = self.calibration.num_timesteps, set(self.exact_steps), self.calibration.coefficients
+        total, exact, coefficients = (
+            self.calibration.num_timesteps,
+            set(self.exact_steps),
+            self.calibration.coefficients,
+        )
         unfitted = [
-            i for i in range(total) if start <= i / max(total - 1, 1) <= stop and i not in exact and not coefficients[i].any()
+            i
+            for i in range(total)
+            if start <= i / max(total - 1, 1) <= stop and i not in exact and not coefficients[i].any()
         ]
         if unfitted:
             calibrated = [i for i in range(total) if not coefficients[i].any()]

@@ -136,15 +136,19 @@ class NegativeAdapter(UnconditionalModel):
 def size_mismatch(error: Exception, folder, denoiser: torch.nn.Module) -> ValueError | None:
     """A short error for torch's list of every LoRA tensor of another shape than the denoiser's (None: another
     error, or one of another model of the pipeline, e.g. its text encoder)."""
-    pattern = (r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) from checkpoint, "
-               r"the shape in current model is (torch\.Size\(\[[\d, ]*\]\))")  # fmt: skip
+    pattern = (
+        r"size mismatch for (\S+): copying a param with shape (torch\.Size\(\[[\d, ]*\]\)) from checkpoint, "
+        r"the shape in current model is (torch\.Size\(\[[\d, ]*\]\))"
+    )
     mismatched = re.findall(pattern, str(error))
     if not isinstance(error, RuntimeError) or f"for {type(denoiser).__name__}:" not in str(error) or not mismatched:
         return None
     name, theirs, ours = mismatched[0]
-    return ValueError(f"{str(folder)!r} does not fit this pipeline's {type(denoiser).__name__}: {len(mismatched)} of "
-                      f"its LoRA tensors have other shapes (e.g. {name}: {theirs} in the folder, {ours} in the "
-                      "model): was it trained for another model?")  # fmt: skip
+    return ValueError(
+        f"{str(folder)!r} does not fit this pipeline's {type(denoiser).__name__}: {len(mismatched)} of "
+        f"its LoRA tensors have other shapes (e.g. {name}: {theirs} in the folder, {ours} in the "
+        "model): was it trained for another model?"
+    )
 
 
 def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> NegativeAdapter:
@@ -165,8 +169,10 @@ def load_npo_adapter(pipe, folder, adapter_name: str = "npo", **kwargs) -> Negat
             raise
         raise readable from error
     if adapter_name not in adapter_names(lora_layers(denoiser)):
-        raise ValueError(f"{str(folder)!r} holds no LoRA weights for this pipeline's {type(denoiser).__name__}: "
-                         "was it trained for another model?")  # fmt: skip
+        raise ValueError(
+            f"{str(folder)!r} holds no LoRA weights for this pipeline's {type(denoiser).__name__}: "
+            "was it trained for another model?"
+        )
     for layer in lora_layers(denoiser):
         set_active_adapters([layer], [name for name in active_adapters(layer) if name != adapter_name])
     return NegativeAdapter(adapter_name, **kwargs)

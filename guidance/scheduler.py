@@ -140,8 +140,9 @@ class Configurable(ConfigMixin):
 
     @classmethod
     def from_config(cls, config: dict | None = None, **kwargs):
-        """An object of this class from a saved config; `kwargs` replace config values or give runtime objects. What a
-        saved config says of a runtime object (an evaluator's name) reaches the constructor, which says what to pass."""
+        """An object of this class from a saved config; `kwargs` replace config values or give runtime objects. What
+        a saved config says of a runtime object (an evaluator's name) reaches the constructor, which says what to
+        pass."""
         config, runtime = dict(config or {}), {}
         for name in cls.ignore_for_config:
             saved = config.pop(name, None)
@@ -299,8 +300,10 @@ def part_from_config(value: dict, folder: str | os.PathLike | None = None) -> Gu
     classes = part_classes()
     name = value["_class_name"]
     if name not in classes:
-        raise ValueError(f"saved guidance part {name!r} is unknown; known parts: {sorted(classes)} (register yours with "
-                         "guidance.register_part)")  # fmt: skip
+        raise ValueError(
+            f"saved guidance part {name!r} is unknown; known parts: {sorted(classes)} (register yours with "
+            "guidance.register_part)"
+        )
     cls = classes[name]
     objects = cls.load_objects(folder, value) if folder is not None else {}
     return cls.from_config(value, **objects)

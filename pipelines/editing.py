@@ -14,6 +14,7 @@ from diffusers.utils import BaseOutput, logging
 
 from guidance import ClassifierFreeGuidance, GuidanceScheduler
 from guidance import flowedit as flowedit_method
+from guidance.checks import check_int
 from guidance.flowopt import TARGET_GUIDANCE_SCALE, FlowOptConfig, flowopt, rms, uniinv
 
 logger = logging.get_logger(__name__)
@@ -26,7 +27,8 @@ class FlowEditOutput(BaseOutput):
     per latent element for image `b`; `nfe`: model evaluations per image, everything included; `latents`: the
     optimised (inverted) noise latents `z`; `size`: the (height, width) worked on, after any crop; `step_sizes[k][b]`:
     the `eta` in use at iteration k (what "auto" chose); `stopped`: why the iterations ended ("iterations",
-    "converged": every image reached `tolerance` or stopped improving, or "callback")."""
+    "converged": every image stopped early, "diverged": a residual rose at a kept iteration, or "callback");
+    `outcomes` and `diverged`: the same per image (`guidance.flowopt.FlowOptResult`)."""
 
     images: Any
     iterates: list | None = None
@@ -36,6 +38,26 @@ class FlowEditOutput(BaseOutput):
     size: tuple[int, int] | None = None
     step_sizes: list[list[float]] | None = None
     stopped: str | None = None
+    outcomes: list[str] | None = None
+    diverged: list[bool] | None = None
+
+
+@dataclass
+class EditRequest:
+    """One FlowOpt or FlowEdit call, checked: the source images (in [-1, 1], cropped to the model's multiple) and their
+    size, a source and a target prompt per image, the policy of the target solves and what the solves also take."""
+
+    pixels: torch.Tensor
+    size: tuple[int, int]
+    sources: list[str]
+    targets: list[str]
+    guidance: GuidanceScheduler | None = None
+    negative_prompt: str | None = None
+    embedded_guidance: float = 1.0
+    """Flux's guidance embedding in the target solves (guidance-distilled models); the inversion embeds 1."""
+    callback_on_step_end: Any = None
+    callback_on_step_end_tensor_inputs: list[str] | None = None
+    prepare_kwargs: dict = field(default_factory=dict)
 
 
 def check_prompts(prompt: Any, name: str) -> list[str]:
@@ -98,11 +120,15 @@ class FlowEditingMixin:
             raise ValueError(f"`image` of size {size} is smaller than {multiple} pixels, the model's multiple")
         largest = self.largest_side()
         if largest is not None and max(height, width) > largest:
-            raise ValueError(f"`image` of size {size} is larger than this model takes: at most {largest} pixels a "
-                             "side (its transformer's position embedding)")  # fmt: skip
+            raise ValueError(
+                f"`image` of size {size} is larger than this model takes: at most {largest} pixels a "
+                "side (its transformer's position embedding)"
+            )
         if (height, width) != size:
-            logger.warning(f"cropped the image from {size} to {(height, width)}, multiples of {multiple} (FlowOpt's "
-                           "code crops the same way)")  # fmt: skip
+            logger.warning(
+                f"cropped the image from {size} to {(height, width)}, multiples of {multiple} (FlowOpt's "
+                "code crops the same way)"
+            )
         cropped = [crop_top_left(i, height, width) for i in images]
         pixels = self.image_processor.preprocess(cropped if len(cropped) > 1 else cropped[0], height, width)
         if len(pixels) not in (1, prompts) and prompts > 1:
@@ -118,13 +144,21 @@ class FlowEditingMixin:
             return self.scheduler
         return FlowMatchEulerDiscreteScheduler.from_config(self.scheduler.config)
 
-    def _editing_inputs(self, prompts, y, size, steps, negative_prompt, embedded, prepare_kwargs):
+    def _editing_inputs(self, request: EditRequest, prompts: list[str], y, steps: int, embedded: float):
         """Prepared inputs of `prompts` at the image's size, with `y` as their latents (nothing is drawn)."""
         embedding = {"guidance_scale": embedded} if self.flowopt_family == "flux" else {}
-        negative = [negative_prompt or ""] * len(prompts)
-        return self.prepare(prompt=prompts, negative_prompt=negative, height=size[0], width=size[1], latents=y,
-                            num_inference_steps=steps, scheduler=self._euler_scheduler(), **embedding,
-                            **prepare_kwargs)  # fmt: skip
+        height, width = request.size
+        return self.prepare(
+            prompt=prompts,
+            negative_prompt=[request.negative_prompt or ""] * len(prompts),
+            height=height,
+            width=width,
+            latents=y,
+            num_inference_steps=steps,
+            scheduler=self._euler_scheduler(),
+            **embedding,
+            **request.prepare_kwargs,
+        )
 
     def _velocity(self, inputs):
         """v(x, sigma): one conditional model evaluation (guidance 1) with `inputs`' prompts."""
@@ -136,7 +170,8 @@ class FlowEditingMixin:
 
         return velocity
 
-    def _prompts_and_images(self, image, source_prompt, target_prompt):
+    def _edit_request(self, image, source_prompt, target_prompt, **settings) -> EditRequest:
+        """The checked request: prompts, images (one per prompt, or one for all) cropped to the model's multiple."""
         sources, targets = check_prompts(source_prompt, "source_prompt"), check_prompts(target_prompt, "target_prompt")
         if len(targets) != len(sources):
             raise ValueError(
@@ -146,7 +181,7 @@ class FlowEditingMixin:
         pixels, size = self._source_images(image, count)
         if len(sources) == 1:
             sources, targets = sources * len(pixels), targets * len(pixels)
-        return pixels, size, sources, targets
+        return EditRequest(pixels, size, sources, targets, **settings)
 
     @torch.no_grad()
     def invert(
@@ -159,6 +194,7 @@ class FlowEditingMixin:
         iterations: int | None = None,
         step_size: float | str | None = None,
         tolerance: float = 0.0,
+        min_improvement: float = 0.0,
         guidance: GuidanceScheduler | None = None,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
@@ -171,13 +207,26 @@ class FlowEditingMixin:
     ) -> FlowEditOutput:
         """FlowOpt inversion: noise latents `z` whose solve with `prompt` reproduces the image (`latents`; the paper's
         defaults: T 10, n_max 10, 30 iterations). Arguments as in `edit`; `guidance` defaults to none (scale 1)."""
-        pixels, size, prompts, _ = self._prompts_and_images(image, prompt, prompt)
-        config = FlowOptConfig.defaults(self.flowopt_family, "invert", num_inference_steps=num_inference_steps,
-                                        n_max=n_max, iterations=iterations, step_size=step_size,
-                                        tolerance=tolerance)  # fmt: skip
-        return self._flowopt(config, pixels, size, prompts, prompts, guidance or ClassifierFreeGuidance(1.0), None,
-                             guidance_scale, generator, output_type, return_iterates, callback_on_iteration,
-                             callback_on_step_end, callback_on_step_end_tensor_inputs, prepare_kwargs)  # fmt: skip
+        settings = dict(
+            num_inference_steps=num_inference_steps,
+            n_max=n_max,
+            iterations=iterations,
+            step_size=step_size,
+            tolerance=tolerance,
+            min_improvement=min_improvement,
+        )
+        config = FlowOptConfig.defaults(self.flowopt_family, "invert", **settings)
+        request = self._edit_request(
+            image,
+            prompt,
+            prompt,
+            guidance=guidance or ClassifierFreeGuidance(1.0),
+            embedded_guidance=guidance_scale,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            prepare_kwargs=prepare_kwargs,
+        )
+        return self._flowopt(config, request, generator, output_type, return_iterates, callback_on_iteration)
 
     @torch.no_grad()
     def edit(
@@ -191,6 +240,7 @@ class FlowEditingMixin:
         iterations: int | None = None,
         step_size: float | str | None = None,
         tolerance: float = 0.0,
+        min_improvement: float = 0.0,
         guidance: GuidanceScheduler | None = None,
         negative_prompt: str | None = None,
         guidance_scale: float = TARGET_GUIDANCE_SCALE,
@@ -210,9 +260,10 @@ class FlowEditingMixin:
                 height and width: cropped at the bottom and right to `pixel_multiple()` (a warning says so), never
                 resized.
             source_prompt, target_prompt: a prompt, or one per image.
-            num_inference_steps, n_max, iterations, step_size, tolerance: FlowOpt's settings (`FlowOptConfig`; None:
-                the paper's defaults for the family: SD3 15, 12, 8, 0.01; Flux 15, 13, 8, 0.0025); `step_size="auto"`
-                estimates the step and backtracks.
+            num_inference_steps, n_max, iterations, step_size, tolerance, min_improvement: FlowOpt's settings
+                (`FlowOptConfig`; None: the paper's defaults for the family: SD3 15, 12, 8, 0.01; Flux 15, 13, 8,
+                0.0025); `step_size="auto"` estimates the step and backtracks; every iteration runs unless
+                `tolerance` or `min_improvement` asks for early stopping.
             guidance: the policy inside the target solves (any `GuidanceScheduler`: AG, a schedule, ...); default
                 CFG at 3.5 for SD3, and for Flux none (its guidance embedding carries the scale).
             negative_prompt: the unconditional prompt of the target solves ("" by default, as the paper).
@@ -225,33 +276,61 @@ class FlowEditingMixin:
             callback_on_step_end, callback_on_step_end_tensor_inputs: passed to every solve, as in `__call__`.
             prepare_kwargs: further call arguments for the prompts (`max_sequence_length`, ...).
         """
-        pixels, size, sources, targets = self._prompts_and_images(image, source_prompt, target_prompt)
-        config = FlowOptConfig.defaults(self.flowopt_family, "edit", num_inference_steps=num_inference_steps,
-                                        n_max=n_max, iterations=iterations, step_size=step_size,
-                                        tolerance=tolerance)  # fmt: skip
+        settings = dict(
+            num_inference_steps=num_inference_steps,
+            n_max=n_max,
+            iterations=iterations,
+            step_size=step_size,
+            tolerance=tolerance,
+            min_improvement=min_improvement,
+        )
+        config = FlowOptConfig.defaults(self.flowopt_family, "edit", **settings)
         if guidance is None:
             guidance = ClassifierFreeGuidance(1.0 if self.flowopt_family == "flux" else TARGET_GUIDANCE_SCALE)
-        return self._flowopt(config, pixels, size, sources, targets, guidance, negative_prompt, guidance_scale,
-                             generator, output_type, return_iterates, callback_on_iteration, callback_on_step_end,
-                             callback_on_step_end_tensor_inputs, prepare_kwargs)  # fmt: skip
+        request = self._edit_request(
+            image,
+            source_prompt,
+            target_prompt,
+            guidance=guidance,
+            negative_prompt=negative_prompt,
+            embedded_guidance=guidance_scale,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            prepare_kwargs=prepare_kwargs,
+        )
+        return self._flowopt(config, request, generator, output_type, return_iterates, callback_on_iteration)
 
-    def _flowopt(self, config, pixels, size, sources, targets, guidance, negative_prompt, embedded, generator,
-                 output_type, return_iterates, callback_on_iteration, callback_on_step_end, callback_names,
-                 prepare_kwargs) -> FlowEditOutput:  # fmt: skip
+    def _flowopt(
+        self,
+        config: FlowOptConfig,
+        request: EditRequest,
+        generator: torch.Generator | None,
+        output_type: str,
+        return_iterates: bool,
+        callback_on_iteration: Any,
+    ) -> FlowEditOutput:
+        """UniInv from the source prompts, then FlowOpt's iterations on the target solves (`guidance.flowopt`)."""
         steps, n_start = config.config.num_inference_steps, config.n_start
-        y = self.pixels_to_latents(pixels)
-        source = self._editing_inputs(sources, y, size, steps, negative_prompt, 1.0, prepare_kwargs)
-        same = targets == sources and embedded == 1.0
-        target = source if same else self._editing_inputs(targets, y, size, steps, negative_prompt, embedded,
-                                                          prepare_kwargs)  # fmt: skip
+        y = self.pixels_to_latents(request.pixels)
+        source = self._editing_inputs(request, request.sources, y, steps, 1.0)
+        same = request.targets == request.sources and request.embedded_guidance == 1.0
+        target = (
+            source if same else self._editing_inputs(request, request.targets, y, steps, request.embedded_guidance)
+        )
         sigmas = [0.0] + [float(s) for s in source.scheduler.sigmas[n_start:-1].flip(0)]
         z = uniinv(self._velocity(source), y, sigmas)  # the first z: n_max + 1 evaluations per image
         nfe = [float(len(sigmas))]
 
         def solve(latents: torch.Tensor) -> torch.Tensor:
-            out = self.denoise(target, guidance, latents=latents, start_index=n_start, show_progress=False,
-                               callback_on_step_end=callback_on_step_end,
-                               callback_on_step_end_tensor_inputs=callback_names)  # fmt: skip
+            out = self.denoise(
+                target,
+                request.guidance,
+                latents=latents,
+                start_index=n_start,
+                show_progress=False,
+                callback_on_step_end=request.callback_on_step_end,
+                callback_on_step_end_tensor_inputs=request.callback_on_step_end_tensor_inputs,
+            )
             nfe[0] += out.trace.nfe
             return out.latents
 
@@ -262,16 +341,21 @@ class FlowEditingMixin:
                 return None if callback_on_iteration is None else callback_on_iteration(self, iteration, tensors)
 
             result = flowopt(solve, y, z, config, on_iteration, return_iterates, generator)
-        decode = lambda x: self.decode(x.to(y.dtype), target, output_type).images  # noqa: E731
+
+        def decode(latents: torch.Tensor):
+            return self.decode(latents.to(y.dtype), target, output_type).images
+
         return FlowEditOutput(
             images=decode(result.solution),
             iterates=[decode(x) for x in result.iterates] if return_iterates else None,
             residuals=result.residuals,
             nfe=nfe[0],
             latents=result.latents,
-            size=size,
+            size=request.size,
             step_sizes=result.step_sizes,
             stopped=result.stopped,
+            outcomes=result.outcomes,
+            diverged=result.diverged,
         )
 
     @torch.no_grad()
@@ -297,38 +381,41 @@ class FlowEditingMixin:
         defaults of its code (SD3: T 50, n_max 33, CFG 3.5 source and 13.5 target; Flux: T 28, n_max 24, embedded
         guidance 1.5 and 5.5). `source_guidance`/`target_guidance` are the policies of the two velocities;
         `source_guidance_scale`/`guidance_scale` Flux's embedded guidance."""
-        pixels, size, sources, targets = self._prompts_and_images(image, source_prompt, target_prompt)
         defaults = flowedit_method.DEFAULTS[self.flowopt_family]
         steps = num_inference_steps or defaults["num_inference_steps"]
         n_max = n_max or defaults["n_max"]
         FlowOptConfig(num_inference_steps=steps, n_max=n_max)  # the same checks of T and n_max
-        if isinstance(n_avg, bool) or not isinstance(n_avg, int) or n_avg < 1:
-            raise ValueError(f"`n_avg` must be an int >= 1, got {n_avg!r}")
+        check_int("n_avg", n_avg, minimum=1)
+        request = self._edit_request(
+            image, source_prompt, target_prompt, negative_prompt=negative_prompt, prepare_kwargs=prepare_kwargs
+        )
         flux = self.flowopt_family == "flux"
         if source_guidance is None:
             source_guidance = ClassifierFreeGuidance(1.0 if flux else defaults["source_guidance_scale"])
         if target_guidance is None:
             target_guidance = ClassifierFreeGuidance(1.0 if flux else defaults["target_guidance_scale"])
-        y = self.pixels_to_latents(pixels)
+        y = self.pixels_to_latents(request.pixels)
         source_embedded = source_guidance_scale or defaults["source_guidance_scale"]
-        source = self._editing_inputs(sources, y, size, steps, negative_prompt, source_embedded, prepare_kwargs)
+        source = self._editing_inputs(request, request.sources, y, steps, source_embedded)
         target_embedded = guidance_scale or defaults["target_guidance_scale"]
-        target = self._editing_inputs(targets, y, size, steps, negative_prompt, target_embedded, prepare_kwargs)
+        target = self._editing_inputs(request, request.targets, y, steps, target_embedded)
         n_start = steps - n_max
         source_run = self.start_run(source, source_guidance, len(y), n_start)
         target_run = self.start_run(target, target_guidance, len(y), n_start)
         sigmas = [float(s) for s in source.scheduler.sigmas]
         with self.progress_bar(total=n_max * n_avg) as progress:
 
+            def source_velocity(x: torch.Tensor, i: int) -> torch.Tensor:
+                return source_run.predict(x, i).prediction
+
             def target_velocity(x: torch.Tensor, i: int) -> torch.Tensor:
                 progress.update()
                 return target_run.predict(x, i).prediction
 
-            edited = flowedit_method.flowedit(lambda x, i: source_run.predict(x, i).prediction, target_velocity, y,
-                                              sigmas, n_start, n_avg, generator)  # fmt: skip
+            edited = flowedit_method.flowedit(source_velocity, target_velocity, y, sigmas, n_start, n_avg, generator)
         return FlowEditOutput(
             images=self.decode(edited.to(y.dtype), target, output_type).images,
             residuals=[rms(edited - y.float()).tolist()],
             nfe=source_run.trace.nfe + target_run.trace.nfe,
-            size=size,
+            size=request.size,
         )

@@ -1,4 +1,5 @@
-"""The pipeline families, named once: their guided classes, the diffusers classes they extend, which are flow models."""
+"""The pipeline families, named once: their guided classes, the diffusers classes they extend, which of them are flow
+models."""
 
 from __future__ import annotations
 
@@ -43,7 +44,9 @@ def family_of(pipe) -> str:
     for family, name in DIFFUSERS_CLASSES.items():
         if isinstance(pipe, getattr(diffusers, name)):
             return family
-    raise ValueError(f"{type(pipe).__name__} is none of the families {list(FAMILIES)} ({list(DIFFUSERS_CLASSES.values())})")
+    raise ValueError(
+        f"{type(pipe).__name__} is none of the families {list(FAMILIES)} ({list(DIFFUSERS_CLASSES.values())})"
+    )
 
 
 def family_of_class_name(class_name: str) -> str | None:

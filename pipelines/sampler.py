@@ -10,9 +10,10 @@
 3. `decode(latents, inputs, output_type) -> the family's output`; and `image_to_latents(image) -> latents` for editing.
 
 A family implements `_prepare` (mirroring its diffusers `__call__` up to the loop, with diffusers' call arguments by
-keyword), `_predict` (one denoiser call) and `_decode`, and sets `__call__ = guided_call(<its diffusers class>)`: the
-diffusers signature and docstring, plus a keyword-only `guidance`. No per-call state lives on the pipeline: a run's scheduler, conditioning and trace belong to the run, and
-diffusers' `_interrupt`/`_current_timestep`/`_num_timesteps` are per thread.
+keyword), `denoiser_prediction` (one denoiser call) and `_decode`, and sets `__call__ = guided_call(<its diffusers
+class>)`: the diffusers signature and docstring, plus a keyword-only `guidance`. No per-call state lives on the
+pipeline: a run's scheduler, conditioning and trace belong to the run, and diffusers'
+`_interrupt`/`_current_timestep`/`_num_timesteps` are per thread.
 """
 
 from __future__ import annotations
@@ -120,11 +121,21 @@ class GuidedRun:
         inputs, pipe = self.inputs, self.pipeline
         t = inputs.timesteps[step_index]
         unpack = functools.partial(pipe.unpack_latents, height=inputs.height, width=inputs.width)
-        step = GuidanceStep(step_index, inputs.num_timesteps, t, latents, self.scheduler, inputs.num_inference_steps,
-                            inputs.prompts, unpack, pipe.decode_for_guidance)  # fmt: skip
+        step = GuidanceStep(
+            step_index,
+            inputs.num_timesteps,
+            t,
+            latents,
+            self.scheduler,
+            inputs.num_inference_steps,
+            inputs.prompts,
+            unpack,
+            pipe.decode_for_guidance,
+        )
         request = self.guidance.branches(step)
-        predictions = pipe._run_branches(self.guidance, pipe.denoiser, self.scheduler, request, latents, t,
-                                         self.conditioning)  # fmt: skip
+        predictions = pipe._run_branches(
+            self.guidance, pipe.denoiser, self.scheduler, request, latents, t, self.conditioning
+        )
         guided = self.guidance.combine(step, request, predictions)
         if not isinstance(guided, GuidedPrediction):
             raise TypeError(
@@ -327,8 +338,11 @@ class GuidedPipelineMixin:
             scheduler.set_begin_index(start_index)
         run = GuidedRun(self, inputs, guidance, scheduler, inputs.conditioning.copy(), GuidanceTrace(batch_size))
         latent_shape = tuple(inputs.latents.shape[1:])
-        guidance.reset(GuidanceRun(batch_size, inputs.num_timesteps, inputs.num_inference_steps, scheduler,
-                                   latent_shape, start_index))  # fmt: skip
+        guidance.reset(
+            GuidanceRun(
+                batch_size, inputs.num_timesteps, inputs.num_inference_steps, scheduler, latent_shape, start_index
+            )
+        )
         return run
 
     def _check_denoise_arguments(self, inputs: Any, latents: Any, start_index: Any) -> torch.Tensor:
@@ -384,8 +398,10 @@ class GuidedPipelineMixin:
             names = [name for name in group if request.coverage(name) != "none"]
             if not names:
                 continue
-            rows = {name: None if request.coverage(name) == "all" else getattr(request, name).nonzero().squeeze(1)
-                    for name in names}  # fmt: skip
+            rows = {
+                name: None if request.coverage(name) == "all" else getattr(request, name).nonzero().squeeze(1)
+                for name in names
+            }
             separate = names == ["uncond"] and not model.shares_pass
             module = model.denoiser(denoiser) if separate else denoiser
             inputs = conditioning.rows(names, rows)
@@ -510,8 +526,9 @@ def guided_call(diffusers_class: type) -> Callable:
     signature = inspect.signature(diffusers_class.__call__)
     parameters = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     extra = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
-    guidance = inspect.Parameter("guidance", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                 annotation="GuidanceScheduler | None")  # fmt: skip
+    guidance = inspect.Parameter(
+        "guidance", inspect.Parameter.KEYWORD_ONLY, default=None, annotation="GuidanceScheduler | None"
+    )
     __call__.__signature__ = signature.replace(parameters=[*parameters, guidance, *extra])
     __call__.__doc__ = (diffusers_class.__call__.__doc__ or "").rstrip() + "\n" + GUIDANCE_DOC
     __call__.__qualname__ = f"Guided{diffusers_class.__name__}.__call__"
@@ -519,14 +536,33 @@ def guided_call(diffusers_class: type) -> Callable:
 
 
 def guided_inputs(
-    prompt: Any, num_images_per_prompt: int, generator: Any, latents, timesteps, num_inference_steps, scheduler,
-    conditioning, height, width, step_kwargs=None,
-) -> GuidedInputs:  # fmt: skip
+    prompt: Any,
+    num_images_per_prompt: int,
+    generator: Any,
+    latents,
+    timesteps,
+    num_inference_steps,
+    scheduler,
+    conditioning,
+    height,
+    width,
+    step_kwargs=None,
+) -> GuidedInputs:
     """A family's prepared inputs, with what every family takes from the call (the prompt of each row, the
     generator; the step arguments' generators at their state now)."""
     step_kwargs = {key: snapshot(value) for key, value in (step_kwargs or {}).items()}
-    return GuidedInputs(latents, timesteps, num_inference_steps, scheduler, conditioning, height, width,
-                        prompt_rows(prompt, num_images_per_prompt), step_kwargs, generator)  # fmt: skip
+    return GuidedInputs(
+        latents,
+        timesteps,
+        num_inference_steps,
+        scheduler,
+        conditioning,
+        height,
+        width,
+        prompt_rows(prompt, num_images_per_prompt),
+        step_kwargs,
+        generator,
+    )
 
 
 def check_guidance(guidance: Any) -> None:

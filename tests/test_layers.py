@@ -1,7 +1,7 @@
 """The layers, as docs/design.md draws them, pinned rule by rule:
 
-- the library: `guidance` (abstraction, methods, evaluators, editing algorithms) and the pipelines' core (`pipelines/*.py`:
-  sampler, stages, family files, the editing mixin on the flow families only);
+- the library: `guidance` (abstraction, methods, evaluators, editing algorithms) and the pipelines' core
+  (`pipelines/*.py`: sampler, stages, family files, the editing mixin on the flow families only);
 - training and calibration: `pipelines.training`, a library layer above the core;
 - the application: `pipelines.application` (commands, batch runs, manifests, options, model names, the demo's logic),
   and `app.py` (the demo's page).
@@ -15,8 +15,9 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYERS = {
@@ -79,13 +80,18 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*")
 
 
 def string_constants(path: Path) -> list[str]:
-    return [node.value for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Constant)
-            and isinstance(node.value, str)]  # fmt: skip
+    return [
+        node.value
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    ]
 
 
 def test_the_library_names_no_command_flag():
     library = [*LAYERS["guidance"], *LAYERS["pipelines core"], *LAYERS["pipelines.training"]]
-    named = {str(p.relative_to(ROOT)): sorted({f for s in string_constants(p) for f in FLAG.findall(s)}) for p in library}
+    named = {
+        str(p.relative_to(ROOT)): sorted({f for s in string_constants(p) for f in FLAG.findall(s)}) for p in library
+    }
     assert {path: flags for path, flags in named.items() if flags} == {}
 
 
@@ -98,8 +104,11 @@ def test_the_flag_pattern_finds_flags():
 
 def test_the_shapes_world_is_reached_only_by_its_own_code_and_the_application():
     # the shapes world's own code, and the testing module (tiny components borrow its byte-level CLIP vocabulary)
-    shapes_world = {ROOT / "pipelines" / "training" / "shapes.py", ROOT / "pipelines" / "testing.py",
-                    *(ROOT / "guidance" / "shapes").rglob("*.py")}  # fmt: skip
+    shapes_world = {
+        ROOT / "pipelines" / "training" / "shapes.py",
+        ROOT / "pipelines" / "testing.py",
+        *(ROOT / "guidance" / "shapes").rglob("*.py"),
+    }
     library = [*LAYERS["guidance"], *LAYERS["pipelines core"], *LAYERS["pipelines.training"]]
     offenders = {
         str(path.relative_to(ROOT)): sorted(m for m in imported_modules(path) if reaches(m, ("guidance.shapes",)))
@@ -132,15 +141,19 @@ def test_import_guidance_stays_light():
 def test_the_editing_mixin_is_on_the_flow_families_only():
     import pipelines
 
-    editing = {name for name in pipelines.__all__ if name.endswith("Pipeline") and hasattr(getattr(pipelines, name),
-               "edit")}  # fmt: skip
+    editing = {
+        name for name in pipelines.__all__ if name.endswith("Pipeline") and hasattr(getattr(pipelines, name), "edit")
+    }
     assert editing == {"GuidedStableDiffusion3Pipeline", "GuidedFluxPipeline"}
 
 
 def test_pyproject_installs_every_package_and_only_the_embedded_defaults_assets():
     setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
-    found = {module_name(init.parent / "__init__.py") for top in ("guidance", "pipelines") for init in
-             (ROOT / top).rglob("__init__.py")}  # fmt: skip
+    found = {
+        module_name(init.parent / "__init__.py")
+        for top in ("guidance", "pipelines")
+        for init in (ROOT / top).rglob("__init__.py")
+    }
     assert set(setuptools["packages"]) == found | {"guidance_assets"}
     shipped = [p for pattern in setuptools["package-data"]["guidance_assets"] for p in (ROOT / "assets").glob(pattern)]
     assert shipped and not [p for p in shipped if p.suffix in (".png", ".jsonl", ".md", ".txt")]

@@ -50,9 +50,14 @@ def image_size(pipe) -> int:
 
 
 def generated_latents(
-    pipe, prompts: Sequence[str], count: int, scales: Sequence[float], num_inference_steps: int, seed: int = 0,
+    pipe,
+    prompts: Sequence[str],
+    count: int,
+    scales: Sequence[float],
+    num_inference_steps: int,
+    seed: int = 0,
     **call_kwargs,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Latents (VAE layout) of `count` images of the pipeline, prompts and CFG scales taken in turn (a fixed shuffle
     of the prompts), image `i` from seed `seed * 100003 + i`."""
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -63,8 +68,14 @@ def generated_latents(
         chosen = [(i, p) for i, (p, s) in enumerate(jobs) if s == scale]
         for batch in (chosen[k : k + 32] for k in range(0, len(chosen), 32)):
             generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i, _ in batch]
-            out = pipe([p for _, p in batch], num_inference_steps=num_inference_steps, generator=generators,
-                       output_type="latent", guidance=ClassifierFreeGuidance(scale), **call_kwargs)  # fmt: skip
+            out = pipe(
+                [p for _, p in batch],
+                num_inference_steps=num_inference_steps,
+                generator=generators,
+                output_type="latent",
+                guidance=ClassifierFreeGuidance(scale),
+                **call_kwargs,
+            )
             latents += list(zip([i for i, _ in batch], pipe.unpack_latents(out.images, size, size), strict=True))
     return torch.stack([latent for _, latent in sorted(latents, key=lambda item: item[0])])
 
@@ -106,11 +117,19 @@ def train_discriminator(
         labels = torch.cat([torch.ones(half), torch.zeros(half)])
         return F.binary_cross_entropy_with_logits(discriminator.logits(images), labels)
 
-    Trainer(training.name, discriminator.network, training.checkpoints, training.steps, training.learning_rate,
-            training.seed).run(loss_fn)  # fmt: skip
+    Trainer(
+        training.name,
+        discriminator.network,
+        training.checkpoints,
+        training.steps,
+        training.learning_rate,
+        training.seed,
+    ).run(loss_fn)
     with torch.no_grad():
         held = real(torch.Generator().manual_seed(training.seed + 1), 256) if callable(real) else real[:256]
-        hits = (discriminator.logits(held) > 0).float().mean() + (discriminator.logits(generated[:256]) < 0).float().mean()
+        hits = (discriminator.logits(held) > 0).float().mean() + (
+            discriminator.logits(generated[:256]) < 0
+        ).float().mean()
     return discriminator.eval(), hits.item() / 2
 
 
@@ -125,15 +144,20 @@ def teacher_targets(teacher: ClipEvaluator | FidelityDiscriminator, images: torc
 
 
 def train_latent_head(
-    pipe, images: torch.Tensor, latents: torch.Tensor, teacher: ClipEvaluator | FidelityDiscriminator,
-    teacher_name: str | None, training: EvaluatorTraining,
-) -> LatentEvaluator:  # fmt: skip
+    pipe,
+    images: torch.Tensor,
+    latents: torch.Tensor,
+    teacher: ClipEvaluator | FidelityDiscriminator,
+    teacher_name: str | None,
+    training: EvaluatorTraining,
+) -> LatentEvaluator:
     """A timestep-aware `LatentEvaluator` on noisy `latents` (VAE layout) that predicts what `teacher` says of the
     clean `images`; `teacher_name` is saved with it (for a "clip" head: the CLIP whose text tower scores, an
     open_clip name or "local-dir:<folder>")."""
     kind, targets = teacher_targets(teacher, images)
-    network = ConvEncoder(latents.shape[1], latents.shape[-1], targets.shape[1], width=training.width,
-                          timestep_aware=True)  # fmt: skip
+    network = ConvEncoder(
+        latents.shape[1], latents.shape[-1], targets.shape[1], width=training.width, timestep_aware=True
+    )
 
     def loss_fn(generator, step):
         picked = rows(latents, generator, training.batch_size)
@@ -145,6 +169,7 @@ def train_latent_head(
             error = (output - targets[picked]).pow(2).mean(-1)
         return (weight * error).sum() / weight.sum()
 
-    Trainer(training.name, network, training.checkpoints, training.steps, training.learning_rate,
-            training.seed).run(loss_fn)  # fmt: skip
+    Trainer(training.name, network, training.checkpoints, training.steps, training.learning_rate, training.seed).run(
+        loss_fn
+    )
     return LatentEvaluator(network, kind, teacher_name).eval()

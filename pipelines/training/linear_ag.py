@@ -45,8 +45,14 @@ def calibrate(
     for start in tqdm(range(0, len(prompts), batch_size), desc="calibration trajectories"):
         batch = prompts[start : start + batch_size]
         generators = [torch.Generator().manual_seed(seed + start + k) for k in range(len(batch))]
-        pipe(batch, num_inference_steps=num_inference_steps, generator=generators, output_type="latent",
-             guidance=recorder, **call_kwargs)  # fmt: skip
+        pipe(
+            batch,
+            num_inference_steps=num_inference_steps,
+            generator=generators,
+            output_type="latent",
+            guidance=recorder,
+            **call_kwargs,
+        )
         cond.append(torch.stack([step["cond"] for step in recorder.history]))
         uncond.append(torch.stack([step["uncond"] for step in recorder.history]))
     cond, uncond = torch.cat(cond, dim=1), torch.cat(uncond, dim=1)

@@ -28,8 +28,9 @@ PROMPTS = ["a red circle", "a blue square"]
 
 
 def run(pipe, policy, steps=4, **kwargs):
-    return pipe(**call_kwargs("sd", prompt=PROMPTS, num_inference_steps=steps, **kwargs), generator=seeded(),
-                guidance=policy)  # fmt: skip
+    return pipe(
+        **call_kwargs("sd", prompt=PROMPTS, num_inference_steps=steps, **kwargs), generator=seeded(), guidance=policy
+    )
 
 
 def darkness():
@@ -106,8 +107,9 @@ def test_any_policy_with_another_model_in_the_unconditional_branch():
     built = policies(pipe)
     calls = {"base": [], "twin": [], "other": []}
     for name, module in (("base", pipe.unet), ("twin", twin), ("other", other)):
-        module.register_forward_pre_hook(lambda m, args, kwargs, n=name: calls[n].append(len(args[0])),
-                                         with_kwargs=True)  # fmt: skip
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs, n=name: calls[n].append(len(args[0])), with_kwargs=True
+        )
     for name, policy in built.items():
         base = run(pipe, policy.new())
         same = run(pipe, policy.new(unconditional=SeparateModel(twin)))

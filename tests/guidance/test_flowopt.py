@@ -85,12 +85,39 @@ def test_the_tolerance_stops_an_image_and_the_run_when_all_are_done():
     torch.testing.assert_close(result.latents[1], z[1])
 
 
-def test_an_image_that_stops_improving_stops():
+def test_an_image_stops_improving_only_where_early_stopping_is_asked_for():
     def solve(z):  # a floor: no z brings the residual below 1
         return z.clamp(max=2.0)
 
-    result = flowopt(solve, torch.full((1, 4), 3.0), torch.zeros(1, 4), config(iterations=20, step_size=0.5))
-    assert result.stopped == "converged" and len(result.residuals) < 21
+    y, z = torch.full((1, 4), 3.0), torch.zeros(1, 4)
+    every = flowopt(solve, y, z, config(iterations=20, step_size=0.5))  # the paper's code: a fixed N, no early stop
+    assert every.stopped == "iterations" and len(every.residuals) == 21 and every.outcomes == ["iterations"]
+    early = flowopt(solve, y, z, config(iterations=20, step_size=0.5, min_improvement=1e-3))
+    assert early.stopped == "converged" and early.outcomes == ["stalled"] and len(early.residuals) < 21
+
+
+def test_a_fixed_step_that_raises_the_residual_is_reported_as_diverged():
+    """Failure 3 of the real-models issue: eta 3.0 raised the residual, the run stopped and said "converged"."""
+    solve, _ = linear_solve(torch.tensor([1.0, 1.0]))
+    y, z = torch.ones(2, 4), torch.zeros(2, 4)
+    result = flowopt(solve, y, z, config(iterations=5, step_size=3.0))  # |1 - 3| = 2: the error doubles
+    first, second = result.residuals[0][0], result.residuals[1][0]
+    assert second > first and len(result.residuals) == 6  # kept, as the paper's code keeps it, and it goes on
+    assert result.stopped == "diverged" and result.diverged == [True, True] and result.outcomes == ["iterations"] * 2
+    early = flowopt(solve, y, z, config(iterations=5, step_size=3.0, min_improvement=1e-3))
+    assert early.stopped == "diverged" and early.outcomes == ["diverged"] * 2 and len(early.residuals) == 2
+    fine = flowopt(solve, y, z, config(iterations=5, step_size=0.5))
+    assert fine.stopped == "iterations" and fine.diverged == [False, False]
+
+
+def test_the_papers_settings_run_every_iteration():
+    """Failure 3 too: at the paper's settings the loop stopped after iteration 5 of 8 ("converged" when an iteration
+    improved the residual by less than 0.1%)."""
+    solve, _ = linear_solve(torch.tensor([1.0]))
+    paper = FlowOptConfig.defaults("sd3", "edit")
+    assert (paper.config.iterations, paper.config.step_size, paper.config.min_improvement) == (8, 0.01, 0.0)
+    result = flowopt(solve, torch.ones(1, 4), torch.zeros(1, 4), paper)
+    assert len(result.residuals) == 9 and result.stopped == "iterations"  # a tiny eta: 0.1% a step, never stops
 
 
 def test_the_callback_sees_every_iterate_and_can_stop_the_run():
@@ -158,6 +185,7 @@ def test_rms_is_per_row():
         ({"step_size": "fast"}, "`step_size` must be a positive number or 'auto', got 'fast'"),
         ({"step_size": True}, "`step_size` must be a positive number or 'auto', got True"),
         ({"tolerance": -1.0}, "`tolerance` must be a number >= 0, got -1.0"),
+        ({"min_improvement": 2.0}, r"`min_improvement` must be a number in \[0, 1\], got 2.0"),
         ({"num_inference_steps": 0, "n_max": 0}, "`num_inference_steps` must be an int >= 1, got 0"),
         ({"probes": 0}, "`probes` must be an int >= 1, got 0"),
     ],

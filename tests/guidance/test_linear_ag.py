@@ -146,10 +146,16 @@ def test_missing_or_corrupt_coefficients_folder(tmp_path, fitted):
     calibration.window = 3  # the saved description no longer fits the coefficients
     from safetensors.torch import save_file
 
-    save_file({"coefficients": calibration.coefficients}, broken / "linear_ag_coefficients.safetensors",
-              metadata={"linear_ag": json.dumps({"exact_steps": [0, 1], "window": 3, "num_inference_steps": 5})})
-    with pytest.raises(ValueError, match=r"is corrupt \(LinearAG coefficients must have shape \(timesteps, 8\) for "
-                       r"window 3, got \(5, 6\)\)"):  # fmt: skip
+    save_file(
+        {"coefficients": calibration.coefficients},
+        broken / "linear_ag_coefficients.safetensors",
+        metadata={"linear_ag": json.dumps({"exact_steps": [0, 1], "window": 3, "num_inference_steps": 5})},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"is corrupt \(LinearAG coefficients must have shape \(timesteps, 8\) for "
+        r"window 3, got \(5, 6\)\)",
+    ):
         LinearAdaptiveGuidance.from_pretrained(broken)
     save_file({"coefficients": calibration.coefficients}, broken / "linear_ag_coefficients.safetensors")
     with pytest.raises(ValueError, match=r"is corrupt \('linear_ag'\)"):  # no description of the fit
@@ -203,12 +209,15 @@ def test_works_in_every_pipeline_with_negative_prompts(family):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"num_inference_steps": 0}, r"`num_inference_steps` must be >= 1, got 0"),
-        ({"window": -1}, r"`window` must be >= 0, got -1"),
+        ({"num_inference_steps": 0}, r"`num_inference_steps` must be an int >= 1, got 0"),
+        ({"window": -1}, r"`window` must be an int >= 0, got -1"),
         ({"exact_steps": [5]}, r"`exact_steps` must be step indices in \[0, 4\), got \[5\]"),
         ({"exact_steps": []}, r"`exact_steps` must be step indices in \[0, 4\), got \[\]"),
         ({"timesteps": [1.0]}, r"`timesteps` must list the 4 timesteps of the fit, got 1"),
-        ({"coefficients": torch.zeros(4, 5)}, r"coefficients must have shape \(timesteps, 6\) for window 2, got \(4, 5\)"),
+        (
+            {"coefficients": torch.zeros(4, 5)},
+            r"coefficients must have shape \(timesteps, 6\) for window 2, got \(4, 5\)",
+        ),
     ],
 )
 def test_bad_linear_ag_arguments(kwargs, message):
@@ -231,8 +240,11 @@ def test_new_and_composition_keep_loaded_coefficients():
 
 def test_exact_steps_of_the_calibration_cannot_be_dropped(fitted):
     folder, _ = fitted  # fitted with exact steps [0, 1]
-    with pytest.raises(ValueError, match=r"no fit for steps \[1\], which were exact at calibration \(exact steps of "
-                       r"the fit: \[0, 1\]\): keep them in `exact_steps`, got \[0\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"no fit for steps \[1\], which were exact at calibration \(exact steps of "
+        r"the fit: \[0, 1\]\): keep them in `exact_steps`, got \[0\]",
+    ):
         LinearAdaptiveGuidance.from_pretrained(folder, exact_steps=[0])
     assert LinearAdaptiveGuidance.from_pretrained(folder, exact_steps=[0, 1, 3]).config.exact_steps == [0, 1, 3]
 

@@ -70,8 +70,9 @@ def test_an_adapters_term_is_what_the_layer_adds_for_it(unet, kind):
         torch.testing.assert_close(with_a - base, lora_term(layer, "a", x), atol=1e-6, rtol=1e-5)
         set_active_adapters([layer], ["a", "b"])
         both = layer(x)
-        torch.testing.assert_close(both - base, lora_term(layer, "a", x) + lora_term(layer, "b", x), atol=1e-6,
-                                   rtol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            both - base, lora_term(layer, "a", x) + lora_term(layer, "b", x), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_fused_adapters_are_seen_and_state_dicts_are_diffusers_layout(unet):

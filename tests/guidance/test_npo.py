@@ -47,11 +47,17 @@ def test_one_batched_pass_equals_a_separate_negative_model(family):
     reference = images(
         pipe, family, ClassifierFreeGuidance(4.0, unconditional=SeparateModel(negative_copy(pipe, {"npo": 1.0})))
     )
-    out = pipe(**call_kwargs(family, prompt=["a red circle", "a blue square"]), generator=seeded(0),
-               guidance=ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("npo")))  # fmt: skip
+    out = pipe(
+        **call_kwargs(family, prompt=["a red circle", "a blue square"]),
+        generator=seeded(0),
+        guidance=ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("npo")),
+    )
     assert np.abs(out.images - reference).max() < 1e-5
-    plain = pipe(**call_kwargs(family, prompt=["a red circle", "a blue square"]), generator=seeded(0),
-                 guidance=ClassifierFreeGuidance(4.0))  # fmt: skip
+    plain = pipe(
+        **call_kwargs(family, prompt=["a red circle", "a blue square"]),
+        generator=seeded(0),
+        guidance=ClassifierFreeGuidance(4.0),
+    )
     assert np.abs(out.images - plain.images).max() > 1e-3  # the adapter does something
     assert out.trace.nfe == plain.trace.nfe  # NPO costs what CFG costs
     assert all(active_adapters(layer) == [] and not layer._forward_hooks for layer in lora_layers(pipe.denoiser))
@@ -60,8 +66,11 @@ def test_one_batched_pass_equals_a_separate_negative_model(family):
 def test_weights_alpha_and_a_fine_tune_delta_follow_the_formula():
     pipe = with_adapters("sd", "npo", "style")
     set_active_adapters(lora_layers(pipe.unet), ["style"])  # the fine-tune, active for every conditional row
-    reference = images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=SeparateModel(
-        negative_copy(pipe, {"npo": 2.0, "style": 0.25}))))  # fmt: skip
+    reference = images(
+        pipe,
+        "sd",
+        ClassifierFreeGuidance(4.0, unconditional=SeparateModel(negative_copy(pipe, {"npo": 2.0, "style": 0.25}))),
+    )
     policy = ClassifierFreeGuidance(
         4.0, unconditional=NegativeAdapter("npo", alpha=2.0, delta_adapter="style", beta=0.25)
     )
@@ -94,10 +103,14 @@ def test_an_active_npo_adapter_is_kept_off_the_conditional_rows_and_restored():
 )
 def test_npo_composes_with_other_policies(policy):
     pipe = with_adapters("sd", "npo")
-    with_npo = pipe(**call_kwargs("sd", prompt=["a red circle"], num_inference_steps=4), generator=seeded(0),
-                    guidance=policy(NegativeAdapter()))  # fmt: skip
-    without = pipe(**call_kwargs("sd", prompt=["a red circle"], num_inference_steps=4), generator=seeded(0),
-                   guidance=policy(None))  # fmt: skip
+    with_npo = pipe(
+        **call_kwargs("sd", prompt=["a red circle"], num_inference_steps=4),
+        generator=seeded(0),
+        guidance=policy(NegativeAdapter()),
+    )
+    without = pipe(
+        **call_kwargs("sd", prompt=["a red circle"], num_inference_steps=4), generator=seeded(0), guidance=policy(None)
+    )
     assert np.abs(with_npo.images - without.images).max() > 1e-4
     assert with_npo.trace.scales[0] == without.trace.scales[0]
 
@@ -127,10 +140,12 @@ def test_an_adapter_for_another_model_is_refused_at_load():
     with pytest.raises(ValueError, match="shapes-sd3-npo' holds no LoRA weights for this pipeline's UNet2DCondition"):
         load_npo_adapter(pipe, ASSETS / "shapes-sd3-npo")
     tiny = build("sd")  # the same layers, of other widths
-    message = ("shapes-sd-npo' does not fit this pipeline's UNet2DConditionModel: 64 of its LoRA tensors have other "
-               "shapes (e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.npo.weight: "
-               "torch.Size([8, 64]) in the folder, torch.Size([8, 16]) in the model): was it trained for another "
-               "model?")  # fmt: skip
+    message = (
+        "shapes-sd-npo' does not fit this pipeline's UNet2DConditionModel: 64 of its LoRA tensors have other "
+        "shapes (e.g. down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.npo.weight: "
+        "torch.Size([8, 64]) in the folder, torch.Size([8, 16]) in the model): was it trained for another "
+        "model?"
+    )
     with pytest.raises(ValueError, match=re.escape(message)):
         load_npo_adapter(tiny, ASSETS / "shapes-sd-npo")
     assert not any(layer.lora_A for layer in lora_layers(tiny.unet))  # none of its weights were left in the model

@@ -33,10 +33,17 @@ def pipes():
 def distilled_flux():
     """Flux with a guidance embedding, like FLUX.1-dev."""
     transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
         guidance_embeds=True,
-    ).eval()  # fmt: skip
+    ).eval()
     return build("flux", transformer=transformer)
 
 
@@ -47,8 +54,16 @@ def test_iterate_zero_is_the_pipelines_own_sampling_from_the_inverted_noise(pipe
     kwargs = {"num_inference_steps": 4, "n_max": 4, "iterations": 0, "output_type": "np", **TEXT}
     edit = pipe.edit(source_images(), SOURCE, TARGET, guidance=guidance, **kwargs)
     policy = guidance or ClassifierFreeGuidance(1.0 if family == "flux" else 3.5)
-    sampled = pipe(TARGET, latents=edit.latents, num_inference_steps=4, height=16, width=16, guidance=policy,
-                   output_type="np", **TEXT).images  # fmt: skip
+    sampled = pipe(
+        TARGET,
+        latents=edit.latents,
+        num_inference_steps=4,
+        height=16,
+        width=16,
+        guidance=policy,
+        output_type="np",
+        **TEXT,
+    ).images
     np.testing.assert_allclose(edit.images, sampled, atol=1e-5)
     assert edit.size == (16, 16) and edit.latents.dtype == torch.float32
 
@@ -66,8 +81,9 @@ def test_model_evaluations_add_up(pipes, family):
 
 @pytest.mark.parametrize("family", FLOW)
 def test_iterates_are_the_images_of_every_iteration_and_the_last_is_the_result(pipes, family):
-    edit = pipes[family].edit(source_images(), SOURCE, TARGET, iterations=2, step_size=0.05, return_iterates=True,
-                              output_type="np", **SMALL)  # fmt: skip
+    edit = pipes[family].edit(
+        source_images(), SOURCE, TARGET, iterations=2, step_size=0.05, return_iterates=True, output_type="np", **SMALL
+    )
     assert len(edit.iterates) == 3 and edit.iterates[0].shape == (1, 16, 16, 3)
     np.testing.assert_array_equal(edit.iterates[-1], edit.images)
     assert not np.array_equal(edit.iterates[0], edit.iterates[-1])
@@ -77,8 +93,9 @@ def test_iterates_are_the_images_of_every_iteration_and_the_last_is_the_result(p
 
 @pytest.mark.parametrize("family", FLOW)
 def test_inversion_with_auto_step_never_increases_the_residual(pipes, family):
-    inverted = pipes[family].invert(source_images(), SOURCE, iterations=4, step_size="auto", generator=seeded(0),
-                                    output_type="np", **SMALL)  # fmt: skip
+    inverted = pipes[family].invert(
+        source_images(), SOURCE, iterations=4, step_size="auto", generator=seeded(0), output_type="np", **SMALL
+    )
     residuals = [step[0] for step in inverted.residuals]
     assert all(b <= a for a, b in zip(residuals, residuals[1:], strict=False))
     assert residuals[-1] < residuals[0]
@@ -104,8 +121,16 @@ def test_the_iteration_callback_streams_and_stops(pipes):
         seen.append((iteration, tensors["latents"].shape, len(tensors["residuals"])))
         return {"stop": True} if iteration == 1 else None
 
-    edit = pipes["sd3"].edit(source_images(), SOURCE, TARGET, iterations=5, step_size=0.05,
-                             callback_on_iteration=callback, output_type="np", **SMALL)  # fmt: skip
+    edit = pipes["sd3"].edit(
+        source_images(),
+        SOURCE,
+        TARGET,
+        iterations=5,
+        step_size=0.05,
+        callback_on_iteration=callback,
+        output_type="np",
+        **SMALL,
+    )
     assert [s[0] for s in seen] == [0, 1] and seen[0][2] == 1
     assert edit.stopped == "callback" and len(edit.residuals) == 2
     assert edit.nfe == 4 + 2 * 3 * 2
@@ -118,8 +143,16 @@ def test_step_callbacks_reach_every_solve(pipes):
         steps.append(index)
         return {}
 
-    pipes["sd3"].edit(source_images(), SOURCE, TARGET, iterations=1, step_size=0.05, callback_on_step_end=on_step,
-                      output_type="np", **SMALL)  # fmt: skip
+    pipes["sd3"].edit(
+        source_images(),
+        SOURCE,
+        TARGET,
+        iterations=1,
+        step_size=0.05,
+        callback_on_step_end=on_step,
+        output_type="np",
+        **SMALL,
+    )
     assert steps == [1, 2, 3] * 2  # two solves from grid index T - n_max = 1
 
 
@@ -130,8 +163,9 @@ def test_adaptive_and_scheduled_guidance_run_inside_the_solves(pipes):
     ag = pipe.edit(source_images(), SOURCE, TARGET, guidance=AdaptiveGuidance(3.5, threshold=1e-6), **kwargs)
     assert ag.nfe == 4 + 3 * (3 + 1)  # AG stops CFG after the first guided step of every solve
     assert cfg.nfe == 4 + 3 * 3 * 2 and not np.allclose(ag.images, cfg.images)
-    scheduled = pipe.edit(source_images(), SOURCE, TARGET, guidance=ScheduledGuidance(7.0, final_guidance_scale=1.0),
-                          **kwargs)  # fmt: skip
+    scheduled = pipe.edit(
+        source_images(), SOURCE, TARGET, guidance=ScheduledGuidance(7.0, final_guidance_scale=1.0), **kwargs
+    )
     assert scheduled.nfe == 4 + 3 * (2 + 2 + 1)  # the schedule runs over the whole grid: scale 1 at its last step
     assert not np.allclose(scheduled.images, cfg.images)
 
@@ -141,23 +175,46 @@ def test_flux_embedded_guidance_and_true_cfg(distilled_flux):
     low = distilled_flux.edit(source_images(), SOURCE, TARGET, guidance_scale=1.0, **kwargs)
     high = distilled_flux.edit(source_images(), SOURCE, TARGET, guidance_scale=3.5, **kwargs)
     assert low.nfe == high.nfe == 4 + 2 * 3 and not np.allclose(low.images, high.images)
-    parity = distilled_flux.edit(source_images(), SOURCE, TARGET, guidance_scale=3.5, num_inference_steps=4, n_max=4,
-                                 iterations=0, output_type="np", **TEXT)  # fmt: skip
-    sampled = distilled_flux(TARGET, latents=parity.latents, num_inference_steps=4, height=16, width=16,
-                             guidance_scale=3.5, output_type="np", **TEXT).images  # fmt: skip
+    parity = distilled_flux.edit(
+        source_images(),
+        SOURCE,
+        TARGET,
+        guidance_scale=3.5,
+        num_inference_steps=4,
+        n_max=4,
+        iterations=0,
+        output_type="np",
+        **TEXT,
+    )
+    sampled = distilled_flux(
+        TARGET,
+        latents=parity.latents,
+        num_inference_steps=4,
+        height=16,
+        width=16,
+        guidance_scale=3.5,
+        output_type="np",
+        **TEXT,
+    ).images
     np.testing.assert_allclose(parity.images, sampled, atol=1e-5)
-    true_cfg = distilled_flux.edit(source_images(), SOURCE, TARGET, guidance=ClassifierFreeGuidance(2.0),
-                                   negative_prompt="blurry", **kwargs)  # fmt: skip
+    true_cfg = distilled_flux.edit(
+        source_images(), SOURCE, TARGET, guidance=ClassifierFreeGuidance(2.0), negative_prompt="blurry", **kwargs
+    )
     assert true_cfg.nfe == 4 + 2 * 3 * 2
 
 
 @pytest.mark.parametrize("family", FLOW)
 def test_flowedit_keeps_the_image_when_the_prompts_agree_and_edits_otherwise(pipes, family):
     pipe = pipes[family]
-    same_guidance = {"source_guidance": ClassifierFreeGuidance(2.0), "target_guidance": ClassifierFreeGuidance(2.0),
-                     "source_guidance_scale": 2.0, "guidance_scale": 2.0}  # fmt: skip
-    kept = pipe.flowedit(source_images(), SOURCE, SOURCE, generator=seeded(0), output_type="latent", **SMALL,
-                         **same_guidance)  # fmt: skip
+    same_guidance = {
+        "source_guidance": ClassifierFreeGuidance(2.0),
+        "target_guidance": ClassifierFreeGuidance(2.0),
+        "source_guidance_scale": 2.0,
+        "guidance_scale": 2.0,
+    }
+    kept = pipe.flowedit(
+        source_images(), SOURCE, SOURCE, generator=seeded(0), output_type="latent", **SMALL, **same_guidance
+    )
     source_latents = pipe.pixels_to_latents(pipe._source_images(source_images(), 1)[0])
     torch.testing.assert_close(kept.images.float(), source_latents, atol=1e-5, rtol=0)
     edited = pipe.flowedit(source_images(), SOURCE, TARGET, generator=seeded(0), output_type="np", **SMALL)

@@ -232,8 +232,13 @@ def test_a_callback_that_replaces_the_prompt_embeddings_changes_the_following_st
 
     def run(callback):
         policy = ClassifierFreeGuidance(5.0)
-        out = sd_pipe(**kwargs, generator=seeded(), guidance=policy, callback_on_step_end=callback,
-                      callback_on_step_end_tensor_inputs=names)  # fmt: skip
+        out = sd_pipe(
+            **kwargs,
+            generator=seeded(),
+            guidance=policy,
+            callback_on_step_end=callback,
+            callback_on_step_end_tensor_inputs=names,
+        )
         return out.images
 
     plain = run(None)

@@ -79,8 +79,11 @@ def test_next_latent_look_ahead_keeps_the_run_equal_to_cfg_at_the_chosen_scale(s
 def test_scheduler_names_are_checked():
     with pytest.raises(ValueError, match=r"`scheduler` must be one of \['ddim', 'deis', .*got 'karras'"):
         set_scheduler(build("sd"), "karras")
-    with pytest.raises(ValueError, match=r"`scheduler` 'flow-euler' is for flow-matching \(SD3, Flux\) models; this "
-                       r"pipeline uses DDIMScheduler: choose one of \['ddim', "):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"`scheduler` 'flow-euler' is for flow-matching \(SD3, Flux\) models; this "
+        r"pipeline uses DDIMScheduler: choose one of \['ddim', ",
+    ):
         set_scheduler(build("sd"), "flow-euler")
     with pytest.raises(ValueError, match=r"'euler' is for diffusion \(SD 1.x/2.x, SDXL\) models; .* \['flow-euler'"):
         set_scheduler(build("sd3"), "euler")

@@ -1,5 +1,5 @@
-"""The sampler's public stages: prepare, denoise (any number of times, from any index), decode, image_to_latents; and no
-per-call state on the pipeline (threads)."""
+"""The sampler's public stages: prepare, denoise (any number of times, from any index), decode, image_to_latents;
+and no per-call state on the pipeline (threads)."""
 
 import threading
 
@@ -84,8 +84,11 @@ def test_a_start_inside_a_step_is_refused():
     pipe = build("sd")
     pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
     inputs = prepared(pipe, "sd", num_inference_steps=5)
-    with pytest.raises(ValueError, match=r"`start_index` 3 falls inside a step of HeunDiscreteScheduler .* use one of "
-                       r"\[0, 2, 4, 6, 8\]"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"`start_index` 3 falls inside a step of HeunDiscreteScheduler .* use one of "
+        r"\[0, 2, 4, 6, 8\]",
+    ):
         pipe.denoise(inputs, ClassifierFreeGuidance(4.0), latents=inputs.latents, start_index=3)
 
 
@@ -223,12 +226,17 @@ def test_an_interrupt_stops_only_its_own_thread():
         return {}
 
     def run(name, callback, steps):
-        out = pipe(**call_kwargs("sd", prompt="x", num_inference_steps=steps), guidance=ClassifierFreeGuidance(2.0),
-                   callback_on_step_end=callback)  # fmt: skip
+        out = pipe(
+            **call_kwargs("sd", prompt="x", num_inference_steps=steps),
+            guidance=ClassifierFreeGuidance(2.0),
+            callback_on_step_end=callback,
+        )
         finished[name] = out.trace.num_steps
 
-    threads = [threading.Thread(target=run, args=("stopper", stop_at_once, 4)),
-               threading.Thread(target=run, args=("other", slow, 4))]  # fmt: skip
+    threads = [
+        threading.Thread(target=run, args=("stopper", stop_at_once, 4)),
+        threading.Thread(target=run, args=("other", slow, 4)),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -92,18 +92,25 @@ def test_scorer_loads_and_scores_every_attribute(root):
 def test_missing_asset_file_names_it_and_the_rebuild_command(root, tmp_path, name, relative, command):
     shutil.copytree(asset_path(name, root), tmp_path / name)
     (tmp_path / name / relative).unlink()
-    with pytest.raises(FileNotFoundError, match=rf"{relative}' is missing; .*`python -m pipelines.application.commands.train_shapes {command}`"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{relative}' is missing; .*`python -m pipelines.application.commands.train_shapes {command}`",
+    ):
         asset_path(name, tmp_path)
 
 
 def test_corrupt_assets_name_the_rebuild_command(root, tmp_path):
     shutil.copytree(asset_path("shapes-sd", root), tmp_path / "shapes-sd")
     (tmp_path / "shapes-sd" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not a tensor file")
-    with pytest.raises(ValueError, match=r"could not be loaded .*`python -m pipelines.application.commands.train_shapes sd`"):
+    with pytest.raises(
+        ValueError, match=r"could not be loaded .*`python -m pipelines.application.commands.train_shapes sd`"
+    ):
         load_shapes_pipeline("shapes-sd", tmp_path)
     shutil.copytree(asset_path("shapes-scorer", root), tmp_path / "shapes-scorer")
     (tmp_path / "shapes-scorer" / "config.json").write_text('{"classes": {"color": 9}, "width": 32}')
-    with pytest.raises(ValueError, match=r"is corrupt .*`python -m pipelines.application.commands.train_shapes scorer`"):
+    with pytest.raises(
+        ValueError, match=r"is corrupt .*`python -m pipelines.application.commands.train_shapes scorer`"
+    ):
         load_scorer(tmp_path)
     with pytest.raises(ValueError, match=r"unknown asset 'shapes-xl'"):
         asset_path("shapes-xl")

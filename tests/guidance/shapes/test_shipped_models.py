@@ -29,8 +29,14 @@ def heldout():
 def accuracy(pipe, heldout, scale, **extra):
     world, scorer, scenes, captions = heldout
     generators = [torch.Generator().manual_seed(0) for _ in captions]
-    images = pipe(captions, num_inference_steps=20, generator=generators, output_type="pt",
-                  guidance=ClassifierFreeGuidance(scale), **extra).images  # fmt: skip
+    images = pipe(
+        captions,
+        num_inference_steps=20,
+        generator=generators,
+        output_type="pt",
+        guidance=ClassifierFreeGuidance(scale),
+        **extra,
+    ).images
     return scorer.accuracy(images * 2 - 1, scenes, world)
 
 
@@ -41,8 +47,11 @@ def test_shapes_sd_equals_plain_diffusers_at_constant_cfg():
     guided = load_shapes_pipeline("shapes-sd")
     for pipe in (reference, guided):
         pipe.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt=["a large red circle at the left on white", "a small blue square at the top on black"],
-                  num_inference_steps=20, output_type="np")  # fmt: skip
+    kwargs = dict(
+        prompt=["a large red circle at the left on white", "a small blue square at the top on black"],
+        num_inference_steps=20,
+        output_type="np",
+    )
     expected = reference(**kwargs, generator=seeded(), guidance_scale=7.5).images
     result = guided(**kwargs, generator=seeded(), guidance=ClassifierFreeGuidance(7.5)).images
     assert np.abs(result - expected).max() <= 1e-4
@@ -130,8 +139,11 @@ def test_shipped_dynamic_guidance_evaluators_load_and_score_in_the_pipeline():
     assert (evaluators[0].logits(real) > 0).float().mean() >= 0.9  # real images look real to it
     pipe = load_shapes_pipeline("shapes-sd")
     pipe.set_progress_bar_config(disable=True)
-    result = pipe(["a large blue square at the top on gray"] * 2, num_inference_steps=4,
-                  guidance=DynamicGuidance(evaluators=evaluators))  # fmt: skip
+    result = pipe(
+        ["a large blue square at the top on gray"] * 2,
+        num_inference_steps=4,
+        guidance=DynamicGuidance(evaluators=evaluators),
+    )
     assert result.trace.nfe == 8.0
     assert set(result.trace.extras[0]["candidate_scores"]) == {"fidelity", "latent-clip", "latent-fidelity"}
 

@@ -69,7 +69,10 @@ def test_json_round_trip_and_errors(tmp_path):
     for key in ("palette", "colors", "shapes", "sizes", "positions", "backgrounds", "template", "heldout"):
         assert spec[key] == DEFAULT_WORLD[key]
     assert ShapesWorld.from_json(path).spec == DEFAULT_WORLD
-    with pytest.raises(FileNotFoundError, match=r"missing; rebuild it with `python -m pipelines.application.commands.train_shapes world"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"missing; rebuild it with `python -m pipelines.application.commands.train_shapes world",
+    ):
         ShapesWorld.from_json(tmp_path / "absent.json")
     path.write_text("{not json")
     with pytest.raises(ValueError, match=r"shapes-world.json' is corrupt .*rebuild it with"):

@@ -15,8 +15,18 @@ from guidance.evaluators.networks import ConvEncoder
 from guidance.shapes.assets import ASSETS
 from pipelines.application.commands.train_evaluator import main
 
-TINY = ["--model", "tiny:sd", "--num-generated", "8", "--num-real", "16", "--num-inference-steps", "2",
-        "--batch-size", "8"]  # fmt: skip
+TINY = [
+    "--model",
+    "tiny:sd",
+    "--num-generated",
+    "8",
+    "--num-real",
+    "16",
+    "--num-inference-steps",
+    "2",
+    "--batch-size",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +59,10 @@ def trained(tmp_path_factory, prompts, real_folder):
 
 
 def test_the_command_writes_every_evaluator_with_its_width(trained):
-    widths = {name: json.loads((trained / name / "config.json").read_text())["width"] for name in
-              ("fidelity", "latent", "latent-clip")}  # fmt: skip
+    widths = {
+        name: json.loads((trained / name / "config.json").read_text())["width"]
+        for name in ("fidelity", "latent", "latent-clip")
+    }
     assert widths == {"fidelity": 32, "latent": 16, "latent-clip": 8}
 
 
@@ -147,10 +159,23 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
     ],
 )
 def test_training_command_rejects_bad_input(argv, message, tmp_path, prompts, real_folder, capsys):
-    left_out = {option for option, value in zip(argv, argv[1:]) if value is None}  # `--option None`: not given
+    left_out = {
+        option for option, value in zip(argv, argv[1:], strict=False) if value is None
+    }  # `--option None`: not given
     given = [a for a in argv if a is not None and a not in left_out]
-    args = [*given, "--output", str(tmp_path / "out"), "--num-generated", "2", "--num-real", "2",
-            "--num-inference-steps", "1", "--checkpoints", str(tmp_path)]  # fmt: skip
+    args = [
+        *given,
+        "--output",
+        str(tmp_path / "out"),
+        "--num-generated",
+        "2",
+        "--num-real",
+        "2",
+        "--num-inference-steps",
+        "1",
+        "--checkpoints",
+        str(tmp_path),
+    ]
     args += [] if "--steps" in argv else ["--steps", "1"]
     args += [] if "--model" in argv else ["--model", "tiny:sd"]
     args += [] if "--prompts-file" in argv else prompts
@@ -164,8 +189,15 @@ def test_training_command_rejects_bad_input(argv, message, tmp_path, prompts, re
 def test_the_shapes_world_draws_new_real_images_and_the_shapes_clip_teaches(tmp_path):
     from pipelines.application.commands.train_evaluator import prompts_of, real_images, teacher_of
 
-    args = __import__("argparse").Namespace(model="shapes:sd", real=None, prompts_file=None, num_real=4, seed=0,
-                                            teacher="clip", output=str(ASSETS / "shapes-sd-latent-clip"))  # fmt: skip
+    args = __import__("argparse").Namespace(
+        model="shapes:sd",
+        real=None,
+        prompts_file=None,
+        num_real=4,
+        seed=0,
+        teacher="clip",
+        output=str(ASSETS / "shapes-sd-latent-clip"),
+    )
     draw = real_images(args, 32, fresh=True)
     first, second = draw(seeded(1), 3), draw(seeded(2), 3)
     assert first.shape == (3, 3, 32, 32) and not torch.equal(first, second)
