@@ -163,10 +163,11 @@ class FlowEditingMixin:
     def _velocity(self, inputs):
         """v(x, sigma): one conditional model evaluation (guidance 1) with `inputs`' prompts."""
         denoiser, conditioning = self.denoiser, inputs.conditioning
+        cond = conditioning.rows(["cond"], {"cond": None})
 
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
             t = torch.tensor(sigma * 1000.0, device=x.device)
-            return self.denoiser_prediction(denoiser, inputs.scheduler, x, t, conditioning.cond, conditioning.shared)
+            return self.denoiser_prediction(denoiser, inputs.scheduler, x, t, cond, conditioning.shared)
 
         return velocity
 

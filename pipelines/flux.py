@@ -16,6 +16,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .callbacks import CallbackTensor
 from .editing import FlowEditingMixin
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs
 from .stable_diffusion import batch_size_of
@@ -58,7 +59,10 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
         "negative_ip_adapter_image",
         "negative_ip_adapter_image_embeds",
     )
-    _callback_conditioning = {"prompt_embeds": ("cond", "encoder_hidden_states")}
+    _callback_tensors = {
+        "prompt_embeds": CallbackTensor("cond", ("encoder_hidden_states",)),  # diffusers' true CFG: positive only
+        "negative_prompt_embeds": CallbackTensor("uncond", ("encoder_hidden_states",)),
+    }
 
     def unpack_latents(self, latents, height, width):
         return self._unpack_latents(latents, height, width, self.vae_scale_factor)
@@ -134,19 +138,19 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
             **encode,
         )
         if negative_prompt is None and negative_prompt_embeds is None:
+            if self.text_encoder is None or self.text_encoder_2 is None:
+                raise ValueError(
+                    "`guidance` needs the unconditional branch's embeddings: give `negative_prompt_embeds` and "
+                    "`negative_pooled_prompt_embeds` (this pipeline has no text encoders to encode the empty prompt)"
+                )
             negative_prompt = "" if prompt is None or isinstance(prompt, str) else [""] * len(prompt)
-        negative_prompt_embeds, negative_pooled_prompt_embeds, _ = self.encode_prompt(
+        negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
             prompt=negative_prompt,
             prompt_2=negative_prompt_2,
             prompt_embeds=negative_prompt_embeds,
             pooled_prompt_embeds=negative_pooled_prompt_embeds,
             **encode,
         )
-        if prompt_embeds.shape != negative_prompt_embeds.shape:
-            raise ValueError(
-                "`prompt_embeds` and `negative_prompt_embeds` must have the same shape, got "
-                f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}"
-            )
 
         # 4. Prepare latent variables (packed 2x2 patches)
         latents, latent_image_ids = self.prepare_latents(
@@ -193,11 +197,9 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
                 "pooled_projections": negative_pooled_prompt_embeds,
                 "guidance": embedded_guidance,
             },
-            shared={
-                "txt_ids": text_ids,
-                "img_ids": latent_image_ids,
-                "joint_attention_kwargs": joint_attention_kwargs,
-            },
+            shared={"img_ids": latent_image_ids, "joint_attention_kwargs": joint_attention_kwargs},
+            # each branch's own text positions: embeddings of different lengths run as separate passes, as diffusers'
+            branch_shared={"cond": {"txt_ids": text_ids}, "uncond": {"txt_ids": negative_text_ids}},
         )
         return guided_inputs(
             prompt,

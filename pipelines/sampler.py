@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -39,30 +38,50 @@ from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 from guidance.lora import denoiser_of
 
+from .callbacks import CallbackTensor, callback_name, check_scale_change, read, tensor_names, write
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass
 class Conditioning:
-    """Denoiser keyword arguments: per-row tensors for each branch, and arguments shared by every row."""
+    """Denoiser keyword arguments: per-row tensors for each branch (`cond`, `uncond`), arguments shared by every row
+    (`shared`), and per-branch arguments without a batch axis (`branch_shared`, e.g. Flux's text positions)."""
 
     cond: dict[str, Any]
     uncond: dict[str, Any]
     shared: dict[str, Any] = field(default_factory=dict)
+    branch_shared: dict[str, dict[str, Any]] = field(default_factory=dict)
     _joined: dict = field(default_factory=dict, repr=False, compare=False)
 
     def copy(self) -> Conditioning:
         """A copy whose dicts a callback may change without touching the prepared inputs."""
-        return Conditioning(dict(self.cond), dict(self.uncond), dict(self.shared))
+        return Conditioning(dict(self.cond), dict(self.uncond), dict(self.shared), dict(self.branch_shared))
+
+    def changed(self) -> None:
+        """Forget what was concatenated: a callback replaced a tensor."""
+        self._joined.clear()
+
+    def shareable(self) -> bool:
+        """Whether the two branches can run in one batch: the same shapes beyond the batch axis (diffusers runs Flux's
+        true CFG as two passes, so its prompt and negative embeddings may differ in length)."""
+        if "shareable" not in self._joined:
+            same = shapes(self.cond) == shapes(self.uncond)
+            cond, uncond = self.branch_shared.get("cond", {}), self.branch_shared.get("uncond", {})
+            self._joined["shareable"] = same and shapes(cond) == shapes(uncond)
+        return self._joined["shareable"]
 
     def rows(self, names: list[str], rows: dict[str, torch.Tensor | None]) -> dict[str, Any]:
-        """The denoiser arguments of these branches' rows, concatenated in order; when every row is taken (the
-        usual case) computed once and kept, as diffusers concatenates its prompt embeddings once."""
+        """The denoiser arguments of these branches' rows, concatenated in order (with the first branch's arguments
+        without a batch axis); when every row is taken (the usual case) computed once and kept, as diffusers
+        concatenates its prompt embeddings once."""
         if any(rows[name] is not None for name in names):
-            return concat_rows([take_rows(getattr(self, name), rows[name]) for name in names])
+            taken = concat_rows([take_rows(getattr(self, name), rows[name]) for name in names])
+            return {**taken, **self.branch_shared.get(names[0], {})}
         key = tuple(names)
         if key not in self._joined:
-            self._joined[key] = concat_rows([getattr(self, name) for name in names])
+            joined = concat_rows([getattr(self, name) for name in names])
+            self._joined[key] = {**joined, **self.branch_shared.get(names[0], {})}
         return self._joined[key]
 
 
@@ -114,6 +133,8 @@ class GuidedRun:
     scheduler: Any
     conditioning: Conditioning
     trace: GuidanceTrace
+    stopped_by: str | None = None
+    """The step-end callback that stopped guidance (`pipe._guidance_scale` set to 1 or less); None while guided."""
 
     def predict(self, latents: torch.Tensor, step_index: int) -> GuidedPrediction:
         """One guided model evaluation at timestep index `step_index`: the policy's branches, exactly those rows
@@ -132,6 +153,13 @@ class GuidedRun:
             unpack,
             pipe.decode_for_guidance,
         )
+        if self.stopped_by is not None:  # a callback stopped guidance: the conditional pass only, as diffusers then
+            request = BranchRequest.full(step.batch_size, uncond=False)
+            cond = pipe._run_branches(self.guidance, pipe.denoiser, self.scheduler, request, latents, t,
+                                      self.conditioning)["cond"]  # fmt: skip
+            guided = GuidedPrediction(cond, torch.ones(step.batch_size), {"guidance_stopped_by": self.stopped_by})
+            self.trace.record(guided.scales, request.as_lists(), **guided.extras)
+            return guided
         request = self.guidance.branches(step)
         predictions = pipe._run_branches(
             self.guidance, pipe.denoiser, self.scheduler, request, latents, t, self.conditioning
@@ -210,15 +238,16 @@ class GuidedPipelineMixin:
     Class attributes a family sets: `_output_class` (a diffusers output dataclass with a `trace` field),
     `_guidance_owned_args` (call arguments that `guidance=` replaces, e.g. `guidance_scale`),
     `_unsupported_guided_args` (arguments the guided path does not implement; they must keep their default),
-    `_callback_conditioning` (callback tensor name -> (branch, denoiser argument) it stands for).
+    `_callback_tensors` (callback tensor name -> the `CallbackTensor` it stands for).
     """
 
     _output_class: ClassVar[type]
     _guidance_owned_args: ClassVar[tuple[str, ...]] = ()
     _unsupported_guided_args: ClassVar[tuple[str, ...]] = ()
-    _callback_conditioning: ClassVar[dict[str, tuple[str, str]]] = {}
+    _callback_tensors: ClassVar[dict[str, CallbackTensor]] = {}
 
     _interrupt = PerThread(False)
+    _guidance_scale = PerThread(None)
     _current_timestep = PerThread(None)
     _num_timesteps = PerThread(None)
 
@@ -299,9 +328,7 @@ class GuidedPipelineMixin:
         prepared ones), with a fresh copy of the prepared scheduler. Mirrors the loop of diffusers' `__call__`s."""
         check_guidance(guidance)
         latents = self._check_denoise_arguments(inputs, latents, start_index)
-        names = list(callback_on_step_end_tensor_inputs or ["latents"])
-        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
-            names = callback_on_step_end.tensor_inputs
+        names = tensor_names(callback_on_step_end, callback_on_step_end_tensor_inputs)
         self._check_callback_inputs(callback_on_step_end, names)
         run = self.start_run(inputs, guidance, latents.shape[0], start_index)
         scheduler, timesteps = run.scheduler, inputs.timesteps
@@ -323,7 +350,7 @@ class GuidedPipelineMixin:
                     latents = latents.to(latents_dtype)  # as diffusers: works around a torch bug on mps
 
                 if callback_on_step_end is not None:
-                    latents = self._run_callback(callback_on_step_end, names, i, t, latents, run.conditioning)
+                    latents = self._step_end(run, callback_on_step_end, names, i, t, latents, guided)
                 if i in updates:
                     progress_bar.update()
         self._current_timestep = None
@@ -392,7 +419,8 @@ class GuidedPipelineMixin:
         weights compute both, else each branch in its own pass with its own model."""
         batch_size = latents.shape[0]
         model = guidance.unconditional
-        groups = [("uncond", "cond")] if model.shares_pass else [("cond",), ("uncond",)]
+        together = model.shares_pass and conditioning.shareable()
+        groups = [("uncond", "cond")] if together else [("cond",), ("uncond",)]
         predictions: dict[str, torch.Tensor] = {}
         for group in groups:
             names = [name for name in group if request.coverage(name) != "none"]
@@ -418,26 +446,29 @@ class GuidedPipelineMixin:
     def _check_callback_inputs(self, callback: Any, names: list[str]) -> None:
         if callback is None:
             return
-        supported = ["latents", *self._callback_conditioning]
+        supported = ["latents", *self._callback_tensors]
         unknown = [name for name in names if name not in supported]
         if unknown:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {unknown} are not available with `guidance`; use {supported}"
             )
 
-    def _run_callback(
-        self, callback: Any, names: list[str], i: int, t: torch.Tensor, latents: torch.Tensor, conditioning
-    ) -> torch.Tensor:
-        """Call `callback_on_step_end` as diffusers does; write back the tensors it returns (for this run only)."""
-        tensors = {"latents": latents}
-        for name, (branch, key) in self._callback_conditioning.items():
-            tensors[name] = getattr(conditioning, branch)[key]
-        outputs = callback(self, i, t, {name: tensors[name] for name in names})
-        for name, (branch, key) in self._callback_conditioning.items():
-            if name in outputs:
-                getattr(conditioning, branch)[key] = outputs[name]
-                conditioning._joined.clear()
-        return outputs.get("latents", latents)
+    def _step_end(self, run: GuidedRun, callback: Any, names: list[str], i: int, t, latents, guided) -> torch.Tensor:
+        """Call `callback_on_step_end` as diffusers does (`pipelines.callbacks`): it reads the run's tensors and
+        `_guidance_scale`, and what it gives back applies to this run only."""
+        if run.stopped_by is None:
+            self._guidance_scale = float(guided.scales.max())
+        before = self._guidance_scale
+        joined = run.stopped_by is None
+        tensors = {name: read(run.conditioning, self._callback_tensors[name], joined) for name in names
+                   if name != "latents"}  # fmt: skip
+        outputs = callback(self, i, t, {"latents": latents, **tensors} if "latents" in names else tensors)
+        for name, value in (outputs or {}).items():
+            if name in self._callback_tensors:
+                write(run.conditioning, self._callback_tensors[name], value, name, callback, run.trace.batch_size)
+        if run.stopped_by is None and check_scale_change(before, self._guidance_scale, callback):
+            run.stopped_by = callback_name(callback)
+        return (outputs or {}).get("latents", latents)
 
     def decode(self, latents: torch.Tensor, inputs: GuidedInputs, output_type: str = "pil"):
         """Stage 3: the family's diffusers output (`images`, ...) for denoised `latents` of these inputs."""
@@ -595,12 +626,23 @@ def progress_updates(num_timesteps: int, num_inference_steps: int, order: int, s
     return {i for i in range(start_index, num_timesteps) if i == last or ((i + 1) > warmup and (i + 1) % order == 0)}
 
 
+def shapes(arguments: Any) -> Any:
+    """The shapes beyond the batch axis of every tensor of (nested) denoiser arguments."""
+    if isinstance(arguments, dict):
+        return {key: shapes(value) for key, value in arguments.items()}
+    if isinstance(arguments, (list, tuple)):
+        return [shapes(value) for value in arguments]
+    return tuple(arguments.shape[1:]) if isinstance(arguments, torch.Tensor) else None
+
+
 def take_rows(value: Any, rows: torch.Tensor | None) -> Any:
     """Rows `rows` of every tensor in a (nested) dict of denoiser arguments; all rows when `rows` is None."""
     if rows is None or value is None:
         return value
     if isinstance(value, dict):
         return {key: take_rows(item, rows) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):  # IP-Adapter's image embeddings: one tensor per adapter
+        return [take_rows(item, rows) for item in value]
     return value.index_select(0, rows.to(value.device))
 
 
@@ -611,6 +653,8 @@ def concat_rows(values: list[Any]) -> Any:
         return first
     if isinstance(first, dict):
         return {key: concat_rows([value[key] for value in values]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return [concat_rows([value[k] for value in values]) for k in range(len(first))]
     return torch.cat(values)
 
 

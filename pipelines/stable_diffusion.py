@@ -13,6 +13,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .callbacks import CallbackTensor
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs, noise_latents
 
 
@@ -48,9 +49,9 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
     _output_class = GuidedStableDiffusionPipelineOutput
     _guidance_owned_args = ("guidance_scale", "guidance_rescale")
     _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds")
-    _callback_conditioning = {
-        "prompt_embeds": ("cond", "encoder_hidden_states"),
-        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+    _callback_tensors = {
+        "prompt_embeds": CallbackTensor("joined", ("encoder_hidden_states",)),
+        "negative_prompt_embeds": CallbackTensor("uncond", ("encoder_hidden_states",)),
     }
 
     def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs, shared):

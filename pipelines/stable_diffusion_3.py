@@ -15,6 +15,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .callbacks import CallbackTensor
 from .editing import FlowEditingMixin
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs
 from .stable_diffusion import batch_size_of
@@ -36,11 +37,11 @@ class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, Stab
     flowopt_family = "sd3"
     _guidance_owned_args = ("guidance_scale",)
     _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
-    _callback_conditioning = {
-        "prompt_embeds": ("cond", "encoder_hidden_states"),
-        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
-        "pooled_prompt_embeds": ("cond", "pooled_projections"),
-        "negative_pooled_prompt_embeds": ("uncond", "pooled_projections"),
+    _callback_tensors = {
+        "prompt_embeds": CallbackTensor("joined", ("encoder_hidden_states",)),
+        "pooled_prompt_embeds": CallbackTensor("joined", ("pooled_projections",)),
+        "negative_prompt_embeds": CallbackTensor("uncond", ("encoder_hidden_states",)),
+        "negative_pooled_prompt_embeds": CallbackTensor("uncond", ("pooled_projections",)),
     }
 
     @classmethod

@@ -12,6 +12,7 @@ from guidance import GuidanceTrace
 from guidance import vae as vae_latents
 from guidance.denoised import copy_scheduler
 
+from .callbacks import CallbackTensor
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs, noise_latents
 from .stable_diffusion import batch_size_of, check_no_guidance_embedding, unet_prediction
 
@@ -28,9 +29,13 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
     _output_class = GuidedStableDiffusionXLPipelineOutput
     _guidance_owned_args = ("guidance_scale", "guidance_rescale")
     _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds")
-    _callback_conditioning = {
-        "prompt_embeds": ("cond", "encoder_hidden_states"),
-        "negative_prompt_embeds": ("uncond", "encoder_hidden_states"),
+    _callback_tensors = {
+        "prompt_embeds": CallbackTensor("joined", ("encoder_hidden_states",)),
+        "add_text_embeds": CallbackTensor("joined", ("added_cond_kwargs", "text_embeds")),
+        "add_time_ids": CallbackTensor("joined", ("added_cond_kwargs", "time_ids")),
+        "negative_prompt_embeds": CallbackTensor("uncond", ("encoder_hidden_states",)),
+        "negative_pooled_prompt_embeds": CallbackTensor("uncond", ("added_cond_kwargs", "text_embeds")),
+        "negative_add_time_ids": CallbackTensor("uncond", ("added_cond_kwargs", "time_ids")),
     }
 
     def denoiser_prediction(self, denoiser, scheduler, latents, t, inputs, shared):
