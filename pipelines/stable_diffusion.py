@@ -38,6 +38,18 @@ def check_no_guidance_embedding(unet) -> None:
         )
 
 
+def ip_adapter_embeds(pipe, image, embeds, device, num_images: int) -> tuple[list | None, list | None]:
+    """(conditional, unconditional) IP-Adapter image embeddings, one tensor per adapter, as diffusers'
+    `prepare_ip_adapter_image_embeds` makes them under CFG (the unconditional branch gets the negative image
+    embeddings); (None, None) without an IP-Adapter input."""
+    if image is None and embeds is None:
+        return None, None
+    pairs = [
+        joined.chunk(2) for joined in pipe.prepare_ip_adapter_image_embeds(image, embeds, device, num_images, True)
+    ]
+    return [positive for _, positive in pairs], [negative for negative, _ in pairs]
+
+
 def batch_size_of(prompt, prompt_embeds) -> int:
     return 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else len(prompt_embeds)
 
@@ -48,7 +60,6 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
     __call__ = guided_call(StableDiffusionPipeline)
     _output_class = GuidedStableDiffusionPipelineOutput
     _guidance_owned_args = ("guidance_scale", "guidance_rescale")
-    _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds")
     _callback_tensors = {
         "prompt_embeds": CallbackTensor("joined", ("encoder_hidden_states",)),
         "negative_prompt_embeds": CallbackTensor("uncond", ("encoder_hidden_states",)),
@@ -73,6 +84,8 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         latents,
         prompt_embeds,
         negative_prompt_embeds,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
         cross_attention_kwargs,
         clip_skip,
         scheduler=None,
@@ -87,7 +100,17 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         width = width or sample_w * self.vae_scale_factor
 
         # 1. Check inputs
-        self.check_inputs(prompt, height, width, None, negative_prompt, prompt_embeds, negative_prompt_embeds)
+        self.check_inputs(
+            prompt,
+            height,
+            width,
+            None,
+            negative_prompt,
+            prompt_embeds,
+            negative_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
+        )
 
         # 2. Define call parameters
         batch_size = batch_size_of(prompt, prompt_embeds)
@@ -108,6 +131,10 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
             clip_skip=clip_skip,
         )
 
+        image_embeds, negative_image_embeds = ip_adapter_embeds(
+            self, ip_adapter_image, ip_adapter_image_embeds, device, batch_size * num_images_per_prompt
+        )
+
         # 4. Prepare timesteps
         scheduler = copy_scheduler(scheduler or self.scheduler)
         timesteps, num_inference_steps = retrieve_timesteps(scheduler, num_inference_steps, device, timesteps, sigmas)
@@ -124,9 +151,12 @@ class GuidedStableDiffusionPipeline(GuidedPipelineMixin, StableDiffusionPipeline
         )
 
         # 6. Prepare extra step kwargs and the denoiser's conditioning
+        ip_adapter = image_embeds is not None
         conditioning = Conditioning(
-            cond={"encoder_hidden_states": prompt_embeds},
-            uncond={"encoder_hidden_states": negative_prompt_embeds},
+            cond={"encoder_hidden_states": prompt_embeds}
+            | ({"added_cond_kwargs": {"image_embeds": image_embeds}} if ip_adapter else {}),
+            uncond={"encoder_hidden_states": negative_prompt_embeds}
+            | ({"added_cond_kwargs": {"image_embeds": negative_image_embeds}} if ip_adapter else {}),
             shared={"timestep_cond": None, "cross_attention_kwargs": cross_attention_kwargs},
         )
         return guided_inputs(

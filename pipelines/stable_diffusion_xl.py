@@ -14,7 +14,7 @@ from guidance.denoised import copy_scheduler
 
 from .callbacks import CallbackTensor
 from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs, noise_latents
-from .stable_diffusion import batch_size_of, check_no_guidance_embedding, unet_prediction
+from .stable_diffusion import batch_size_of, check_no_guidance_embedding, ip_adapter_embeds, unet_prediction
 
 
 @dataclass
@@ -28,7 +28,6 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
     __call__ = guided_call(StableDiffusionXLPipeline)
     _output_class = GuidedStableDiffusionXLPipelineOutput
     _guidance_owned_args = ("guidance_scale", "guidance_rescale")
-    _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds")
     _callback_tensors = {
         "prompt_embeds": CallbackTensor("joined", ("encoder_hidden_states",)),
         "add_text_embeds": CallbackTensor("joined", ("added_cond_kwargs", "text_embeds")),
@@ -62,6 +61,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
         negative_prompt_embeds,
         pooled_prompt_embeds,
         negative_pooled_prompt_embeds,
+        ip_adapter_image,
+        ip_adapter_image_embeds,
         cross_attention_kwargs,
         original_size,
         crops_coords_top_left,
@@ -94,6 +95,8 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
             negative_prompt_embeds,
             pooled_prompt_embeds,
             negative_pooled_prompt_embeds,
+            ip_adapter_image,
+            ip_adapter_image_embeds,
         )
 
         # 2. Define call parameters
@@ -119,6 +122,10 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
                 lora_scale=lora_scale,
                 clip_skip=clip_skip,
             )
+        )
+
+        image_embeds, negative_image_embeds = ip_adapter_embeds(
+            self, ip_adapter_image, ip_adapter_image_embeds, device, num_images
         )
 
         # 4. Prepare timesteps
@@ -163,14 +170,16 @@ class GuidedStableDiffusionXLPipeline(GuidedPipelineMixin, StableDiffusionXLPipe
                 "added_cond_kwargs": {
                     "text_embeds": pooled_prompt_embeds.to(device),
                     "time_ids": add_time_ids.to(device).repeat(num_images, 1),
-                },
+                }
+                | ({"image_embeds": image_embeds} if image_embeds is not None else {}),
             },
             uncond={
                 "encoder_hidden_states": negative_prompt_embeds.to(device),
                 "added_cond_kwargs": {
                     "text_embeds": negative_pooled_prompt_embeds.to(device),
                     "time_ids": negative_add_time_ids.to(device).repeat(num_images, 1),
-                },
+                }
+                | ({"image_embeds": negative_image_embeds} if image_embeds is not None else {}),
             },
             shared={"timestep_cond": None, "cross_attention_kwargs": cross_attention_kwargs},
         )

@@ -219,3 +219,59 @@ def _vae(latent_channels: int, **config):
         sample_size=32,
         **config,
     )
+
+
+def tiny_image_encoder(projection_dim: int = 32, seed: int = 0) -> dict:
+    """A tiny CLIP vision encoder with projection (from `seed`) and its image processor: the components an
+    IP-Adapter reads (`image_encoder`, `feature_extractor`)."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        projection_dim=projection_dim,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=32,
+        patch_size=4,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModelWithProjection(config).eval()
+    return {"image_encoder": encoder, "feature_extractor": CLIPImageProcessor(crop_size=32, size=32)}
+
+
+def save_tiny_ip_adapter(unet, folder, image_embed_dim: int = 32, seed: int = 0) -> str:
+    """Random weights of a basic IP-Adapter (an image projection to 4 tokens, and key/value projections for every
+    cross-attention of `unet`) in the file layout `pipe.load_ip_adapter(folder, subfolder="", weight_name=...)`
+    reads; returns the weight file's name."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    config = unet.config
+    cross = config.cross_attention_dim
+
+    def weight(*shape):
+        return torch.randn(shape, generator=generator) * 0.2
+
+    tensors = {
+        "image_proj.proj.weight": weight(4 * cross, image_embed_dim),
+        "image_proj.proj.bias": weight(4 * cross),
+        "image_proj.norm.weight": torch.ones(cross),
+        "image_proj.norm.bias": torch.zeros(cross),
+    }
+    index = 1  # diffusers numbers the cross-attention processors 1, 3, 5, ... in their order
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor"):
+            continue
+        block = int(name.split(".")[1]) if not name.startswith("mid_block") else None
+        channels = list(config.block_out_channels)
+        hidden = channels[-1] if block is None else (channels[::-1] if name.startswith("up") else channels)[block]
+        tensors[f"ip_adapter.{index}.to_k_ip.weight"] = weight(hidden, cross)
+        tensors[f"ip_adapter.{index}.to_v_ip.weight"] = weight(hidden, cross)
+        index += 2
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, Path(folder) / "ip_adapter.safetensors")
+    return "ip_adapter.safetensors"
