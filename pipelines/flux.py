@@ -143,7 +143,9 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
                     "`guidance` needs the unconditional branch's embeddings: give `negative_prompt_embeds` and "
                     "`negative_pooled_prompt_embeds` (this pipeline has no text encoders to encode the empty prompt)"
                 )
-            negative_prompt = "" if prompt is None or isinstance(prompt, str) else [""] * len(prompt)
+            negative_prompt = ""
+        if isinstance(negative_prompt, str) and isinstance(prompt, list):  # one negative prompt for every row
+            negative_prompt = [negative_prompt] * len(prompt)
         negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
             prompt=negative_prompt,
             prompt_2=negative_prompt_2,

@@ -2,6 +2,7 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before the demo's page imports gradio
 
 import diffusers  # noqa: E402
 import pytest  # noqa: E402
@@ -52,13 +53,10 @@ def sd_pipe():
 
 
 def policy_values(*slots) -> list:
-    """The flat values of the demo's Compare policy slots (`app.PolicyControls`; the rest off)."""
-    from dataclasses import astuple
+    """The flat values of the demo's Compare policy slots (`demo.PolicyControls`; the rest off)."""
+    from pipelines.application.demo import policy_values as flat
 
-    import app
-
-    slots = [*slots, *[app.PolicyControls()] * (app.MAX_POLICIES - len(slots))]
-    return [value for slot in slots for value in astuple(slot)]
+    return flat(slots)
 
 
 def rendered_scene(**attributes: str):
@@ -79,11 +77,9 @@ def red_circle_png(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_url():
+    """The demo's page, served on a free local port (Gradio takes the first free one from 7860) for the session."""
     import app
 
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    demo, url = app.launch_demo(
-        prevent_thread_lock=True, server_name="127.0.0.1", server_port=app.free_port(), quiet=True
-    )
+    page, url = app.launch_demo(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     yield url
-    demo.close()
+    page.close()

@@ -8,7 +8,7 @@ import pytest
 from conftest import policy_values
 from PIL import Image
 
-import app
+from pipelines.application import demo
 
 gradio_client = pytest.importorskip("gradio_client")
 PROMPT = "a large red circle at the center on white"
@@ -21,13 +21,22 @@ def client(demo_url):
 
 def test_every_event_has_a_named_endpoint(client):
     endpoints = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
-    methods = {f"/method_controls_{k + 1}" for k in range(app.MAX_POLICIES)}
-    assert endpoints == {"/compare", "/apply_preset", "/mode_settings", "/upload", "/take_from_compare", "/edit",
-                         "/stop", "/stop_compare"} | methods  # fmt: skip
+    methods = {f"/method_controls_{k + 1}" for k in range(demo.MAX_POLICIES)}
+    events = [
+        "compare",
+        "apply_preset",
+        "mode_settings",
+        "upload",
+        "take_from_compare",
+        "edit",
+        "stop",
+        "stop_compare",
+    ]
+    assert endpoints == {f"/{event}" for event in events} | methods
 
 
 def test_compare_then_take_an_image_into_the_edit_tab(client):
-    slots = policy_values(app.PolicyControls("cfg", 5.0), app.PolicyControls("ag", 5.0))
+    slots = policy_values(demo.PolicyControls("cfg", 5.0), demo.PolicyControls("ag", 5.0))
     outputs = client.predict(PROMPT, "", "shapes:sd", 6, 2, 0, "", *slots, api_name="/compare")
     assert [len(outputs[k]) for k in (0, 3)] == [2, 2] and not outputs[6]  # slot 3 is off
     assert Image.open(outputs[0][0]["image"]).size == (32, 32)
@@ -46,7 +55,7 @@ def test_api_calls_may_leave_out_what_keeps_its_default(client):
 
 
 def test_bad_input_comes_back_as_its_message(client):
-    slots = policy_values(app.PolicyControls("cfg", 45))
+    slots = policy_values(demo.PolicyControls("cfg", 45))
     with pytest.raises(gradio_client.exceptions.AppError, match=r"policy 1: guidance scale must be in \[0, 30\]"):
         client.predict(PROMPT, "", "shapes:sd", 4, 1, 0, "", *slots, api_name="/compare")
     with pytest.raises(gradio_client.exceptions.AppError, match="is neither a shipped shapes model"):
@@ -54,14 +63,14 @@ def test_bad_input_comes_back_as_its_message(client):
 
 
 def test_presets_controls_and_modes(client):
-    model, steps, *values = client.predict("Self-NPO in the unconditional branch (README: Self-NPO)",
-                                           api_name="/apply_preset")  # fmt: skip
-    width = len(app.POLICY_FIELDS)
-    assert (model, steps) == ("shapes:sd", 20) and [values[k * width + width - 1] for k in range(4)] == [
-        False, True, False, True]  # fmt: skip
-    for k in range(app.MAX_POLICIES):
+    preset = "Self-NPO in the unconditional branch (README: Self-NPO)"
+    model, steps, *values = client.predict(preset, api_name="/apply_preset")
+    width = len(demo.POLICY_FIELDS)
+    npo = [values[k * width + width - 1] for k in range(demo.MAX_POLICIES)]
+    assert (model, steps, npo) == ("shapes:sd", 20, [False, True, False, True])
+    for k in range(demo.MAX_POLICIES):
         updates = client.predict("ag", api_name=f"/method_controls_{k + 1}")
-        assert [update["visible"] for update in updates] == app.method_controls("ag")
+        assert [update["visible"] for update in updates] == demo.method_controls("ag")
     updates = client.predict("FlowEdit", "shapes:sd3", api_name="/mode_settings")
     assert [u.get("value") for u in updates] == [50, 33, 0, "", 13.5, None]
     assert [u["visible"] for u in updates] == [True, True, False, False, True, True]
@@ -76,9 +85,18 @@ def test_upload_is_lossless(client, tmp_path, red_circle_png):
 
 
 def test_edit_streams_iterates_and_stop_keeps_the_best_so_far(client, red_circle_png):
-    arguments = dict(model="shapes:sd3", image=gradio_client.handle_file(str(red_circle_png)), source_prompt=PROMPT,
-                     target_prompt=PROMPT.replace("red", "blue"), mode="FlowOpt edit", num_inference_steps=15,
-                     n_max=15, step_size="0.02", guidance_scale=3.5, seed=0)  # fmt: skip
+    arguments = dict(
+        model="shapes:sd3",
+        image=gradio_client.handle_file(str(red_circle_png)),
+        source_prompt=PROMPT,
+        target_prompt=PROMPT.replace("red", "blue"),
+        mode="FlowOpt edit",
+        num_inference_steps=15,
+        n_max=15,
+        step_size="0.02",
+        guidance_scale=3.5,
+        seed=0,
+    )
     # Invert runs all 40 iterations on this image (the edit converges at iteration 14: a race with Stop)
     job = client.submit(iterations=40, api_name="/edit", **{**arguments, "mode": "Invert (reconstruction)"})
     while len(job.outputs()) < 3 and not job.done():  # the first iterates have arrived
@@ -95,7 +113,7 @@ def test_edit_streams_iterates_and_stop_keeps_the_best_so_far(client, red_circle
 
 
 def test_stop_compare_ends_the_comparison_of_its_own_session(client):
-    slots = policy_values(app.PolicyControls("cfg", 5.0), app.PolicyControls("ag", 5.0))
+    slots = policy_values(demo.PolicyControls("cfg", 5.0), demo.PolicyControls("ag", 5.0))
     job = client.submit(PROMPT, "", "shapes:sd", 100, 8, 0, "", *slots, api_name="/compare")
     other = gradio_client.Client(client.src, verbose=False)
     while not job.status().progress_data and not job.done():  # its first progress: the comparison is under way

@@ -16,8 +16,10 @@ import pytest
 from conftest import policy_values
 from PIL import Image
 
-import app
+from pipelines.application import demo
+from pipelines.application.demo import CompareRequest
 
+app = pytest.importorskip("app", reason="the demo's page needs gradio (pip install -e '.[demo]')")
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
 expect = sync_api.expect
 PROMPT = "a large red circle at the center on white"
@@ -147,13 +149,19 @@ def test_changing_the_method_changes_the_controls(page):
         ("prompt", "", "prompt must not be empty"),
         ("guidance scale", "45", "policy 1: guidance scale must be in [0, 30], got 45"),
         ("steps", "0", "steps must be in [1, 100], got 0"),
-        ("model (a shapes model, or a local diffusers folder)", "/no/such/model",
-         "model '/no/such/model' is neither a shipped shapes model"),
+        (
+            "model (a shapes model, or a local diffusers folder)",
+            "/no/such/model",
+            "model '/no/such/model' is neither a shipped shapes model",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_values_show_a_readable_error(page, field, value, message):
-    box = page.locator("#policy-1").get_by_label(field, exact=True) if field == "guidance scale" else \
-        page.get_by_label(field, exact=True)  # fmt: skip
+    box = (
+        page.locator("#policy-1").get_by_label(field, exact=True)
+        if field == "guidance scale"
+        else page.get_by_label(field, exact=True)
+    )
     box.fill(value)
     box.press("Enter" if field.startswith("model") else "Tab")
     page.locator("#compare-button").click()
@@ -192,7 +200,7 @@ def test_an_edit_shows_its_iterates_one_by_one(page, red_circle_png):
 def test_stop_keeps_the_best_so_far(page, red_circle_png):
     # Invert, as it runs all 50 iterations on this image (the edit converges at iteration 14: a race with Stop)
     open_edit_tab(page, red_circle_png, iterations=50)
-    page.get_by_label(app.EDIT_MODES[3], exact=True).check()
+    page.get_by_label(demo.EDIT_MODES[3], exact=True).check()
     expect(page.get_by_label("target prompt (not used by Invert)")).to_be_hidden()  # the mode's settings are in
     page.get_by_label("iterations", exact=True).fill("50")
     page.locator("#edit-button").click()
@@ -244,8 +252,8 @@ def test_two_sessions_at_once_each_get_their_own_results(browser, demo_url):
         expect(page.locator("#compare-summary")).to_contain_text("Cheapest", timeout=60_000)
         shot(page, f"11-session-{key}")
     for key, (prompt, seed) in sessions.items():
-        alone = list(app.compare(prompt, "", "shapes:sd", 100, 2, seed, "", *policy_values(
-            app.PolicyControls("cfg", 7.5), app.PolicyControls("ag", 7.5))))[-1]  # fmt: skip
+        slots = policy_values(demo.PolicyControls("cfg", 7.5), demo.PolicyControls("ag", 7.5))
+        alone = list(demo.compare(CompareRequest.from_page(prompt, "", "shapes:sd", 100, 2, seed, "", slots)))[-1]
         shown = gallery_images(pages[key], "images-1") + gallery_images(pages[key], "images-2")
         assert [list(i.getdata()) for i in shown] == [list(i.getdata()) for i in alone[0] + alone[3]]
     for page in pages.values():
