@@ -95,8 +95,9 @@ def variance_preserving_coefficients(step: GuidanceStep, like: torch.Tensor) -> 
 
 
 def predict_x0(step: GuidanceStep, prediction: torch.Tensor) -> torch.Tensor:
-    """The x0 estimate of `prediction` at this step, for the run's scheduler and its prediction type."""
-    x = step.latents
+    """The x0 estimate of `prediction` at this step, for the run's scheduler and its prediction type, computed and
+    returned in float32 whatever the model's dtype (bfloat16 cancels too much in `x - sigma eps`)."""
+    x, prediction = step.latents.float(), prediction.float()
     if is_flow_matching(step.scheduler):
         return x - step.sigma.to(x.device, x.dtype) * prediction
     prediction_type = step.scheduler.config.get("prediction_type", "epsilon")

@@ -18,7 +18,14 @@ from guidance.denoised import copy_scheduler
 
 from .callbacks import CallbackTensor
 from .editing import FlowEditingMixin
-from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs
+from .sampler import (
+    IP_ADAPTER_WITHOUT_GUIDANCE,
+    Conditioning,
+    GuidedInputs,
+    GuidedPipelineMixin,
+    guided_call,
+    guided_inputs,
+)
 from .stable_diffusion import batch_size_of
 
 logger = logging.get_logger(__name__)
@@ -53,12 +60,12 @@ class GuidedFluxPipeline(FlowEditingMixin, GuidedPipelineMixin, FluxPipeline):
     _output_class = GuidedFluxPipelineOutput
     flowopt_family = "flux"
     _guidance_owned_args = ("true_cfg_scale",)
-    _unsupported_guided_args = (
-        "ip_adapter_image",
-        "ip_adapter_image_embeds",
-        "negative_ip_adapter_image",
-        "negative_ip_adapter_image_embeds",
-    )
+    _unsupported_guided_args = {
+        "ip_adapter_image": IP_ADAPTER_WITHOUT_GUIDANCE,
+        "ip_adapter_image_embeds": IP_ADAPTER_WITHOUT_GUIDANCE,
+        "negative_ip_adapter_image": IP_ADAPTER_WITHOUT_GUIDANCE,
+        "negative_ip_adapter_image_embeds": IP_ADAPTER_WITHOUT_GUIDANCE,
+    }
     _callback_tensors = {
         "prompt_embeds": CallbackTensor("cond", ("encoder_hidden_states",)),  # diffusers' true CFG: positive only
         "negative_prompt_embeds": CallbackTensor("uncond", ("encoder_hidden_states",)),

@@ -237,13 +237,14 @@ class GuidedPipelineMixin:
 
     Class attributes a family sets: `_output_class` (a diffusers output dataclass with a `trace` field),
     `_guidance_owned_args` (call arguments that `guidance=` replaces, e.g. `guidance_scale`),
-    `_unsupported_guided_args` (arguments the guided path does not implement; they must keep their default),
+    `_unsupported_guided_args` (arguments the guided path does not implement -> what works instead; they must keep
+    their default),
     `_callback_tensors` (callback tensor name -> the `CallbackTensor` it stands for).
     """
 
     _output_class: ClassVar[type]
     _guidance_owned_args: ClassVar[tuple[str, ...]] = ()
-    _unsupported_guided_args: ClassVar[tuple[str, ...]] = ()
+    _unsupported_guided_args: ClassVar[dict[str, str]] = {}
     _callback_tensors: ClassVar[dict[str, CallbackTensor]] = {}
 
     _interrupt = PerThread(False)
@@ -303,9 +304,11 @@ class GuidedPipelineMixin:
         extra = call_args.pop("kwargs", {})
         if extra:
             raise ValueError(f"arguments {sorted(extra)} are not supported together with `guidance`")
-        for name in self._unsupported_guided_args:
+        for name, instead in self._unsupported_guided_args.items():
             if call_args.get(name) is not None:
-                raise ValueError(f"`{name}` is not supported together with `guidance`; got {call_args[name]!r}")
+                raise ValueError(
+                    f"`{name}` is not supported together with `guidance` (got {call_args[name]!r}): {instead}"
+                )
         prompt, negative_prompt = call_args.get("prompt"), call_args.get("negative_prompt")
         if isinstance(prompt, list) and isinstance(negative_prompt, list) and len(prompt) != len(negative_prompt):
             raise ValueError(
@@ -538,6 +541,9 @@ def call_signature(method) -> inspect.Signature:
     return _signature_of(getattr(method, "__func__", method))
 
 
+IP_ADAPTER_WITHOUT_GUIDANCE = (
+    "call without `guidance` (diffusers' own IP-Adapter path); under `guidance` SD and SDXL take it"
+)
 GUIDANCE_DOC = """
         guidance (`GuidanceScheduler`, *optional*):
             A guidance policy deciding classifier-free guidance at every step (`guidance.ClassifierFreeGuidance`,

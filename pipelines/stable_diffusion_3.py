@@ -17,7 +17,14 @@ from guidance.denoised import copy_scheduler
 
 from .callbacks import CallbackTensor
 from .editing import FlowEditingMixin
-from .sampler import Conditioning, GuidedInputs, GuidedPipelineMixin, guided_call, guided_inputs
+from .sampler import (
+    IP_ADAPTER_WITHOUT_GUIDANCE,
+    Conditioning,
+    GuidedInputs,
+    GuidedPipelineMixin,
+    guided_call,
+    guided_inputs,
+)
 from .stable_diffusion import batch_size_of
 
 
@@ -36,7 +43,12 @@ class GuidedStableDiffusion3Pipeline(FlowEditingMixin, GuidedPipelineMixin, Stab
     _output_class = GuidedStableDiffusion3PipelineOutput
     flowopt_family = "sd3"
     _guidance_owned_args = ("guidance_scale",)
-    _unsupported_guided_args = ("ip_adapter_image", "ip_adapter_image_embeds", "skip_guidance_layers")
+    _unsupported_guided_args = {
+        "ip_adapter_image": IP_ADAPTER_WITHOUT_GUIDANCE,
+        "ip_adapter_image_embeds": IP_ADAPTER_WITHOUT_GUIDANCE,
+        "skip_guidance_layers": "call without `guidance` for diffusers' skip-layer guidance (a third pass with layers "
+        "skipped, which a guidance policy does not run)",
+    }
     _callback_tensors = {
         "prompt_embeds": CallbackTensor("joined", ("encoder_hidden_states",)),
         "pooled_prompt_embeds": CallbackTensor("joined", ("pooled_projections",)),

@@ -174,10 +174,9 @@ def test_prompt_and_negative_prompt_batches_must_match(family):
 
 
 def test_unsupported_arguments_are_refused(sd_pipe):
-    with pytest.raises(ValueError, match="`ip_adapter_image` is not supported together with `guidance`"):
-        sd_pipe(
-            **call_kwargs("sd", prompt="x"), ip_adapter_image=np.zeros((8, 8, 3)), guidance=ClassifierFreeGuidance()
-        )
+    with pytest.raises(ValueError, match=r"`skip_guidance_layers` is not supported together with `guidance` \(got "
+                       r"\[0\]\): call without `guidance` for diffusers' skip-layer guidance"):  # fmt: skip
+        build("sd3")(**call_kwargs("sd3", prompt="x"), skip_guidance_layers=[0], guidance=ClassifierFreeGuidance())
     with pytest.raises(
         ValueError, match=r"`callback_on_step_end_tensor_inputs` \['add_text_embeds'\] are not available"
     ):
