@@ -247,7 +247,7 @@ def result_widgets(k: int) -> list:
 
 def compare_tab() -> CompareTab:
     with gr.Row():
-        preset = gr.Dropdown(list(demo.PRESETS), value=None, label="preset (the README's comparisons)", scale=3)
+        preset = gr.Dropdown(list(demo.PRESETS), value=None, label="preset (the docs' comparisons)", scale=3)
         apply = gr.Button("Load preset", scale=1)
     with gr.Row():
         prompt = gr.Textbox(label="prompt", value="a large red circle at the center on white", scale=3)

@@ -1,13 +1,17 @@
 """AG and LinearAG against CFG, side by side in one run, on the shapes-world models.
 
-For each model (shapes-sd, shapes-sd3) and step count (20, 50): every held-out caption for several seeds with
-CFG, Adaptive Guidance and LinearAG. Prints NFEs per image, the wall-time ratio to CFG (methods alternated,
-median of repeats), attribute accuracy (the scorer) and the PSNR of each image to the CFG image of the same
-seed. LinearAG uses the coefficients shipped in assets/linear-ag for 20 steps and calibrates itself for other
-step counts. Also draws the per-step similarity gamma_t for a few prompts, one figure per model
+For each model (shapes-sd, shapes-sd3) and step count (20, 50): every held-out caption for several seeds with CFG,
+Adaptive Guidance and LinearAG. Prints NFEs per image, the wall-time ratio to CFG (methods alternated, median of
+repeats), attribute accuracy (the scorer) and the PSNR of each image to the CFG image of the same seed. LinearAG in
+three placements of its exact steps (the unconditional passes that run): the first 20% (the default; the coefficients
+shipped in assets/linear-ag for 20 steps), the second half (the paper replaces the pass in the first half of sampling)
+and the last 20% (as many passes as the default); other placements and step counts calibrate on the 200 training
+captions of assets/shapes-calibration-prompts.txt. `--split training` runs on training captions and other seeds (where
+the placement is chosen). Also draws the per-step similarity gamma_t for a few prompts, one figure per model
 (docs/figures/ag-similarity-sd.png, -sd3.png). Writes benchmarks/results/<--name>.md/.json.
 
     python -m benchmarks.adaptive_guidance [--seeds 2] [--steps 20 50] [--scale 7.5] [--thresholds 0.995 0.999]
+    python -m benchmarks.adaptive_guidance --split training --name adaptive-guidance-training
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from benchmarks.heldout import generate, heldout_set
 from benchmarks.results import FIGURES, environment, machine, write_results
 from guidance import AdaptiveGuidance, ClassifierFreeGuidance, LinearAdaptiveGuidance
 from guidance.shapes.assets import ASSETS, SHAPES_SD3_MAX_SEQUENCE_LENGTH
-from pipelines.application.commands.calibrate_linear_ag import calibrate
 from pipelines.application.models import load_shapes_pipeline
+from pipelines.training.linear_ag import calibrate
 
 MODELS = {"shapes-sd": {}, "shapes-sd3": {"max_sequence_length": SHAPES_SD3_MAX_SEQUENCE_LENGTH}}
 ATTRIBUTES = ("color", "shape", "position")
@@ -34,12 +38,20 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     return (10 * torch.log10(1 / mse)).mean().item()
 
 
-def linear_ag(name, pipe, steps, scale, extra, calibration_prompts):
+PLACEMENTS = {  # name -> the exact steps of a run of n timesteps (None: LinearAG's default, the first 20%)
+    "first 20% exact": lambda n: None,
+    "second half exact (the paper)": lambda n: list(range(n // 2, n)),
+    "last 20% exact": lambda n: list(range(n - max(1, round(0.2 * n)), n)),
+}
+
+
+def linear_ag(name, pipe, steps, scale, extra, calibration_prompts, placement):
+    exact = PLACEMENTS[placement](steps)  # the shapes models step once per evaluation (DDIM, FlowMatch Euler)
     folder = ASSETS / "linear-ag" / f"{name}-{steps}"
-    if folder.is_dir():
+    if exact is None and folder.is_dir():
         return LinearAdaptiveGuidance.from_pretrained(folder, guidance_scale=scale)
     prompts = (ASSETS / "shapes-calibration-prompts.txt").read_text().split("\n")
-    policy, _ = calibrate(pipe, [p for p in prompts if p][:calibration_prompts], steps, scale, **extra)
+    policy, _ = calibrate(pipe, [p for p in prompts if p][:calibration_prompts], steps, scale, exact, **extra)
     return policy
 
 
@@ -74,12 +86,16 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), help="models to run")
     parser.add_argument("--captions", type=int, default=None, help="only the first held-out captions (smoke runs)")
     parser.add_argument("--calibration-prompts", type=int, default=200, help="LinearAG calibration trajectories")
+    parser.add_argument(
+        "--placements", nargs="+", default=list(PLACEMENTS), choices=list(PLACEMENTS), help="LinearAG's exact steps"
+    )
+    parser.add_argument("--split", default="heldout", choices=["heldout", "training"], help="captions and seeds")
     parser.add_argument("--name", default="adaptive-guidance", help="name of the results files")
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     parser.add_argument("--figures", default=str(FIGURES), help="folder for the similarity figures")
     args = parser.parse_args()
     env = environment()
-    world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions)
+    world, scorer, captions, seeds, truth = heldout_set(args.seeds, args.captions, args.split)
     thresholds = args.thresholds or [AdaptiveGuidance().config.threshold]
     rows, curves = [], {}
     for name in args.models:
@@ -90,7 +106,12 @@ def main() -> None:
             methods = {
                 "CFG": ClassifierFreeGuidance(args.scale),
                 **{f"AG {t:g}": AdaptiveGuidance(args.scale, threshold=t) for t in thresholds},
-                "LinearAG": linear_ag(name, pipe, steps, args.scale, extra, args.calibration_prompts),
+                **{
+                    f"LinearAG, {placement}": linear_ag(
+                        name, pipe, steps, args.scale, extra, args.calibration_prompts, placement
+                    )
+                    for placement in args.placements
+                },
             }
             # rounds of every method in turn, the order reversed every other round; a method's time ratio is the
             # median over rounds of its time over the same round's CFG time, so that drifts of the machine cancel
@@ -131,7 +152,8 @@ def main() -> None:
 
     header = "| model | steps | method | NFE | NFE ratio | time ratio | color | shape | position | PSNR to CFG (dB) |"
     lines = [
-        f"{len(captions)} held-out captions x {len(seeds)} seeds, scale {args.scale}, {machine(env)}; time ratio: "
+        f"{len(captions)} {'held-out' if args.split == 'heldout' else 'training'} captions x {len(seeds)} seeds "
+        f"({seeds[0]}-{seeds[-1]}), scale {args.scale}, {machine(env)}; time ratio: "
         f"median over {args.repeats} rounds (order reversed every other round) of the wall time over the same "
         "round's CFG time.",
         "",

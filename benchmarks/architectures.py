@@ -1,4 +1,4 @@
-"""Full-size SD 1.5 and SDXL architectures with random weights, built from config (no download).
+"""Full-size SD 1.5, SDXL and SD3-medium architectures with random weights, built from config (no download).
 
 For timing at real scale on a GPU: the compute of a random-weight model equals that of the released one.
 Tokenizers are the tiny in-memory ones of `pipelines.testing` (tokenisation cost is negligible).
@@ -98,12 +98,58 @@ def sdxl_components() -> dict:
     }
 
 
+def sd3_components() -> dict:
+    """SD3-medium: MMDiT 2B (24 layers, 24 heads of 64), CLIP ViT-L and bigG with projection, the 16-channel VAE,
+    FlowMatch Euler (shift 3); without T5 (4.7B parameters, 19 GB in float32), which the pipeline allows."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    transformer = SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=192,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=16,
+        sample_size=1024,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "text_encoder": _clip_text(768, 12, 12, 768, "quick_gelu", with_projection=True),
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": _clip_text(1280, 32, 20, 1280, "gelu", with_projection=True),
+        "tokenizer_2": tiny_clip_tokenizer(),
+        "text_encoder_3": None,
+        "tokenizer_3": None,
+        "scheduler": FlowMatchEulerDiscreteScheduler(shift=3.0),
+        "image_encoder": None,
+        "feature_extractor": None,
+    }
+
+
 def full_size_components(name: str, dtype: torch.dtype, device: str) -> dict:
-    if name not in ("sd15", "sdxl"):
-        raise ValueError(f"`name` must be 'sd15' or 'sdxl', got {name!r}")
+    builders = {"sd15": sd15_components, "sdxl": sdxl_components, "sd3": sd3_components}
+    if name not in builders:
+        raise ValueError(f"`name` must be one of {list(builders)}, got {name!r}")
     torch.manual_seed(0)
     with torch.device(device):  # initialise on the target device: much faster on a GPU
-        components = sd15_components() if name == "sd15" else sdxl_components()
+        components = builders[name]()
     scheduler = components["scheduler"]  # its tables stay on the CPU, as from_pretrained leaves them
     components["scheduler"] = type(scheduler).from_config(scheduler.config)
     for module in components.values():

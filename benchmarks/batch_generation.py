@@ -38,7 +38,7 @@ def pipelines(model: str, device: str, dtype: torch.dtype):
     if model == "shapes:sd":
         guided = load_shapes_pipeline("shapes-sd", dtype=dtype).to(device)
         return guided, StableDiffusionPipeline(**guided.components)
-    from architectures import full_size_components
+    from benchmarks.architectures import full_size_components
 
     components = full_size_components(model, dtype, device)
     xl = model == "sdxl"

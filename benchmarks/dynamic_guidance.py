@@ -35,7 +35,7 @@ from pipelines.application.models import load_shapes_pipeline
 FIXED = [1.0, 3.0, 5.0, 7.5, 10.0, 12.0, 15.0]
 PAPER_CANDIDATES = (1.0, 3.0, 7.5, 11.0, 15.0)
 ATTRIBUTES = ("color", "shape", "size", "background", "position")
-FOLLOWED = ("color", "shape", "size", "background")  # shapes-sd leaves position at chance (README, shapes world)
+FOLLOWED = ("color", "shape", "size", "background")  # shapes-sd leaves position at chance (docs/shapes-world.md)
 
 
 class TimedDynamicGuidance(DynamicGuidance):

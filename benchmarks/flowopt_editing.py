@@ -250,6 +250,7 @@ def heldout_run(pipe, scorer, world, cases: Cases, args, env) -> tuple[str, dict
             pipe, cases, args.inversion_iterations, **{**CHOSEN["invert"], "step_size": 0.01}
         ),
     }
+    gains = gain_estimates(pipe, cases, edit_settings)
     edit_curves = curves(
         pipe,
         scorer,
@@ -258,18 +259,43 @@ def heldout_run(pipe, scorer, world, cases: Cases, args, env) -> tuple[str, dict
         [a for a in ("color", "background") if a in args.attributes],
         **{**edit_settings, "iterations": 8},
     )
-    markdown = held_out_markdown(table, inversion, ceiling, edit_curves, cases, args, env)
+    markdown = held_out_markdown(table, inversion, ceiling, edit_curves, cases, args, env, gains)
     data = {
         "edits": {f"{name} | {attribute}": row for (name, attribute), row in table.items()},
         "inversion": inversion,
         "vae_ceiling_psnr": ceiling,
         "edit_curves": edit_curves,
+        "auto_gain_estimates": gains,
         "chosen": CHOSEN,
     }
     return markdown, data, {"inversion": inversion, "ceiling": ceiling, "edit_curves": edit_curves, "outputs": outputs}
 
 
-def held_out_markdown(table, inversion, ceiling, edit_curves, cases, args, env) -> str:
+def gain_estimates(pipe, cases: Cases, settings: dict, probes=(2, 20)) -> dict:
+    """ "auto"'s estimate of the solve's gain L (1 / its first step size), per image, with its 2 power-iteration
+    probes and with a longer power iteration: how far the short estimate is from the converged one."""
+    estimates = {}
+    for count in probes:
+        result, _ = edit(
+            pipe,
+            cases,
+            "color",
+            **{**settings, "step_size": "auto", "iterations": 0},
+            probes=count,
+            generator=torch.Generator().manual_seed(0),
+        )
+        estimates[count] = [1 / eta for eta in result.step_sizes[0]]
+    short, long = estimates[probes[0]], estimates[probes[-1]]
+    ratios = [a / b for a, b in zip(short, long, strict=True)]
+    return {
+        "probes": list(probes),
+        "L": {str(k): v for k, v in estimates.items()},
+        "ratio": ratios,
+        "median_ratio": float(torch.tensor(ratios).median()),
+    }
+
+
+def held_out_markdown(table, inversion, ceiling, edit_curves, cases, args, env, gains) -> str:
     names = list(dict.fromkeys(name for name, _ in table))
     lines = [
         f"Held-out scenes: {len(cases.scenes)} rendered sources (every held-out combination of colour, shape and "
@@ -319,6 +345,13 @@ def held_out_markdown(table, inversion, ceiling, edit_curves, cases, args, env) 
         "",
         "Edit curves (FlowOpt at the chosen step size, 8 iterations; product per k): "
         + "; ".join(f"{a}: " + " ".join(f"{m['product']:.2f}" for m in values) for a, values in edit_curves.items()),
+    ]
+    lines += [
+        "",
+        f"**auto's gain estimate**: L from {gains['probes'][0]} power-iteration probes over L from "
+        f"{gains['probes'][1]}, median over the scenes {gains['median_ratio']:.3f} (range "
+        f"{min(gains['ratio']):.3f} to {max(gains['ratio']):.3f}); auto's guarantee is its backtracking (a "
+        "non-increasing residual), not this estimate.",
     ]
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ def build(model: str, device: str, dtype: torch.dtype):
             if isinstance(module, torch.nn.Module):
                 module.to(device=device, dtype=dtype)
     else:
-        from architectures import full_size_components
+        from benchmarks.architectures import full_size_components
 
         components = full_size_components(model, dtype, device)
     xl = model == "sdxl"

@@ -25,7 +25,7 @@ from guidance import AdaptiveGuidance, ClassifierFreeGuidance, DynamicGuidance
 from guidance.evaluators import RewardEvaluator
 from guidance.evaluators.latent import LatentEvaluator
 from guidance.evaluators.networks import ConvEncoder
-from pipelines.application.commands.calibrate_linear_ag import calibrate
+from pipelines.training.linear_ag import calibrate
 
 
 def methods(pipe, steps: int, scale: float, device: str, dtype: torch.dtype) -> dict:

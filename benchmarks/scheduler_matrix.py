@@ -26,10 +26,10 @@ from guidance import (
 from guidance.evaluators import RewardEvaluator
 from guidance.evaluators.latent import LatentEvaluator
 from guidance.evaluators.networks import ConvEncoder
-from pipelines.application.commands.calibrate_linear_ag import calibrate
 from pipelines.families import FLOW_FAMILIES, guided_class
 from pipelines.schedulers import SCHEDULERS, set_scheduler
 from pipelines.testing import tiny_components
+from pipelines.training.linear_ag import calibrate
 
 STEPS = 4  # PNDM with its Runge-Kutta warm-up needs 4
 SCALE = 4.0

@@ -4,7 +4,7 @@ For each model (shapes-sd, shapes-sd3) and guidance scale, generate every held-o
 combinations never seen in training) for several seeds, and judge the images with the attribute scorer.
 Also: the scorer's own accuracy and the open_clip model's caption-retrieval top-1 on real held-out images, and
 the wall time of 8 images at 20 steps with CFG. Writes the table and data (benchmarks/results/shapes-quality.md/.json),
-an accuracy-vs-scale plot and an image grid (assets/).
+an accuracy-vs-scale plot and an image grid (docs/figures/).
 
     python -m benchmarks.shapes_quality [--seeds 2] [--steps 20]
 """

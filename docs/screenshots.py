@@ -25,7 +25,7 @@ TIMEOUT_MS = 120_000
 
 def compare_preset(page: Page, path: Path) -> None:
     """The first preset loaded and compared."""
-    page.get_by_label("preset (the README's comparisons)").click()
+    page.get_by_label("preset (the docs' comparisons)").click()
     page.get_by_role("option", name=next(iter(PRESETS))).click()
     page.get_by_role("button", name="Load preset").click()
     expect(page.get_by_label("policy 4: method")).to_have_value("LinearAG")  # the preset is in the page

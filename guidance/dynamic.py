@@ -14,7 +14,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 
 from .cfg import ComposedGuidance, UnconditionalSkip
-from .checks import check_choice
+from .checks import check_choice, is_number
 from .denoised import copy_scheduler, predict_x0
 from .evaluators.base import Candidates, Evaluator
 from .scales import GuidanceScale
@@ -199,7 +199,7 @@ def check_candidates(candidates) -> list[float]:
     if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Sequence) or len(candidates) == 0:
         raise ValueError(f"`candidates` must be a non-empty list of guidance scales, got {candidates!r}")
     for value in candidates:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or not math.isfinite(value) or value < 0:
             raise ValueError(f"`candidates` must hold finite scales >= 0, got {list(candidates)}")
     return [float(value) for value in candidates]
 

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .checks import check_number
 from .lora import (
     active_adapters,
     adapter_names,
@@ -46,9 +47,7 @@ class NegativeAdapter(UnconditionalModel):
     def __init__(self, adapter_name: str = "npo", alpha: float = 1.0, delta_adapter: str | None = None, beta=1.0):
         if not isinstance(adapter_name, str) or not adapter_name:
             raise TypeError(f"`adapter_name` must be a non-empty string, got {adapter_name!r}")
-        for name, value in (("alpha", alpha), ("beta", beta)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError(f"`{name}` must be a number, got {value!r}")
+        alpha, beta = check_number("alpha", alpha), check_number("beta", beta)
         if delta_adapter is not None and (not isinstance(delta_adapter, str) or delta_adapter == adapter_name):
             raise ValueError(f"`delta_adapter` must be another adapter's name or None, got {delta_adapter!r}")
         self.adapter_name, self.alpha, self.delta_adapter, self.beta = adapter_name, float(alpha), delta_adapter, beta

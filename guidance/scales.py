@@ -10,7 +10,7 @@ from typing import Any, Literal
 import torch
 from diffusers.configuration_utils import register_to_config
 
-from .checks import check_choice, check_scale
+from .checks import check_choice, check_scale, is_number
 from .scheduler import GuidancePart, GuidanceStep
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -100,6 +100,6 @@ def as_scale(value: Any, name: str = "guidance_scale") -> GuidanceScale:
     """A scale rule from a number (constant) or a `GuidanceScale`, else an error naming the argument."""
     if isinstance(value, GuidanceScale):
         return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"`{name}` must be a number or a GuidanceScale, got {type(value).__name__} {value!r}")
     return ConstantScale(check_scale(name, value))

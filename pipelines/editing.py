@@ -196,6 +196,7 @@ class FlowEditingMixin:
         step_size: float | str | None = None,
         tolerance: float = 0.0,
         min_improvement: float = 0.0,
+        probes: int = 2,
         guidance: GuidanceScheduler | None = None,
         guidance_scale: float = 1.0,
         generator: torch.Generator | None = None,
@@ -215,6 +216,7 @@ class FlowEditingMixin:
             step_size=step_size,
             tolerance=tolerance,
             min_improvement=min_improvement,
+            probes=probes,
         )
         config = FlowOptConfig.defaults(self.flowopt_family, "invert", **settings)
         request = self._edit_request(
@@ -242,6 +244,7 @@ class FlowEditingMixin:
         step_size: float | str | None = None,
         tolerance: float = 0.0,
         min_improvement: float = 0.0,
+        probes: int = 2,
         guidance: GuidanceScheduler | None = None,
         negative_prompt: str | None = None,
         guidance_scale: float = TARGET_GUIDANCE_SCALE,
@@ -261,10 +264,10 @@ class FlowEditingMixin:
                 height and width: cropped at the bottom and right to `pixel_multiple()` (a warning says so), never
                 resized.
             source_prompt, target_prompt: a prompt, or one per image.
-            num_inference_steps, n_max, iterations, step_size, tolerance, min_improvement: FlowOpt's settings
-                (`FlowOptConfig`; None: the paper's defaults for the family: SD3 15, 12, 8, 0.01; Flux 15, 13, 8,
-                0.0025); `step_size="auto"` estimates the step and backtracks; every iteration runs unless
-                `tolerance` or `min_improvement` asks for early stopping.
+            num_inference_steps, n_max, iterations, step_size, tolerance, min_improvement, probes: FlowOpt's
+                settings (`FlowOptConfig`; None: the paper's defaults for the family: SD3 15, 12, 8, 0.01; Flux 15,
+                13, 8, 0.0025); `step_size="auto"` estimates the step from `probes` solves and backtracks; every
+                iteration runs unless `tolerance` or `min_improvement` asks for early stopping.
             guidance: the policy inside the target solves (any `GuidanceScheduler`: AG, a schedule, ...); default
                 CFG at 3.5 for SD3, and for Flux none (its guidance embedding carries the scale).
             negative_prompt: the unconditional prompt of the target solves ("" by default, as the paper).
@@ -284,6 +287,7 @@ class FlowEditingMixin:
             step_size=step_size,
             tolerance=tolerance,
             min_improvement=min_improvement,
+            probes=probes,
         )
         config = FlowOptConfig.defaults(self.flowopt_family, "edit", **settings)
         if guidance is None:

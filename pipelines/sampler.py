@@ -35,6 +35,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from guidance import BranchRequest, GuidanceRun, GuidanceScheduler, GuidanceStep, GuidanceTrace, GuidedPrediction
 from guidance import vae as vae_latents
+from guidance.checks import check_int
 from guidance.denoised import copy_scheduler
 from guidance.lora import denoiser_of
 
@@ -155,8 +156,9 @@ class GuidedRun:
         )
         if self.stopped_by is not None:  # a callback stopped guidance: the conditional pass only, as diffusers then
             request = BranchRequest.full(step.batch_size, uncond=False)
-            cond = pipe._run_branches(self.guidance, pipe.denoiser, self.scheduler, request, latents, t,
-                                      self.conditioning)["cond"]  # fmt: skip
+            cond = pipe._run_branches(
+                self.guidance, pipe.denoiser, self.scheduler, request, latents, t, self.conditioning
+            )["cond"]
             guided = GuidedPrediction(cond, torch.ones(step.batch_size), {"guidance_stopped_by": self.stopped_by})
             self.trace.record(guided.scales, request.as_lists(), **guided.extras)
             return guided
@@ -378,10 +380,7 @@ class GuidedPipelineMixin:
     def _check_denoise_arguments(self, inputs: Any, latents: Any, start_index: Any) -> torch.Tensor:
         if not isinstance(inputs, GuidedInputs):
             raise TypeError(f"`inputs` must be the GuidedInputs of `prepare`, got {type(inputs).__name__}")
-        if isinstance(start_index, bool) or not isinstance(start_index, int):
-            raise TypeError(f"`start_index` must be an int, got {type(start_index).__name__}")
-        if not 0 <= start_index < inputs.num_timesteps:
-            raise ValueError(f"`start_index` must be in [0, {inputs.num_timesteps}), got {start_index}")
+        check_int("start_index", start_index, minimum=0, maximum=inputs.num_timesteps - 1)
         starts = step_starts(inputs.num_timesteps, inputs.num_inference_steps, inputs.scheduler.order)
         if start_index not in starts:
             raise ValueError(
@@ -463,8 +462,9 @@ class GuidedPipelineMixin:
             self._guidance_scale = float(guided.scales.max())
         before = self._guidance_scale
         joined = run.stopped_by is None
-        tensors = {name: read(run.conditioning, self._callback_tensors[name], joined) for name in names
-                   if name != "latents"}  # fmt: skip
+        tensors = {
+            name: read(run.conditioning, self._callback_tensors[name], joined) for name in names if name != "latents"
+        }
         outputs = callback(self, i, t, {"latents": latents, **tensors} if "latents" in names else tensors)
         for name, value in (outputs or {}).items():
             if name in self._callback_tensors:

@@ -4,21 +4,38 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before the demo's page imports gradio
 
-import diffusers  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-import pipelines  # noqa: E402
-from pipelines.testing import tiny_components  # noqa: E402
 
-diffusers.utils.logging.set_verbosity_error()
+class References(Mapping):
+    """family -> (the diffusers class, the guided class, diffusers' CFG scale argument), imported on first use, so that
+    tests of the guidance package alone never import the pipelines."""
 
-REFERENCE = {
-    "sd": (diffusers.StableDiffusionPipeline, pipelines.GuidedStableDiffusionPipeline, "guidance_scale"),
-    "sdxl": (diffusers.StableDiffusionXLPipeline, pipelines.GuidedStableDiffusionXLPipeline, "guidance_scale"),
-    "sd3": (diffusers.StableDiffusion3Pipeline, pipelines.GuidedStableDiffusion3Pipeline, "guidance_scale"),
-    "flux": (diffusers.FluxPipeline, pipelines.GuidedFluxPipeline, "true_cfg_scale"),
-}
+    scale_arguments = {
+        "sd": "guidance_scale",
+        "sdxl": "guidance_scale",
+        "sd3": "guidance_scale",
+        "flux": "true_cfg_scale",
+    }
+
+    def __getitem__(self, family: str):
+        import diffusers
+
+        from pipelines.families import DIFFUSERS_CLASSES, guided_class
+
+        return getattr(diffusers, DIFFUSERS_CLASSES[family]), guided_class(family), self.scale_arguments[family]
+
+    def __iter__(self):
+        return iter(self.scale_arguments)
+
+    def __len__(self) -> int:
+        return len(self.scale_arguments)
+
+
+REFERENCE = References()
 CALL_DEFAULTS = {"num_inference_steps": 3, "height": 16, "width": 16, "output_type": "np"}
 FAMILY_DEFAULTS = {"sd3": {"max_sequence_length": 16}, "flux": {"max_sequence_length": 16}}
 
@@ -37,6 +54,8 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 
 def build(family: str, guided: bool = True, **component_overrides):
+    from pipelines.testing import tiny_components
+
     reference_class, guided_class, _ = REFERENCE[family]
     components = {**tiny_components(family), **component_overrides}
     pipe = (guided_class if guided else reference_class)(**components)

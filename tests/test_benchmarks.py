@@ -27,7 +27,8 @@ SMOKE = {
             "float32",
         ],
         "methods-at-scale-tiny-cpu",
-    ),  # fmt: skip
+    ),
+    "full_size": (["--model", "tiny", "--steps", "2", "--repeats", "1"], "full-size-tiny-cpu"),
     "scheduler_matrix": (["--only", "sd:pndm", "--only", "flux:flow-heun"], "scheduler-matrix"),
     "shapes_quality": (["--seeds", "1", "--captions", "1", "--steps", "2"], "shapes-quality"),
     "adaptive_guidance": (
@@ -46,7 +47,7 @@ SMOKE = {
             "shapes-sd3",
         ],
         "adaptive-guidance",
-    ),  # fmt: skip
+    ),
     "dynamic_guidance": (["--seeds", "1", "--captions", "1", "--steps", "2", "--repeats", "1"], "dynamic-guidance"),
     "flowopt_editing": (["--scenes", "1", "--inversion-iterations", "1", "--attributes", "color"], "flowopt-editing"),
     "batch_generation": (["--images", "4", "--steps", "2", "--rounds", "1", "--processes"], "batch-generation"),

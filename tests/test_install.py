@@ -27,24 +27,43 @@ def test_a_regular_install_runs_the_command_line_on_the_embedded_default(tmp_pat
             "--target",
             str(target),
             str(ROOT),
-        ],  # fmt: skip
+        ],
         check=True,
         capture_output=True,
     )
     env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
     env.pop(assets.ASSETS_ENV, None)
     where = subprocess.run(
-        [sys.executable, "-c", "import guidance; from guidance.shapes.assets import ASSETS; print(guidance.__file__);"
-         " print(ASSETS)"],  # fmt: skip
-        env=env, cwd=tmp_path, capture_output=True, text=True, check=True,
-    ).stdout.split()  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "import guidance; from guidance.shapes.assets import ASSETS; print(guidance.__file__); print(ASSETS)",
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     assert all(path.startswith(str(target)) for path in where), where  # the installed copy, not the checkout
     done = subprocess.run(
-        [sys.executable, str(target / "bin" / "guided-generate"), "--model", "shapes:sd", "--prompt",
-         "a large red circle at the center",
-         "--num-inference-steps", "4", "--output-dir", str(tmp_path / "out")],  # fmt: skip
-        env=env, cwd=tmp_path, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(target / "bin" / "guided-generate"),
+            "--model",
+            "shapes:sd",
+            "--prompt",
+            "a large red circle at the center",
+            "--num-inference-steps",
+            "4",
+            "--output-dir",
+            str(tmp_path / "out"),
+        ],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "out" / "00000.png").is_file() and "NFE per image: 8 (4 steps)" in done.stdout
     assert "pip install accelerate" not in done.stderr

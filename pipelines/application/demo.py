@@ -549,7 +549,7 @@ class Preset:
 
 LATENT_HEADS = [spec for _, spec in evaluator_choices()[:2]]
 PRESETS = {
-    "AG and LinearAG against CFG (README: Adaptive Guidance)": Preset(
+    "AG and LinearAG against CFG (docs: Adaptive Guidance)": Preset(
         (
             PolicyControls("cfg", 7.5),
             PolicyControls("ag", 7.5, threshold=0.995),
@@ -557,7 +557,7 @@ PRESETS = {
             PolicyControls("linear-ag", 7.5),
         )
     ),
-    "Dynamic guidance against fixed scales (README: dynamic guidance)": Preset(
+    "Dynamic guidance against fixed scales (docs: dynamic guidance)": Preset(
         (
             PolicyControls("cfg", 7.5),
             PolicyControls("cfg", 15.0),
@@ -565,7 +565,7 @@ PRESETS = {
             PolicyControls("dynamic", evaluators=LATENT_HEADS),
         )
     ),
-    "Self-NPO in the unconditional branch (README: Self-NPO)": Preset(
+    "Self-NPO in the unconditional branch (docs: Self-NPO)": Preset(
         (
             PolicyControls("cfg", 7.5),
             PolicyControls("cfg", 7.5, npo=True),
@@ -585,7 +585,7 @@ PRESETS = {
 
 
 def apply_preset(preset: str) -> tuple:
-    """The model, steps and every slot's values of a preset (the headline comparisons of the README)."""
+    """The model, steps and every slot's values of a preset (the headline comparisons of the docs)."""
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
     chosen = PRESETS[preset]

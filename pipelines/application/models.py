@@ -45,8 +45,10 @@ def model_family(model: str, argument: str = "`--model`") -> str:
     class_name = str(index.get("_class_name", ""))
     family = family_of_class_name(class_name)
     if family is None:
-        raise ValueError(f"{argument} {model!r} is a {class_name or 'pipeline of unknown class'}; supported: "
-                         f"{sorted(DIFFUSERS_CLASSES.values())}")  # fmt: skip
+        raise ValueError(
+            f"{argument} {model!r} is a {class_name or 'pipeline of unknown class'}; supported: "
+            f"{sorted(DIFFUSERS_CLASSES.values())}"
+        )
     return family
 
 

@@ -63,7 +63,7 @@ def test_bad_input_comes_back_as_its_message(client):
 
 
 def test_presets_controls_and_modes(client):
-    preset = "Self-NPO in the unconditional branch (README: Self-NPO)"
+    preset = "Self-NPO in the unconditional branch (docs: Self-NPO)"
     model, steps, *values = client.predict(preset, api_name="/apply_preset")
     width = len(demo.POLICY_FIELDS)
     npo = [values[k * width + width - 1] for k in range(demo.MAX_POLICIES)]

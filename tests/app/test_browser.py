@@ -136,7 +136,7 @@ def test_changing_the_method_changes_the_controls(page):
         for label in hidden:
             expect(slot.get_by_label(label, exact=True)).to_be_hidden()
         shot(page, f"04-method-{method}")
-    page.get_by_label("preset (the README's comparisons)").click()
+    page.get_by_label("preset (the docs' comparisons)").click()
     page.get_by_role("option", name=re.compile("^Self-NPO in the unconditional branch")).click()
     page.get_by_role("button", name="Load preset").click()
     expect(page.locator("#policy-2").get_by_label("Self-NPO in the unconditional branch")).to_be_checked()

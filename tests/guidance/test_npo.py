@@ -119,7 +119,7 @@ def test_bad_adapters_are_refused():
     pipe = with_adapters("sd", "npo")
     with pytest.raises(ValueError, match=r"the denoiser has no LoRA adapter 'negative' \(it has \['npo'\]\): load it"):
         images(pipe, "sd", ClassifierFreeGuidance(4.0, unconditional=NegativeAdapter("negative")))
-    with pytest.raises(TypeError, match="`alpha` must be a number, got '1'"):
+    with pytest.raises(TypeError, match="`alpha` must be a real number, got str '1'"):
         NegativeAdapter(alpha="1")
     with pytest.raises(ValueError, match="`delta_adapter` must be another adapter's name or None, got 'npo'"):
         NegativeAdapter(delta_adapter="npo")

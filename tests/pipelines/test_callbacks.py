@@ -4,7 +4,6 @@ a policy cannot honour is an error naming the callback (failures 3 of the drop-i
 
 import numpy as np
 import pytest
-import torch
 from conftest import REFERENCE, build, call_kwargs, seeded
 from diffusers.callbacks import SD3CFGCutoffCallback, SDCFGCutoffCallback, SDXLCFGCutoffCallback
 
@@ -41,8 +40,11 @@ def test_a_cutoff_before_the_first_step_for_a_batch_is_refused_with_the_tensor_n
     with pytest.raises(
         ValueError, match=r"callback SDCFGCutoffCallback returned `prompt_embeds` with 1 rows; this run has 2 images"
     ):
-        pipe(**call_kwargs("sd", prompt=["a", "b"]), guidance=ClassifierFreeGuidance(5.0),
-             callback_on_step_end=SDCFGCutoffCallback(0.0))  # fmt: skip
+        pipe(
+            **call_kwargs("sd", prompt=["a", "b"]),
+            guidance=ClassifierFreeGuidance(5.0),
+            callback_on_step_end=SDCFGCutoffCallback(0.0),
+        )
 
 
 def test_the_guidance_scale_callbacks_read_is_what_the_policy_applies():
@@ -66,7 +68,9 @@ def test_a_scale_a_policy_decides_cannot_be_set_by_a_callback():
         pipeline._guidance_scale = 9.0
         return tensors
 
-    with pytest.raises(ValueError, match=r"callback louder set `_guidance_scale` to 9.0: under `guidance=` the policy"):
+    with pytest.raises(
+        ValueError, match=r"callback louder set `_guidance_scale` to 9.0: under `guidance=` the policy"
+    ):
         pipe(**call_kwargs("sd", prompt="x"), guidance=ClassifierFreeGuidance(5.0), callback_on_step_end=louder)
 
 
@@ -79,12 +83,21 @@ def test_the_joined_prompt_embeddings_are_diffusers_layout_and_both_halves_can_c
         shapes.append(tuple(tensors["prompt_embeds"].shape))
         return {"prompt_embeds": tensors["prompt_embeds"].flip(0)} if step == 0 else {}
 
-    swapped = pipe(**kwargs, generator=seeded(), guidance=ClassifierFreeGuidance(5.0), callback_on_step_end=swap,
-                   callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+    swapped = pipe(
+        **kwargs,
+        generator=seeded(),
+        guidance=ClassifierFreeGuidance(5.0),
+        callback_on_step_end=swap,
+        callback_on_step_end_tensor_inputs=["prompt_embeds"],
+    )
     assert shapes[0][0] == 2  # the unconditional row, then the conditional one
     other = build("sd")
-    exchanged = other(**{**kwargs, "prompt": "blue", "negative_prompt": "a red circle"}, generator=seeded(),
-                      guidance=ClassifierFreeGuidance(5.0), callback_on_step_end=lambda *a: {})  # fmt: skip
+    exchanged = other(
+        **{**kwargs, "prompt": "blue", "negative_prompt": "a red circle"},
+        generator=seeded(),
+        guidance=ClassifierFreeGuidance(5.0),
+        callback_on_step_end=lambda *a: {},
+    )
     first = pipe(**kwargs, generator=seeded(), guidance=ClassifierFreeGuidance(5.0)).images
     assert np.abs(swapped.images - first).max() > 1e-4 and np.abs(exchanged.images - first).max() > 1e-4
 
@@ -92,9 +105,12 @@ def test_the_joined_prompt_embeddings_are_diffusers_layout_and_both_halves_can_c
 def test_a_callback_tensor_that_is_not_a_tensor_is_named():
     pipe = build("sd")
     with pytest.raises(TypeError, match=r"callback <lambda> returned `prompt_embeds` as list, not a tensor"):
-        pipe(**call_kwargs("sd", prompt="x"), guidance=ClassifierFreeGuidance(5.0),
-             callback_on_step_end=lambda p, i, t, k: {"prompt_embeds": [1]},
-             callback_on_step_end_tensor_inputs=["prompt_embeds"])  # fmt: skip
+        pipe(
+            **call_kwargs("sd", prompt="x"),
+            guidance=ClassifierFreeGuidance(5.0),
+            callback_on_step_end=lambda p, i, t, k: {"prompt_embeds": [1]},
+            callback_on_step_end_tensor_inputs=["prompt_embeds"],
+        )
 
 
 def flux_embeddings(pipe, prompt: str, length: int):
@@ -108,15 +124,25 @@ def test_flux_from_embeddings_alone_matches_diffusers_true_cfg():
     embeds, pooled = flux_embeddings(encoder, "a red circle", 16)
     negative, negative_pooled = flux_embeddings(encoder, "blue", 16)
     bare = {"text_encoder": None, "text_encoder_2": None, "tokenizer": None, "tokenizer_2": None}
-    given = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=negative,
-                 negative_pooled_prompt_embeds=negative_pooled, num_inference_steps=3, height=16, width=16,
-                 output_type="np")  # fmt: skip
+    given = dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt_embeds=negative,
+        negative_pooled_prompt_embeds=negative_pooled,
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        output_type="np",
+    )
     expected = build("flux", guided=False, **bare)(**given, true_cfg_scale=4.0, generator=seeded()).images
     result = build("flux", **bare)(**given, guidance=ClassifierFreeGuidance(4.0), generator=seeded())
     assert np.abs(result.images - expected).max() <= 1e-5 and result.trace.nfe == 6.0
     without = {k: v for k, v in given.items() if not k.startswith("negative")}
-    with pytest.raises(ValueError, match=r"`guidance` needs the unconditional branch's embeddings: give "
-                       r"`negative_prompt_embeds` and `negative_pooled_prompt_embeds` \(this pipeline has no text"):
+    with pytest.raises(
+        ValueError,
+        match=r"`guidance` needs the unconditional branch's embeddings: give "
+        r"`negative_prompt_embeds` and `negative_pooled_prompt_embeds` \(this pipeline has no text",
+    ):
         build("flux", **bare)(**without, guidance=ClassifierFreeGuidance(4.0))
 
 
@@ -124,8 +150,16 @@ def test_flux_prompt_and_negative_embeddings_of_different_lengths_match_diffuser
     """Failure 4 too: the prompt's embeddings (4 tokens) and the negative prompt's (16) cannot share a batch; the two
     branches run as separate passes, as diffusers runs true CFG."""
     embeds, pooled = flux_embeddings(build("flux"), "a red circle", 4)
-    given = dict(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt="blue", max_sequence_length=16,
-                 num_inference_steps=3, height=16, width=16, output_type="np")  # fmt: skip
+    given = dict(
+        prompt_embeds=embeds,
+        pooled_prompt_embeds=pooled,
+        negative_prompt="blue",
+        max_sequence_length=16,
+        num_inference_steps=3,
+        height=16,
+        width=16,
+        output_type="np",
+    )
     expected = build("flux", guided=False)(**given, true_cfg_scale=4.0, generator=seeded()).images
     result = build("flux")(**given, guidance=ClassifierFreeGuidance(4.0), generator=seeded())
     assert np.abs(result.images - expected).max() <= 1e-5 and result.trace.nfe == 6.0

@@ -26,15 +26,23 @@ class Staggered(UnconditionalSkip):
 def test_a_shrinking_batch_compiles_the_denoiser_at_most_twice():
     torch._dynamo.reset()
     pipe = build("sd")
-    plain = pipe(**call_kwargs("sd", prompt=["a", "b", "c"], num_inference_steps=6), generator=seeded(),
-                 guidance=AdaptiveGuidance(5.0, threshold=0.9)).images  # fmt: skip
+    plain = pipe(
+        **call_kwargs("sd", prompt=["a", "b", "c"], num_inference_steps=6),
+        generator=seeded(),
+        guidance=AdaptiveGuidance(5.0, threshold=0.9),
+    ).images
     counter = CompileCounter()
     pipe.unet = torch.compile(pipe.unet, backend=counter)
-    ag = pipe(**call_kwargs("sd", prompt=["a", "b", "c"], num_inference_steps=6), generator=seeded(),
-              guidance=AdaptiveGuidance(5.0, threshold=0.9))  # fmt: skip
+    ag = pipe(
+        **call_kwargs("sd", prompt=["a", "b", "c"], num_inference_steps=6),
+        generator=seeded(),
+        guidance=AdaptiveGuidance(5.0, threshold=0.9),
+    )
     assert np.abs(ag.images - plain).max() <= 1e-5
-    staggered = pipe(**call_kwargs("sd", prompt=["a", "b", "c"], num_inference_steps=6),
-                     guidance=ClassifierFreeGuidance(5.0, skip=Staggered()))  # fmt: skip
+    staggered = pipe(
+        **call_kwargs("sd", prompt=["a", "b", "c"], num_inference_steps=6),
+        guidance=ClassifierFreeGuidance(5.0, skip=Staggered()),
+    )
     sizes = [sum(step["uncond"]) + sum(step["cond"]) for step in staggered.trace.branches]
     assert sizes == [6, 5, 4, 3, 3, 3] and counter.frame_count <= 2
     linear, _ = calibrate(pipe, ["a", "b"], 6, 5.0, exact_steps=[0, 1], **size_kwargs("sd"))

@@ -117,8 +117,12 @@ def test_a_batch_of_prompts_equals_single_calls(family, pair):
     kwargs = call_kwargs(family, negative_prompt=["", ""] if family == "flux" else None)
     batch = guided(prompt=prompts, **kwargs, generator=[seeded(0), seeded(1)], guidance=ClassifierFreeGuidance(SCALE))
     for k, prompt in enumerate(prompts):
-        single = guided(prompt=prompt, **call_kwargs(family, negative_prompt="" if family == "flux" else None),
-                        generator=seeded(k), guidance=ClassifierFreeGuidance(SCALE))  # fmt: skip
+        single = guided(
+            prompt=prompt,
+            **call_kwargs(family, negative_prompt="" if family == "flux" else None),
+            generator=seeded(k),
+            guidance=ClassifierFreeGuidance(SCALE),
+        )
         assert np.abs(single.images[0] - batch.images[k]).max() <= 1e-5
     assert_drop_in(family, *pair, prompt=prompts)
 
@@ -132,8 +136,9 @@ def test_every_diffusers_callback_tensor_can_be_read_and_given_back(family, pair
         seen.update({name: tuple(value.shape) for name, value in tensors.items()})
         return tensors
 
-    result = assert_drop_in(family, reference, guided, callback_on_step_end=unchanged,
-                            callback_on_step_end_tensor_inputs=names)  # fmt: skip
+    result = assert_drop_in(
+        family, reference, guided, callback_on_step_end=unchanged, callback_on_step_end_tensor_inputs=names
+    )
     assert set(seen) == set(names) and seen["latents"][0] == 1
     if family != "flux":  # under CFG diffusers hands over both branches' rows (Flux's true CFG: the prompt's only)
         assert seen["prompt_embeds"][0] == 2
@@ -144,8 +149,11 @@ def test_every_diffusers_callback_tensor_can_be_read_and_given_back(family, pair
 def test_every_output_type_and_return_dict_false(family, pair, output_type):
     reference, guided = pair
     assert_drop_in(family, reference, guided, output_type=output_type)
-    tuple_output = guided(**call_kwargs(family, prompt=PROMPT, output_type=output_type, return_dict=False),
-                          generator=seeded(), guidance=ClassifierFreeGuidance(SCALE))  # fmt: skip
+    tuple_output = guided(
+        **call_kwargs(family, prompt=PROMPT, output_type=output_type, return_dict=False),
+        generator=seeded(),
+        guidance=ClassifierFreeGuidance(SCALE),
+    )
     assert isinstance(tuple_output, tuple) and tuple_output[-1].nfe == 6.0
 
 
@@ -189,8 +197,12 @@ def test_bfloat16_on_the_cpu(family, pair):
     assert next(denoiser_of(guided).parameters()).dtype == torch.bfloat16 and result.trace.nfe == 6.0
 
 
-LORA_LAYERS = {"sd": "unet_lora_layers", "sdxl": "unet_lora_layers", "sd3": "transformer_lora_layers",
-               "flux": "transformer_lora_layers"}  # fmt: skip
+LORA_LAYERS = {
+    "sd": "unet_lora_layers",
+    "sdxl": "unet_lora_layers",
+    "sd3": "transformer_lora_layers",
+    "flux": "transformer_lora_layers",
+}
 
 
 @pytest.fixture()
@@ -245,12 +257,22 @@ def encoded(family, pipe, prompt, negative_prompt, max_sequence_length=None, **_
     if family == "flux":
         embeds, pooled, _ = pipe.encode_prompt(prompt, prompt, **text)
         negative, negative_pooled, _ = pipe.encode_prompt(negative_prompt, negative_prompt, **text)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled, "negative_prompt_embeds": negative,
-                "negative_pooled_prompt_embeds": negative_pooled}  # fmt: skip
+        return {
+            "prompt_embeds": embeds,
+            "pooled_prompt_embeds": pooled,
+            "negative_prompt_embeds": negative,
+            "negative_pooled_prompt_embeds": negative_pooled,
+        }
     extra = {"prompt_3": prompt, "negative_prompt_3": negative_prompt, **text} if family == "sd3" else {}
     names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
-    outputs = pipe.encode_prompt(prompt=prompt, prompt_2=prompt, negative_prompt=negative_prompt,
-                                 negative_prompt_2=negative_prompt, do_classifier_free_guidance=True, **extra)  # fmt: skip
+    outputs = pipe.encode_prompt(
+        prompt=prompt,
+        prompt_2=prompt,
+        negative_prompt=negative_prompt,
+        negative_prompt_2=negative_prompt,
+        do_classifier_free_guidance=True,
+        **extra,
+    )
     return dict(zip(names, outputs, strict=True))
 
 
@@ -260,7 +282,9 @@ def test_sequential_cpu_offload_where_accelerate_allows_it(family, pair):
         reference.enable_sequential_cpu_offload(device="cpu")
         reference(**call_kwargs(family, prompt=PROMPT), **scale_argument(family))
     except (RuntimeError, TypeError, ValueError) as error:
-        pytest.skip(f"accelerate's sequential offload needs an accelerator: diffusers' own {type(reference).__name__} "
-                    f"fails without one ({type(error).__name__}: {str(error).splitlines()[0][:80]})")  # fmt: skip
+        pytest.skip(
+            f"accelerate's sequential offload needs an accelerator: diffusers' own {type(reference).__name__} "
+            f"fails without one ({type(error).__name__}: {str(error).splitlines()[0][:80]})"
+        )
     guided.enable_sequential_cpu_offload(device="cpu")
     assert_drop_in(family, reference, guided)

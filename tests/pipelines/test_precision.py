@@ -71,8 +71,10 @@ def test_x0_estimates_are_float32_whatever_the_models_dtype():
     step = GuidanceStep(1, inputs.num_timesteps, inputs.timesteps[1], latents, inputs.scheduler)
     prediction = torch.randn(latents.shape, generator=seeded()).to(torch.bfloat16)
     x0 = predict_x0(step, prediction)
-    exact = predict_x0(GuidanceStep(1, inputs.num_timesteps, inputs.timesteps[1], latents.float(), inputs.scheduler),
-                       prediction.float())  # fmt: skip
+    exact = predict_x0(
+        GuidanceStep(1, inputs.num_timesteps, inputs.timesteps[1], latents.float(), inputs.scheduler),
+        prediction.float(),
+    )
     assert x0.dtype == torch.float32 and torch.equal(x0, exact)
 
 
@@ -82,6 +84,14 @@ def test_a_flowopt_edit_in_bfloat16_updates_in_float32(family):
 
     pipe = build(family).to(torch.bfloat16)
     image = Image.new("RGB", (16, 16), (200, 30, 30))
-    out = pipe.edit(image, "a red square", "a blue square", num_inference_steps=4, n_max=3, iterations=2,
-                    output_type="np", max_sequence_length=16)  # fmt: skip
+    out = pipe.edit(
+        image,
+        "a red square",
+        "a blue square",
+        num_inference_steps=4,
+        n_max=3,
+        iterations=2,
+        output_type="np",
+        max_sequence_length=16,
+    )
     assert out.latents.dtype == torch.float32 and np.isfinite(out.images).all() and len(out.residuals) == 3

@@ -36,8 +36,11 @@ def test_dynamic_guidance_needs_evaluators_named_by_the_caller(no_assets):
 def test_the_application_defaults_of_a_real_model_never_reach_the_shapes_world(model, no_assets):
     with pytest.raises(ValueError, match=rf"dynamic guidance on '{model}' needs evaluators \(`evaluator`\): 'clip:"):
         policy_from_options({"guidance": "dynamic"}, model=model)
-    with pytest.raises(ValueError, match=rf"evaluator 'clip' is the shapes-world CLIP, for the shapes models; for "
-                       rf"'{model}' use 'clip:"):  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=rf"evaluator 'clip' is the shapes-world CLIP, for the shapes models; for "
+        rf"'{model}' use 'clip:",
+    ):
         evaluator_from_spec("clip", model)
     with pytest.raises(ValueError, match="guidance 'linear-ag' needs `coefficients`"):
         policy_from_options({"guidance": "linear-ag"}, model=model, num_inference_steps=20)

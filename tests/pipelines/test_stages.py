@@ -147,7 +147,7 @@ def test_bad_stage_arguments_are_named(sd_pipe):
     policy = ClassifierFreeGuidance(2.0)
     with pytest.raises(TypeError, match="`inputs` must be the GuidedInputs of `prepare`, got dict"):
         sd_pipe.denoise({}, policy)
-    with pytest.raises(ValueError, match=r"`start_index` must be in \[0, 3\), got 3"):
+    with pytest.raises(ValueError, match=r"`start_index` must be an int in \[0, 2\], got 3"):
         sd_pipe.denoise(inputs, policy, start_index=3)
     with pytest.raises(TypeError, match="`start_index` must be an int, got float"):
         sd_pipe.denoise(inputs, policy, start_index=1.0)

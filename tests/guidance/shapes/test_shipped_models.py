@@ -114,7 +114,7 @@ def test_adaptive_guidance_and_shipped_linear_ag_save_passes_and_keep_accuracy(h
         results[method] = (out.trace.nfe, scorer.accuracy(out.images * 2 - 1, scenes, world))
     assert results["cfg"][0] == 40 and results["ag"][0] <= 30 and results["linear"][0] == 24
     # measured: shapes-sd3 within 1 point of CFG (2 seeds); shapes-sd 5-7 points under it on 2 seeds and 12.5
-    # points of shape on this seed alone (see the README: it needs guidance until late)
+    # points of shape on this seed alone (docs/shapes-world.md: it needs guidance until late)
     tolerance = {"shapes-sd": 0.15, "shapes-sd3": 0.05}[name]
     for method in ("ag", "linear"):
         for attribute in ("color", "shape"):

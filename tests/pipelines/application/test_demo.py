@@ -81,7 +81,7 @@ def test_a_compare_request_reads_only_what_each_slot_s_method_reads():
 
 
 def test_the_ag_preset_reproduces_the_readme_headline_costs():
-    model, steps, *values = demo.apply_preset("AG and LinearAG against CFG (README: Adaptive Guidance)")
+    model, steps, *values = demo.apply_preset("AG and LinearAG against CFG (docs: Adaptive Guidance)")
     assert (model, steps, len(values)) == ("shapes:sd", 20, demo.MAX_POLICIES * len(demo.POLICY_FIELDS))
     last = list(compare(PROMPT, "", model, steps, 1, 0, "", *values))[-1]
     nfes = [float(re.search(r"\*\*: ([\d.]+) NFEs", last[2 + 3 * k]).group(1)) for k in range(4)]
