@@ -54,6 +54,7 @@ __all__ = [
     "LinearAGSkip",
     "LinearAdaptiveGuidance",
     "NegativeAdapter",
+    "PolicyGuider",
     "ScheduledGuidance",
     "ScheduledScale",
     "SeparateModel",
@@ -63,3 +64,12 @@ __all__ = [
     "load_npo_adapter",
     "register_part",
 ]
+
+
+def __getattr__(name: str):
+    """`PolicyGuider` on first use: diffusers' guiders import accelerate, which `import guidance` does not need."""
+    if name == "PolicyGuider":
+        from .guider import PolicyGuider
+
+        return PolicyGuider
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -68,7 +68,9 @@ def read(conditioning, spec: CallbackTensor, joined: bool) -> torch.Tensor:
 def write(conditioning, spec: CallbackTensor, value: Any, name: str, callback: Any, batch_size: int) -> None:
     """Put a callback's replacement back into the run's conditioning (never into the prepared inputs)."""
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"callback {callback_name(callback)} returned `{name}` as {type(value).__name__}, not a tensor")
+        raise TypeError(
+            f"callback {callback_name(callback)} returned `{name}` as {type(value).__name__}, not a tensor"
+        )
     if spec.branch != "joined":
         put(getattr(conditioning, spec.branch), spec.path, value)
     elif len(value) == 2 * batch_size:

@@ -13,7 +13,7 @@ import torch
 
 from guidance.shapes.tokenizer import clip_byte_vocabulary
 
-from .families import FAMILIES, Family
+from .families import FAMILIES, VIDEO_FAMILIES, Family
 
 
 def tiny_clip_tokenizer():
@@ -60,11 +60,14 @@ def _t5_encoder():
 
 
 def tiny_components(family: Family, seed: int = 0) -> dict:
-    """The components of a tiny `family` pipeline ("sd", "sdxl", "sd3", "flux"), in eval mode, from `seed`."""
-    if family not in FAMILIES:
-        raise ValueError(f"`family` must be one of {list(FAMILIES)}, got {family!r}")
+    """The components of a tiny `family` pipeline ("sd", "sdxl", "sd3", "flux", "wan", "cogvideox"), in eval mode,
+    from `seed`."""
+    known = FAMILIES + VIDEO_FAMILIES
+    if family not in known:
+        raise ValueError(f"`family` must be one of {list(known)}, got {family!r}")
     torch.manual_seed(seed)
-    components = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux}[family]()
+    builders = {"sd": _sd, "sdxl": _sdxl, "sd3": _sd3, "flux": _flux, "wan": _wan, "cogvideox": _cogvideox}
+    components = builders[family]()
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()
@@ -204,6 +207,87 @@ def _flux() -> dict:
     }
 
 
+def _wan() -> dict:
+    """Wan 2.1's layout: a 3D causal VAE (4x in time, 8x in space), T5 text, and Wan 2.1's flow UniPC sampler."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
+
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=32,
+        num_layers=1,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+        "text_encoder": _t5_encoder(),
+        "tokenizer": tiny_t5_tokenizer(),
+        "transformer_2": None,
+    }
+
+
+def _cogvideox() -> dict:
+    """CogVideoX-2b's layout: frames before channels in the latents, a 3D VAE (4x in time, 8x in space), T5 text of
+    16 tokens, and CogVideoX's v-prediction DDIM with its SNR shift."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=32,
+        num_layers=1,
+        sample_width=2,
+        sample_height=2,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=16,
+    )
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+    )
+    scheduler = CogVideoXDDIMScheduler(
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        prediction_type="v_prediction",
+        rescale_betas_zero_snr=True,
+        set_alpha_to_one=True,
+        timestep_spacing="trailing",
+        snr_shift_scale=3.0,
+    )
+    return {
+        "transformer": transformer,
+        "vae": vae,
+        "scheduler": scheduler,
+        "text_encoder": _t5_encoder(),
+        "tokenizer": tiny_t5_tokenizer(),
+    }
+
+
 def _vae(latent_channels: int, **config):
     """A two-level AutoencoderKL (spatial scale factor 2)."""
     from diffusers import AutoencoderKL
@@ -275,3 +359,78 @@ def save_tiny_ip_adapter(unet, folder, image_embed_dim: int = 32, seed: int = 0)
     Path(folder).mkdir(parents=True, exist_ok=True)
     save_file(tensors, Path(folder) / "ip_adapter.safetensors")
     return "ip_adapter.safetensors"
+
+
+MODULAR_BLOCKS = {
+    "sdxl": "StableDiffusionXLAutoBlocks",
+    "sd3": "StableDiffusion3AutoBlocks",
+    "wan": "WanBlocks",
+    "qwenimage": "QwenImageAutoBlocks",
+}
+"""The diffusers modular pipelines built here from tiny components, by the blocks they run."""
+
+
+def tiny_modular(family: str, seed: int = 0):
+    """A diffusers modular pipeline of `family` ("sdxl", "sd3", "wan", "qwenimage") on tiny components from `seed`,
+    with diffusers' default guider. Qwen-Image has no text encoder here (its Qwen2.5-VL tokenizer has no offline
+    tiny form): call it with prompt embeddings (`tiny_qwenimage_embeddings`)."""
+    import diffusers
+
+    if family not in MODULAR_BLOCKS:
+        raise ValueError(f"`family` must be one of {list(MODULAR_BLOCKS)}, got {family!r}")
+    components = _qwenimage(seed) if family == "qwenimage" else tiny_components(family, seed)
+    pipe = getattr(diffusers, MODULAR_BLOCKS[family])().init_pipeline()
+    pipe.update_components(**{k: v for k, v in components.items() if k in pipe.component_names and v is not None})
+    disable_progress_bars(pipe.blocks)
+    return pipe
+
+
+def disable_progress_bars(blocks) -> None:
+    """No progress bar in any loop of a modular pipeline's blocks (`set_progress_bar_config` reaches the top level
+    only, and the denoise loops sit deeper)."""
+    if hasattr(blocks, "set_progress_bar_config"):
+        blocks.set_progress_bar_config(disable=True)
+    for block in getattr(blocks, "sub_blocks", {}).values():
+        disable_progress_bars(block)
+
+
+def _qwenimage(seed: int) -> dict:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    for module in (transformer, vae):
+        module.eval()
+    return {"transformer": transformer, "vae": vae, "scheduler": FlowMatchEulerDiscreteScheduler()}
+
+
+def tiny_qwenimage_embeddings(batch_size: int, length: int = 8, seed: int = 0) -> dict:
+    """Random prompt and negative embeddings (with masks) in the tiny Qwen-Image transformer's text width."""
+    generator = torch.Generator().manual_seed(seed)
+    embeddings = torch.randn((2, batch_size, length, 16), generator=generator)
+    mask = torch.ones((batch_size, length), dtype=torch.long)
+    return {
+        "prompt_embeds": embeddings[0],
+        "prompt_embeds_mask": mask,
+        "negative_prompt_embeds": embeddings[1],
+        "negative_prompt_embeds_mask": mask,
+    }

@@ -28,6 +28,7 @@ SMOKE = {
         ],
         "methods-at-scale-tiny-cpu",
     ),
+    "video_guidance": (["--frames", "5", "--steps", "2", "--repeats", "1"], "video-guidance"),
     "full_size": (["--model", "tiny", "--steps", "2", "--repeats", "1"], "full-size-tiny-cpu"),
     "scheduler_matrix": (["--only", "sd:pndm", "--only", "flux:flow-heun"], "scheduler-matrix"),
     "shapes_quality": (["--seeds", "1", "--captions", "1", "--steps", "2"], "shapes-quality"),
