@@ -10,7 +10,8 @@ while it ran (sampled every 20 ms). The rows:
   (rank 8; goal <= 1.10), and for SD3 a FlowOpt edit (its NFEs and peak memory).
 
     python -m benchmarks.full_size --model sd15 --steps 3 --repeats 2
-    python -m benchmarks.full_size --model sdxl --steps 2 --repeats 1
+    python -m benchmarks.full_size --model sdxl --steps 2 --repeats 1 --warmup 0
+    python -m benchmarks.full_size --model sd3 --steps 3 --repeats 1
 """
 
 from __future__ import annotations
@@ -108,6 +109,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="denoising steps")
     parser.add_argument("--scale", type=float, default=7.5, help="CFG scale")
     parser.add_argument("--repeats", type=int, default=2, help="timed rounds of every method (alternated)")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds first (0 at SDXL's size, where one pass dwarfs the first call's overhead)",
+    )
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -119,7 +126,7 @@ def main() -> None:
     for name, policy in policies.items():
         runs[name] = lambda policy=policy: pipe(**call, guidance=policy, generator=torch.manual_seed(0))
     times, peaks, nfes = {name: [] for name in runs}, {name: 0.0 for name in runs}, {}
-    for round_index in range(args.repeats + 1):  # round 0 warms up
+    for round_index in range(args.warmup + args.repeats):  # the first `warmup` rounds are not timed
         order = list(runs) if round_index % 2 == 0 else list(runs)[::-1]
         for name in order:
             with PeakMemory() as memory:
@@ -128,7 +135,7 @@ def main() -> None:
                 seconds = time.perf_counter() - start
             peaks[name] = max(peaks[name], memory.peak)
             nfes[name] = out.trace.nfe if getattr(out, "trace", None) is not None else 2.0 * args.steps
-            if round_index > 0:
+            if round_index >= args.warmup:
                 times[name].append(seconds)
             print(f"round {round_index} {name}: {seconds:.1f} s", flush=True)
     cfg = statistics.median(times["CFG"])
@@ -147,7 +154,7 @@ def main() -> None:
     env = environment("cpu")
     lines = [
         f"{args.model} at {size} px, random weights, float32, batch 1, {args.steps} steps, scale {args.scale}, "
-        f"{machine(env)}; median of {args.repeats} alternated rounds after a warm-up; latents out",
+        f"{machine(env)}; median of {args.repeats} alternated rounds after {args.warmup} untimed; latents out",
         "",
         "| method | NFE/image | NFE ratio | seconds | time ratio to CFG | peak RSS (MiB) |",
         "| --- | --- | --- | --- | --- | --- |",

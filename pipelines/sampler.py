@@ -311,6 +311,10 @@ class GuidedPipelineMixin:
                 raise ValueError(
                     f"`{name}` is not supported together with `guidance` (got {call_args[name]!r}): {instead}"
                 )
+        if call_args.get("timesteps") is None and call_args.get("sigmas") is None:
+            check_int("num_inference_steps", call_args.get("num_inference_steps"), minimum=1)
+        if "num_images_per_prompt" in call_args:
+            check_int("num_images_per_prompt", call_args["num_images_per_prompt"], minimum=1)
         prompt, negative_prompt = call_args.get("prompt"), call_args.get("negative_prompt")
         if isinstance(prompt, list) and isinstance(negative_prompt, list) and len(prompt) != len(negative_prompt):
             raise ValueError(

@@ -9,8 +9,9 @@ from typing import Literal
 import torch
 
 from .base import Candidates, Evaluator
-from .clip import ClipEvaluator
+from .embedding import EmbeddingEvaluator
 from .networks import ConvEncoder, load_network, save_network
+from .teachers import TeacherSpec, load_teacher, resolve_teacher, teacher_spec
 
 REBUILD = "rebuild it with `guided-train-evaluator latent`"
 KINDS = ("clip", "score")
@@ -20,10 +21,13 @@ class LatentEvaluator(Evaluator):
     """Scores latents at their noise level with a small network (a latent evaluator: no decode).
 
     kind "score": the network predicts a pixel evaluator's score of the clean image (e.g. the discriminator's
-    logit). kind "clip": it predicts the CLIP image embedding of the clean image, and the score is
-    `100 * cos(prediction, text embedding)` with the teacher CLIP's text tower (`teacher`, an open_clip model
-    name or "local-dir:<folder>"; a saved relative folder is found from the head's own folder, so that a head saved
-    beside its CLIP, as the shipped shapes-world heads are, loads from anywhere).
+    logit, the aesthetic rating). kind "clip": it predicts the image embedding of the clean image by an image-text
+    model (open_clip or transformers CLIP, PickScore, HPSv2), and the score is that model's own
+    `scale * cos(prediction, text embedding)` with its text tower, so that prompt-dependent scores need no prompt in
+    the network. `teacher` names that model: an open_clip name or "local-dir:<folder>" (a saved relative folder is
+    found from the head's own folder, so that a head saved beside its CLIP, as the shipped shapes-world heads are,
+    loads from anywhere), or a spec {"type": ..., ...} of `guidance.evaluators.teachers.TEACHERS`.
+    `teacher_model` passes the loaded model instead of loading it again (its spec is saved when `teacher` is None).
     """
 
     space = "latent"
@@ -32,16 +36,25 @@ class LatentEvaluator(Evaluator):
         self,
         network: ConvEncoder,
         kind: Literal["clip", "score"],
-        teacher: str | None = None,
+        teacher: TeacherSpec | None = None,
         name: str | None = None,
+        *,
+        teacher_model: EmbeddingEvaluator | None = None,
     ):
         if kind not in KINDS:
             raise ValueError(f"`kind` must be one of {list(KINDS)}, got {kind!r}")
+        if teacher_model is not None and not isinstance(teacher_model, EmbeddingEvaluator):
+            raise TypeError(
+                "`teacher_model` must be an EmbeddingEvaluator (an image-text model), got "
+                f"{type(teacher_model).__name__}"
+            )
+        if teacher is None and teacher_model is not None:
+            teacher = teacher_spec(teacher_model)
         if kind == "clip" and not teacher:
             raise ValueError("`teacher` (the CLIP whose text tower scores the predicted embedding) is required")
         super().__init__(name or f"latent-{kind}")
         self.network, self.kind, self.teacher = network, kind, teacher
-        self.clip = ClipEvaluator(teacher) if kind == "clip" else None
+        self.clip = (teacher_model or load_teacher(teacher)) if kind == "clip" else None
 
     def forward(self, candidates: Candidates) -> torch.Tensor:
         config = self.network.config
@@ -51,15 +64,16 @@ class LatentEvaluator(Evaluator):
                 f"evaluator {self.name!r} reads latents of shape {expected} (the model and image size it was trained "
                 f"for), got {tuple(candidates.latents.shape[1:])}"
             )
-        self.network.to(candidates.latents.device)
-        latents = candidates.latents.to(next(self.network.parameters()).dtype)
-        output = self.network(latents, candidates.timestep.to(latents.device))
+        output = self.predict(candidates.latents, candidates.timestep)
         if self.kind == "score":
             return output.squeeze(-1)
-        prompts = candidates.require_prompts(self.name)
-        self.clip.to(latents.device)
-        text = self.clip.text_features(prompts, latents.device)
-        return 100 * (torch.nn.functional.normalize(output, dim=-1) * text).sum(-1)
+        return self.clip.similarity(output, candidates.require_prompts(self.name))
+
+    def predict(self, latents: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """The network's output: the predicted score (n, 1) or image embedding (n, dim), in float32."""
+        self.network.to(latents.device)
+        latents = latents.to(next(self.network.parameters()).dtype)
+        return self.network(latents, timestep.to(latents.device)).float()
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
         save_network(self.network, folder, kind=self.kind, teacher=self.teacher, evaluator="latent")
@@ -70,10 +84,3 @@ class LatentEvaluator(Evaluator):
         if extra.get("evaluator") != "latent" or extra.get("kind") not in KINDS:
             raise ValueError(f"latent evaluator in {str(folder)!r} is corrupt (no latent evaluator config); {REBUILD}")
         return cls(network, extra["kind"], resolve_teacher(extra.get("teacher"), folder), name=name).eval()
-
-
-def resolve_teacher(teacher: str | None, folder: str | os.PathLike) -> str | None:
-    """A saved "local-dir:<relative folder>" made absolute from the head's folder; any other name as it is."""
-    if teacher is None or not teacher.startswith("local-dir:") or os.path.isabs(teacher.removeprefix("local-dir:")):
-        return teacher
-    return "local-dir:" + os.path.normpath(os.path.join(os.fspath(folder), teacher.removeprefix("local-dir:")))

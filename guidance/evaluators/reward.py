@@ -1,4 +1,4 @@
-"""Reward-model feedback: any image-text scoring callable, or a CLIP-style preference model (PickScore-like)."""
+"""Reward-model feedback: any image-text scoring callable (e.g. ImageReward), or a CLIP-style preference model."""
 
 from __future__ import annotations
 
@@ -7,14 +7,32 @@ from collections.abc import Callable
 
 import torch
 
-from .base import Candidates, Evaluator, prepare_images
+from .base import Candidates, Evaluator
 
 
 class RewardEvaluator(Evaluator):
-    """Scores decoded candidates with `reward_fn(images, prompts) -> (n,)` (images in [-1, 1]; a pixel evaluator).
+    """Scores decoded candidates with `reward_fn(images, prompts) -> (n,)` (images in [-1, 1], float, (n, 3, h, w);
+    prompts one per image, or None when the pipeline was called with embeddings; a pixel evaluator).
+
+    The route for reward models with their own package, such as ImageReward (arXiv 2304.05977; its PyPI package
+    `image-reward`, last released 2023, pins old dependencies, so it is not a dependency here). Wrapping a model you
+    have installed and loaded yourself::
+
+        import ImageReward
+        from PIL import Image
+
+        model = ImageReward.load("ImageReward-v1.0")  # its own loader and checkpoint: your call
+
+        def image_reward(images, prompts):
+            pixels = ((images + 1) * 127.5).clamp(0, 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            with torch.no_grad():
+                return torch.tensor([model.score(prompt, Image.fromarray(p)) for prompt, p in zip(prompts, pixels)])
+
+        evaluator = RewardEvaluator(image_reward, name="imagereward")
 
     `RewardEvaluator.from_pretrained(folder)` loads a CLIP-style preference model saved with transformers
-    (`CLIPModel` + its processor) and scores `logit_scale * cos(image, text)`, PickScore's reward.
+    (`CLIPModel` + its processor, in one folder) and scores `logit_scale * cos(image, text)`, PickScore's reward
+    (`PickScoreEvaluator` takes hub ids and a separate processor).
     """
 
     space = "pixel"
@@ -32,36 +50,14 @@ class RewardEvaluator(Evaluator):
 
     @classmethod
     def from_pretrained(cls, folder: str | os.PathLike, name: str = "reward") -> RewardEvaluator:
-        from transformers import AutoProcessor, CLIPModel
+        from .pickscore import PickScoreEvaluator
 
         if not os.path.isdir(folder):
             raise ValueError(f"`folder` must be a local folder with a transformers CLIP model, got {str(folder)!r}")
         try:
-            model = CLIPModel.from_pretrained(folder).eval().requires_grad_(False)
-            processor = AutoProcessor.from_pretrained(folder)
-        except (OSError, ValueError) as error:
+            preference = PickScoreEvaluator(folder, processor=None, name=name)
+        except ValueError as error:
             raise ValueError(
                 f"no CLIP-style preference model could be loaded from {str(folder)!r}: {error}"
             ) from error
-        image_processor = processor.image_processor
-        crop = getattr(image_processor, "crop_size", None) or image_processor.size
-        size = (crop["height"], crop["width"]) if "height" in crop else (crop["shortest_edge"],) * 2
-
-        def preference(images: torch.Tensor, prompts: list[str] | None) -> torch.Tensor:
-            if prompts is None:
-                raise ValueError(f"evaluator {name!r} scores image-text preference and needs the prompts")
-            model.to(images.device)
-            pixels = prepare_images(images, size, image_processor.image_mean, image_processor.image_std)
-            text = processor.tokenizer(prompts, padding=True, truncation=True, return_tensors="pt").to(images.device)
-            image_embeds = torch.nn.functional.normalize(
-                features(model.get_image_features(pixel_values=pixels)), dim=-1
-            )
-            text_embeds = torch.nn.functional.normalize(features(model.get_text_features(**text)), dim=-1)
-            return model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)
-
-        return cls(preference, name=name)
-
-
-def features(output) -> torch.Tensor:
-    """Projected embeddings from `get_*_features`: a tensor (transformers 4) or an output's pooler_output (5)."""
-    return output if isinstance(output, torch.Tensor) else output.pooler_output
+        return cls(preference.scores, name=name)

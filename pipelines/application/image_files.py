@@ -1,7 +1,7 @@
 """Images written so that a killed run leaves nothing corrupt, and that say how they were made: a PNG is written to a
 temporary file, flushed to disk and renamed into place; it carries a "parameters" text chunk in the format image
 viewers and web UIs read (prompt, "Negative prompt: ...", then "Steps: 20, Sampler: ..., CFG scale: ..., Seed: ...")
-and a "generation" chunk with the full record as JSON."""
+and a "generation" chunk with the full record as JSON (`read_record` reads it back)."""
 
 from __future__ import annotations
 
@@ -27,12 +27,17 @@ def cfg_scale(record: dict) -> float:
     return round(sum(applied) / len(applied), 2)
 
 
-def parameters_text(record: dict) -> str:
-    """The widely used "parameters" text: prompt, negative prompt, then `key: value` pairs."""
-    lines = [record["prompt"]]
-    if record.get("negative_prompt"):
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    guidance = record["guidance"]
+def parameters_text(prompt: str, negative_prompt: str | None, pairs: dict) -> str:
+    """The widely used "parameters" text: the prompt, the negative prompt, then `key: value` pairs."""
+    lines = [prompt]
+    if negative_prompt:
+        lines.append(f"Negative prompt: {negative_prompt}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
+    return "\n".join(lines)
+
+
+def generation_parameters(record: dict) -> str:
+    """The "parameters" text of a generated image's record."""
     pairs = {
         "Steps": record["num_inference_steps"],
         "Sampler": record["scheduler"],
@@ -40,19 +45,36 @@ def parameters_text(record: dict) -> str:
         "Seed": record["seed"],
         "Size": f"{record['width']}x{record['height']}",
         "Model": record["model"],
-        "Guidance": guidance.get("guidance", "cfg"),
+        "Guidance": record["guidance"].get("guidance", "cfg"),
         "NFE": f"{record['nfe']:g}",
     }
-    lines.append(", ".join(f"{key}: {value}" for key, value in pairs.items()))
-    return "\n".join(lines)
+    return parameters_text(record["prompt"], record.get("negative_prompt"), pairs)
 
 
-def write_png(image: PIL.Image.Image, path: Path, record: dict) -> None:
-    """Write `image` to `path` atomically, with `record` in its text chunks. A full disk raises an OSError that says
-    so, after removing the partial file."""
+def edit_parameters(record: dict) -> str:
+    """The "parameters" text of an edited (or inverted) image's record: the target prompt (the source prompt for an
+    inversion) first."""
+    pairs = {
+        "Method": record["method"],
+        "Source prompt": record["source_prompt"],
+        "Steps": record["num_inference_steps"],
+        "Size": f"{record['size'][1]}x{record['size'][0]}",
+        "Seed": record["seed"],
+        "Model": record["model"],
+        "NFE": f"{record['nfe']:g}",
+    }
+    prompt = record["target_prompt"] or record["source_prompt"]
+    return parameters_text(prompt, record.get("negative_prompt"), pairs)
+
+
+def write_png(image: PIL.Image.Image, path: Path, record: dict | None = None, parameters: str | None = None) -> None:
+    """Write `image` to `path` atomically, with `record` (JSON, the "generation" chunk) and `parameters` (the
+    "parameters" chunk; default: a generated image's) in its text chunks. A full disk raises an OSError that says so,
+    after removing the partial file."""
     info = PngInfo()
-    info.add_text("parameters", parameters_text(record))
-    info.add_text("generation", json.dumps(record))
+    if record is not None:
+        info.add_text("parameters", generation_parameters(record) if parameters is None else parameters)
+        info.add_text("generation", json.dumps(record))
     temporary = path.with_name(path.name + TEMPORARY_SUFFIX)
     try:
         with open(temporary, "wb") as handle:
@@ -72,9 +94,17 @@ def write_png(image: PIL.Image.Image, path: Path, record: dict) -> None:
 
 
 def read_record(path: str | Path) -> dict:
-    """The "generation" record a PNG written by `write_png` carries."""
-    with PIL.Image.open(path) as image:
-        text = getattr(image, "text", {}).get("generation")
+    """The "generation" record a PNG written by `write_png` carries; a ValueError naming the file when it is not a
+    whole PNG (the pixels are decoded: a truncated file is found) or carries no record."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            text = getattr(image, "text", {}).get("generation")
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: OSError when truncated, SyntaxError for a bad chunk
+        raise ValueError(f"{str(path)!r} is not a readable PNG ({error})") from None
     if text is None:
-        raise ValueError(f"{path} carries no generation record (not written by guided-generate)")
-    return json.loads(text)
+        raise ValueError(f"{str(path)!r} carries no generation record (not written by guided-generate or guided-edit)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{str(path)!r} carries a damaged generation record ({error.msg})") from None

@@ -1,19 +1,22 @@
 """Batch generation input: a prompts file (one per line) or a JSONL/CSV manifest whose rows may set `prompt`,
 `negative_prompt`, `seed`, `num_images` and a guidance method with its parameters (`guidance`, `guidance_scale`, ...:
-the names of `pipelines.application.options.GUIDANCE_OPTIONS`). Rows become image jobs with fixed indices and seeds, so an image
-is the same whatever the batching, the number of processes or the resume point."""
+the names of `pipelines.application.options.GUIDANCE_OPTIONS`). Rows become image jobs with fixed indices and seeds, so
+an image is the same whatever the batching, the number of processes or the resume point."""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from guidance.checks import check_int, check_seed
+
 from .options import GUIDANCE_OPTIONS, METHOD_OPTIONS, check_option
+from .paths import check_input_file, read_text_file
 
 ROW_FIELDS = ("prompt", "negative_prompt", "seed", "num_images")
 
@@ -71,18 +74,16 @@ def frozen(options: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     )
 
 
-def _integer(value: Any, name: str, minimum: int | None = None) -> int:
+def _integer(value: Any) -> Any:
+    """A CSV cell or an integral JSON float (3.0) as the integer it stands for; anything else as it is, for the
+    checks to name."""
     if isinstance(value, str):
         try:
-            value = int(value.strip())
+            return int(value.strip())
         except ValueError:
-            raise ValueError(f"`{name}` must be an integer, got {value!r}") from None
+            return value
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"`{name}` must be an integer, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}")
+        return int(value)
     return value
 
 
@@ -113,10 +114,11 @@ def parse_row(values: Mapping[str, Any], row: int, line: int, where: str) -> Man
     if negative is not None and not isinstance(negative, str):
         raise ValueError(f"{context}: `negative_prompt` must be a string, got {negative!r}")
     try:
-        seed = None if values.get("seed") is None else _integer(values["seed"], "seed")
-        num_images = None if values.get("num_images") is None else _integer(values["num_images"], "num_images", 1)
+        seed = None if values.get("seed") is None else check_seed("seed", _integer(values["seed"]))
+        count = values.get("num_images")
+        num_images = None if count is None else check_int("num_images", _integer(count), minimum=1)
         guidance = {key: check_option(key, value) for key, value in values.items() if key in GUIDANCE_OPTIONS}
-    except ValueError as error:
+    except (ValueError, TypeError) as error:
         raise ValueError(f"{context}: {error}") from None
     return ManifestRow(row, line, prompt, negative, seed, num_images, frozen(guidance), where)
 
@@ -124,22 +126,32 @@ def parse_row(values: Mapping[str, Any], row: int, line: int, where: str) -> Man
 MANIFEST_SUFFIXES = (".jsonl", ".csv", ".txt")
 
 
-def read_manifest(path: str | Path) -> list[ManifestRow]:
+def json_lines(text: str, where: str) -> Iterator[tuple[int, dict]]:
+    """(line number, object) of each non-blank line of a JSONL text; `where` names the file in errors."""
+    for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            values = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{where}: line {number} is not valid JSON ({error.msg})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: line {number} must be a JSON object, got {type(values).__name__}")
+        yield number, values
+
+
+def read_manifest(path: str | Path, argument: str = "manifest") -> list[ManifestRow]:
     """The rows of a `.jsonl` manifest (one JSON object per line), a `.csv` manifest (a header row naming the
-    fields; numbers lists space-separated, evaluators `;`-separated) or a `.txt` file (one prompt per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"manifest {str(path)!r} does not exist")
+    fields; numbers lists space-separated, evaluators `;`-separated) or a `.txt` file (one prompt per line);
+    `argument` names the path in errors."""
+    path = check_input_file(path, argument)
     suffix = path.suffix.lower()
     if suffix not in MANIFEST_SUFFIXES:
         raise ValueError(
-            f"manifest {str(path)!r}: the name must end in .jsonl (one JSON object per line), .csv (a header row) or "
-            f".txt (one prompt per line), got {suffix or 'no suffix'!r}"
+            f"`{argument}` {str(path)!r}: the name must end in .jsonl (one JSON object per line), .csv (a header row) "
+            f"or .txt (one prompt per line), got {suffix or 'no suffix'!r}"
         )
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (spreadsheet exports) is dropped
-    except (OSError, UnicodeDecodeError) as error:
-        raise ValueError(f"manifest {str(path)!r} could not be read: {error}") from None
+    text = read_text_file(path, argument)
     where = str(path)
     rows: list[ManifestRow] = []
     if suffix == ".csv":
@@ -151,22 +163,15 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
                 raise ValueError(f"{where}: line {reader.line_num}: more cells than the header names")
             values = {key: _from_text(key, value) for key, value in record.items() if value not in (None, "")}
             rows.append(parse_row(values, len(rows), reader.line_num, where))
-    else:
-        for number, line in enumerate(text.split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
-            if not line.strip():
-                continue
-            if suffix == ".txt":
+    elif suffix == ".txt":
+        for number, line in enumerate(text.split("\n"), 1):
+            if line.strip():
                 rows.append(parse_row({"prompt": line.strip()}, len(rows), number, where))
-                continue
-            try:
-                values = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{where}: line {number} is not valid JSON ({error.msg})") from None
-            if not isinstance(values, dict):
-                raise ValueError(f"{where}: line {number} must be a JSON object, got {type(values).__name__}")
+    else:
+        for number, values in json_lines(text, where):
             rows.append(parse_row(values, len(rows), number, where))
     if not rows:
-        raise ValueError(f"manifest {where!r} holds no rows")
+        raise ValueError(f"`{argument}` {where!r} holds no rows")
     return rows
 
 

@@ -11,7 +11,14 @@ import torch
 
 from guidance.shapes.assets import SHAPES_SD3_MAX_SEQUENCE_LENGTH, asset_path, rebuild_hint
 
-from ..families import DIFFUSERS_CLASSES, FAMILIES, FLOW_FAMILIES, family_of_class_name, guided_class
+from ..families import (
+    DIFFUSERS_CLASSES,
+    FAMILIES,
+    FLOW_FAMILIES,
+    VIDEO_FAMILIES,
+    family_of_class_name,
+    guided_class,
+)
 from ..sampler import check_model_path
 from ..schedulers import set_scheduler
 from ..testing import tiny_components
@@ -44,10 +51,15 @@ def model_family(model: str, argument: str = "`--model`") -> str:
         raise ValueError(f"{argument} {model!r}: no readable model_index.json in this {where}: {error}") from error
     class_name = str(index.get("_class_name", ""))
     family = family_of_class_name(class_name)
+    if family in VIDEO_FAMILIES:
+        raise ValueError(
+            f"{argument} {model!r} is a {class_name}, a video model: the commands and the demo make images; use "
+            f"{guided_class(family).__name__} from Python (docs/modular-and-video.md)"
+        )
     if family is None:
         raise ValueError(
             f"{argument} {model!r} is a {class_name or 'pipeline of unknown class'}; supported: "
-            f"{sorted(DIFFUSERS_CLASSES.values())}"
+            f"{sorted(DIFFUSERS_CLASSES[family] for family in FAMILIES)}"
         )
     return family
 

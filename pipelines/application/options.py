@@ -3,6 +3,7 @@ parameters) turned into a policy. The options and their defaults are listed once
 
 from __future__ import annotations
 
+import inspect
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -73,34 +74,43 @@ def check_option(name: str, value: Any) -> Any:
         return [value] if isinstance(value, str) else list(value)
     if isinstance(kind, tuple) and value in kind:
         return value
-    expected = {"number": "a number", "numbers": "a non-empty list of numbers", "text": "a string",
-                "texts": "a string or a list of strings"}.get(kind, f"one of {list(kind)}")  # fmt: skip
+    expected = {
+        "number": "a number",
+        "numbers": "a non-empty list of numbers",
+        "text": "a string",
+        "texts": "a string or a list of strings",
+    }.get(kind, f"one of {list(kind)}")
     raise ValueError(f"`{name}` must be {expected}, got {value!r}")
 
 
 EVALUATOR_SPECS = (
-    "'clip:<open_clip model or local-dir:folder>', the folder of a trained evaluator (a fidelity discriminator or a "
-    "latent head), or for a shapes model 'clip' (the shapes-world CLIP)"
+    "'clip:<open_clip model>@<pretrained tag or .safetensors>' (e.g. 'clip:ViT-L-14@openai'), "
+    "'clip:local-dir:<folder>', 'clip:hf-hub:<repo>', 'transformers-clip:<folder or hub id>', "
+    "'pickscore[:<model>[@<processor>]]' (folders or hub ids), 'hpsv2:<.safetensors>', 'aesthetic:<.safetensors>', "
+    "the folder of a trained evaluator (a fidelity discriminator or a latent head), or for a shapes model 'clip' (the "
+    "shapes-world CLIP)"
 )
 
 
 def shipped_coefficients(model: str | None, num_inference_steps: int | None) -> str | None:
     """The LinearAG coefficients shipped for a shapes-world model at this step count, if there are some."""
+    if model not in SHAPES_MODELS:
+        return None
     from guidance.shapes.assets import ASSETS
 
-    folder = ASSETS / "linear-ag" / f"{SHAPES_MODELS.get(model)}-{num_inference_steps}"
-    return str(folder) if model in SHAPES_MODELS and folder.is_dir() else None
+    folder = ASSETS / "linear-ag" / f"{SHAPES_MODELS[model]}-{num_inference_steps}"
+    return str(folder) if folder.is_dir() else None
 
 
 def default_evaluators(model: str | None) -> list[str]:
     """The evaluators dynamic guidance uses when none are named: for shapes:sd the shipped latent heads (no decode),
     for shapes:sd3 the shapes-world CLIP; any other model must name its own."""
-    from guidance.shapes.assets import ASSETS
-
     if model == "shapes:sd3":
         return ["clip"]
     if model != "shapes:sd":
         raise ValueError(f"dynamic guidance on {model!r} needs evaluators (`evaluator`): {EVALUATOR_SPECS}")
+    from guidance.shapes.assets import ASSETS
+
     heads = [ASSETS / f"shapes-sd-latent-{kind}" for kind in ("clip", "fidelity")]
     missing = [str(head) for head in heads if not (head / "config.json").is_file()]
     if missing:
@@ -113,24 +123,51 @@ def default_evaluators(model: str | None) -> list[str]:
 
 def evaluator_from_spec(spec: str, model: str | None = None) -> Evaluator:
     """The evaluator a specification names (see `EVALUATOR_SPECS`); "clip" only for the shapes models."""
-    from guidance.evaluators.clip import ClipEvaluator
-    from guidance.evaluators.discriminator import FidelityDiscriminator
-    from guidance.evaluators.latent import LatentEvaluator
+    from guidance import evaluators
     from guidance.shapes.assets import shapes_clip
 
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"an evaluator must be one of {EVALUATOR_SPECS}, got {spec!r}")
+    kind, _, argument = spec.partition(":")
     if spec == "clip":
         if model not in SHAPES_MODELS:
-            raise ValueError(f"evaluator 'clip' is the shapes-world CLIP, for the shapes models; for {model!r} use "
-                             "'clip:<open_clip model or local-dir:folder>'")  # fmt: skip
-        return ClipEvaluator(shapes_clip())
-    if spec.startswith("clip:"):
-        return ClipEvaluator(spec.removeprefix("clip:"))
+            raise ValueError(
+                f"evaluator 'clip' is the shapes-world CLIP, for the shapes models; for {model!r} use "
+                "'clip:<open_clip model>@<pretrained>' or another of the evaluators: " + EVALUATOR_SPECS
+            )
+        return evaluators.ClipEvaluator(shapes_clip())
+    if kind == "pickscore":
+        model_name, _, processor = argument.partition("@")
+        defaults = inspect.signature(evaluators.PickScoreEvaluator).parameters
+        return evaluators.PickScoreEvaluator(
+            model_name or defaults["model"].default, processor or defaults["processor"].default
+        )
+    if kind in ("clip", "transformers-clip", "hpsv2", "aesthetic"):
+        if not argument:
+            raise ValueError(f"evaluator {spec!r} needs what it loads after the colon: {EVALUATOR_SPECS}")
+        if kind == "clip":
+            name, pretrained = open_clip_name(argument)
+            return evaluators.ClipEvaluator(name, pretrained)
+        loader = {
+            "transformers-clip": evaluators.TransformersClipEvaluator,
+            "hpsv2": evaluators.HPSv2Evaluator,
+            "aesthetic": evaluators.AestheticEvaluator,
+        }
+        return loader[kind](argument)
     config = Path(spec) / "config.json"
     if not config.is_file():
         raise ValueError(f"evaluator {spec!r} is not one of {EVALUATOR_SPECS}")
     if json.loads(config.read_text()).get("evaluator") == "latent":
-        return LatentEvaluator.from_pretrained(spec, name=Path(spec).name)
-    return FidelityDiscriminator.from_pretrained(spec, name=Path(spec).name)
+        return evaluators.LatentEvaluator.from_pretrained(spec, name=Path(spec).name)
+    return evaluators.FidelityDiscriminator.from_pretrained(spec, name=Path(spec).name)
+
+
+def open_clip_name(argument: str) -> tuple[str, str | None]:
+    """(model, pretrained) of 'name@pretrained'; a 'local-dir:' or 'hf-hub:' source is taken whole."""
+    if argument.startswith(("local-dir:", "hf-hub:")):
+        return argument, None
+    name, _, pretrained = argument.partition("@")
+    return name, pretrained or None
 
 
 def policy_from_options(

@@ -90,7 +90,7 @@ class Float64Detector(TorchDispatchMode):
 
 def test_inference_of_every_adaptive_policy_uses_no_float64(sd_pipe):
     """Failure 5: AG compared in float64, which MPS does not have."""
-    from pipelines.application.commands.calibrate_linear_ag import calibrate
+    from pipelines.training.linear_ag import calibrate
 
     fitted, _ = calibrate(sd_pipe, ["a red circle", "a blue square"], 4, 4.0, exact_steps=[0], height=16, width=16)
     linear = LinearAdaptiveGuidance.new(fitted)

@@ -172,6 +172,19 @@ def test_prompt_and_negative_prompt_batches_must_match(family):
         )
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"num_inference_steps": 0}, ValueError, r"`num_inference_steps` must be an int >= 1, got 0"),
+        ({"num_inference_steps": 2.5}, TypeError, r"`num_inference_steps` must be an int, got float 2.5"),
+        ({"num_images_per_prompt": 0}, ValueError, r"`num_images_per_prompt` must be an int >= 1, got 0"),
+    ],
+)
+def test_step_and_image_counts_are_checked(sd_pipe, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        sd_pipe("a red circle", **kwargs, guidance=ClassifierFreeGuidance())
+
+
 def test_unsupported_arguments_are_refused(sd_pipe):
     with pytest.raises(
         ValueError,

@@ -66,9 +66,7 @@ def add_guidance_arguments(parser: argparse.ArgumentParser, guidance_scale: floa
     )
 
 
-def add_model_arguments(
-    parser: argparse.ArgumentParser, schedulers: bool = True, accelerate: bool = False
-) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, schedulers: bool = True, accelerate: bool = False) -> None:
     """`--model`, `--scheduler` (when the command samples with any), `--max-sequence-length`, `--device` (with
     `accelerate`: the process's device by default), `--dtype`."""
     parser.add_argument("--model", required=True, help=MODEL_HELP)

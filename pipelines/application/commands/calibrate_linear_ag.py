@@ -11,12 +11,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from guidance.checks import check_scale, check_seed
 
 from ...schedulers import SCHEDULERS
 from ...training.linear_ag import calibrate
 from ..models import call_defaults, load_pipeline
-from .common import check_at_least_one, read_prompt_file
+from ..paths import check_output_dir
+from ..runs import check_not_a_run
+from ..signals import Interrupted
+from .common import check_at_least_one, read_prompt_file, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,28 +51,71 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+@dataclass
+class Calibration:
+    """A checked calibration: the pipeline, its family, the prompts and the exact steps."""
+
+    pipe: Any
+    family: str
+    prompts: list[str]
+    exact_steps: list[int] | None
+
+
+def exact_steps(text: str | None, steps: int) -> list[int] | None:
+    """`--exact-steps` as timestep indices in [0, steps)."""
+    if text is None:
+        return None
     try:
-        prompts = list(args.prompt or []) + read_prompt_file(args.prompts_file)
-        check_at_least_one(args, "num_inference_steps", "batch_size")
-        exact = None if args.exact_steps is None else [int(s) for s in args.exact_steps.split(",") if s.strip()]
-        pipe, family = load_pipeline(args.model, scheduler=args.scheduler)
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error))
+        indices = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"`--exact-steps` must be comma-separated integers, got {text!r}") from None
+    if not indices or not all(0 <= index < steps for index in indices):
+        raise ValueError(f"`--exact-steps` must name timestep indices in [0, {steps}), got {text!r}")
+    return indices
+
+
+def prepare(args: argparse.Namespace) -> Calibration:
+    """Every input checked and the model loaded; nothing written."""
+    check_at_least_one(args, "num_inference_steps", "batch_size", "window")
+    check_seed("--seed", args.seed)
+    check_scale("--guidance-scale", args.guidance_scale)
+    check_output_dir(args.output, "--output")
+    check_not_a_run(args.output, "--output")
+    exact = exact_steps(args.exact_steps, args.num_inference_steps)
+    prompts = list(args.prompt or []) + read_prompt_file(args.prompts_file)
+    pipe, family = load_pipeline(args.model, scheduler=args.scheduler)
     pipe.set_progress_bar_config(disable=True)
+    return Calibration(pipe, family, prompts, exact)
+
+
+def execute(work: Calibration, args: argparse.Namespace) -> int:
     policy, residuals = calibrate(
-        pipe, prompts, args.num_inference_steps, args.guidance_scale, exact, args.window, args.batch_size,
-        args.seed, **call_defaults(args.model, family),
-    )  # fmt: skip
-    policy.save_pretrained(args.output)
-    print(
-        f"fitted on {len(prompts)} trajectories of {policy.calibration.describe()}; exact steps {policy.skip.exact_steps}"
+        work.pipe,
+        work.prompts,
+        args.num_inference_steps,
+        args.guidance_scale,
+        work.exact_steps,
+        args.window,
+        args.batch_size,
+        args.seed,
+        **call_defaults(args.model, work.family),
     )
+    policy.save_pretrained(args.output)
+    described = policy.calibration.describe()
+    print(f"fitted on {len(work.prompts)} trajectories of {described}; exact steps {policy.skip.exact_steps}")
     print("relative residual per step: " + " ".join(f"{i}:{r:.3f}" for i, r in enumerate(residuals)))
     print(f"saved to {Path(args.output).resolve()}")
     return 0
+
+
+def stopped(work: Calibration, stop: Interrupted) -> str:
+    return f"interrupted by {stop.signal_name}: nothing was saved (a calibration starts over when run again)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser, lambda: prepare(args), lambda work: execute(work, args), stopped)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,22 @@
 """Command line: edit (or invert) images with a flow model: FlowOpt, or the FlowEdit baseline.
 
-`guided-edit --image in.png --source-prompt "a red circle ..." --target-prompt "a blue circle ..."` or
-`guided-edit --manifest edits.jsonl` (rows `{"image": ..., "source_prompt": ..., "target_prompt": ...}`; image paths
-relative to the manifest). Writes one PNG per image, `summary.json` beside them, and prints residuals and NFEs.
+`guided-edit --model shapes:sd3 --image in.png --source-prompt "a red circle ..." --target-prompt "a blue circle ..."`
+or `guided-edit --model shapes:sd3 --manifest edits.jsonl` (rows `{"image": ..., "source_prompt": ...,
+"target_prompt": ...}`; image paths relative to the manifest). Writes a run folder that a rerun resumes (one PNG per
+image with its record, results.jsonl, summary.json; `pipelines.application.edit_batch`) and prints residuals and NFEs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from itertools import groupby
-from pathlib import Path
 
-import PIL.Image
-import torch
-from safetensors.torch import save_file
-
-from ...families import FLOW_FAMILIES
-from ..models import call_defaults, load_pipeline
-from .arguments import add_guidance_arguments, add_model_arguments, make_guidance
-from .common import check_at_least_one
+from ..edit_batch import EditRun, EditSettings, prepare_edits
+from ..edit_manifest import EditJob, jobs_from_options, read_edit_manifest
+from ..naming import COMMAND_LINE
+from ..options import GUIDANCE_OPTIONS
+from .arguments import add_guidance_arguments, add_model_arguments
+from .common import run_command
 
 
 def step_size(value: str) -> float | str:
@@ -32,46 +28,24 @@ def step_size(value: str) -> float | str:
         raise argparse.ArgumentTypeError(f"a positive number or 'auto', got {value!r}") from None
 
 
-def read_jobs(args: argparse.Namespace) -> list[dict]:
-    """Rows {image (path), source_prompt, target_prompt} from the options or the manifest."""
+def read_jobs(args: argparse.Namespace) -> list[EditJob]:
+    """The images and prompts of the manifest, or of `--image` and the prompt options."""
     if args.manifest:
-        path = Path(args.manifest)
-        if not path.is_file():
-            raise ValueError(f"`--manifest` {str(path)!r} does not exist")
-        jobs = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"`--manifest` line {number} is not JSON: {error}") from None
-            if not isinstance(row, dict) or "image" not in row:
-                raise ValueError(f"`--manifest` line {number} must be an object with an `image`, got {line.strip()!r}")
-            jobs.append({**row, "image": str(path.parent / row["image"])})
-    else:
-        images, sources, targets = args.image or [], args.source_prompt or [], args.target_prompt or []
-        if not images:
-            raise ValueError("no images: give `--image` (repeatable) with `--source-prompt`, or `--manifest`")
-        for name, values in (("--source-prompt", sources), ("--target-prompt", targets)):
-            if len(values) not in (0, 1, len(images)):
-                raise ValueError(
-                    f"`{name}` given {len(values)} times for {len(images)} images: give it once, or once per image"
-                )
-        pick = lambda values, k: values[k] if len(values) > 1 else (values[0] if values else None)  # noqa: E731
-        jobs = [
-            {"image": image, "source_prompt": pick(sources, k), "target_prompt": pick(targets, k)}
-            for k, image in enumerate(images)
+        given = [
+            flag
+            for flag, value in (
+                ("--image", args.image),
+                ("--source-prompt", args.source_prompt),
+                ("--target-prompt", args.target_prompt),
+            )
+            if value
         ]
-    for job in jobs:
-        if not Path(job["image"]).is_file():
-            raise ValueError(f"image {job['image']!r} does not exist")
-        needed = ("source_prompt",) if args.invert else ("source_prompt", "target_prompt")
-        for key in needed:
-            if not isinstance(job.get(key), str) or not job[key].strip():
-                option = "--" + key.replace("_", "-")
-                raise ValueError(f"image {job['image']!r} has no {key}: give `{option}` (or the manifest's `{key}`)")
-    return jobs
+        if given:
+            raise ValueError(
+                f"give either `--manifest` or {given}, not both (a manifest row names its image and prompts)"
+            )
+        return read_edit_manifest(args.manifest, "--manifest")
+    return jobs_from_options(args.image or [], args.source_prompt or [], args.target_prompt or [])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--manifest",
         help="a JSONL file, one edit per line: {image, source_prompt, target_prompt} (image paths "
-        "relative to the manifest); replaces --image and the prompts",
+        "relative to the manifest); instead of --image and the prompts",
     )
     parser.add_argument(
         "--invert",
@@ -134,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--tolerance",
         type=float,
         default=0.0,
-        help="flowopt: stop an image when the RMS residual per latent element falls to this",
+        help="flowopt: stop an image when the RMS residual per latent element falls to this (0: never)",
+    )
+    parser.add_argument(
+        "--min-improvement",
+        type=float,
+        default=0.0,
+        help="flowopt: stop an image when an iteration lowers its residual by less than this fraction (0: never; "
+        "the paper's code runs every iteration)",
     )
     parser.add_argument("--n-avg", type=int, default=1, help="flowedit: noise draws averaged per step")
     parser.add_argument("--negative-prompt", default=None, help="the unconditional prompt of the guided solves")
@@ -155,8 +136,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--batch-size", type=int, default=8, help="images of one size per pipeline call")
     parser.add_argument("--save-iterates", action="store_true", help="flowopt: also write every iteration's image")
-    parser.add_argument("--seed", type=int, default=0, help="seed of 'auto''s probes and FlowEdit's noise")
-    parser.add_argument("--output-dir", default="edits", help="folder for the PNG images and summary.json")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of 'auto''s probes and FlowEdit's noise (a batch: seed + its first index)",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="edits",
+        help="the run's folder: the PNGs, results.jsonl, summary.json and run.json; a rerun resumes it",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="start over: remove what an earlier run wrote to --output-dir"
+    )
     add_model_arguments(parser, schedulers=False)
     parser.epilog = (
         "--guidance-scale defaults to the method's target guidance: FlowOpt 3.5 (SD3) and 1 (Flux, whose "
@@ -165,151 +158,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_method_options(args: argparse.Namespace) -> None:
-    """Options of one method given to the other are errors, not ignored."""
-    if args.method == "flowedit":
-        options = {
-            "--iterations": args.iterations is not None,
-            "--step-size": args.step_size is not None,
-            "--invert": args.invert,
-            "--save-iterates": args.save_iterates,
-            "--tolerance": args.tolerance != 0,
-        }
-        given = [option for option, on in options.items() if on]
-        if given:
-            raise ValueError(f"{given} are FlowOpt options; `--method flowedit` takes none of them")
-    else:
-        options = {"--n-avg": args.n_avg != 1, "--source-guidance-scale": args.source_guidance_scale is not None}
-        given = [option for option, on in options.items() if on]
-        if given:
-            raise ValueError(f"{given} are FlowEdit options: add `--method flowedit`, or drop them")
+def settings_of(args: argparse.Namespace) -> EditSettings:
+    """The run's settings the options name."""
+    guidance = {name: getattr(args, name) for name in GUIDANCE_OPTIONS}
+    return EditSettings(
+        model=args.model,
+        method=args.method,
+        invert=args.invert,
+        num_inference_steps=args.num_inference_steps,
+        n_max=args.n_max,
+        iterations=args.iterations,
+        step_size=args.step_size,
+        tolerance=args.tolerance,
+        min_improvement=args.min_improvement,
+        n_avg=args.n_avg,
+        negative_prompt=args.negative_prompt,
+        guidance={name: value for name, value in guidance.items() if value is not None},
+        source_guidance_scale=args.source_guidance_scale,
+        embedded_guidance_scale=args.embedded_guidance_scale,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        save_iterates=args.save_iterates,
+        max_sequence_length=args.max_sequence_length,
+        dtype=args.dtype,
+        device=args.device,
+    )
 
 
-def target_guidance_scale(args: argparse.Namespace, family: str) -> float:
-    """The CFG scale of the target solves when `--guidance-scale` is not given."""
-    if args.invert or family == "flux":
-        return 1.0
-    return 13.5 if args.method == "flowedit" else 3.5
+def prepare(args: argparse.Namespace) -> EditRun:
+    """Every input checked and the model loaded; nothing written."""
+    settings = settings_of(args)
+    settings.check(COMMAND_LINE)  # the options first, then the images they apply to
+    return prepare_edits(read_jobs(args), args.output_dir, settings, overwrite=args.overwrite, name=COMMAND_LINE)
 
 
-def method_arguments(args: argparse.Namespace, guidance, generator: torch.Generator) -> dict:
-    """The keyword arguments of `pipe.edit`, `pipe.invert` or `pipe.flowedit` the options name."""
-    common = {"num_inference_steps": args.num_inference_steps, "n_max": args.n_max}
-    embedded = {} if args.embedded_guidance_scale is None else {"guidance_scale": args.embedded_guidance_scale}
-    if args.method == "flowedit":
-        source = {} if args.source_guidance_scale is None else {"source_guidance_scale": args.source_guidance_scale}
-        return {
-            **common,
-            **embedded,
-            **source,
-            "target_guidance": guidance,
-            "n_avg": args.n_avg,
-            "generator": generator,
-            "negative_prompt": args.negative_prompt,
-        }
-    flowopt = {
-        "iterations": args.iterations,
-        "step_size": args.step_size,
-        "tolerance": args.tolerance,
-        "guidance": guidance,
-        "generator": generator,
-        "return_iterates": args.save_iterates,
-    }
-    return {**common, **embedded, **flowopt, **({} if args.invert else {"negative_prompt": args.negative_prompt})}
+def print_image(record: dict) -> None:
+    residuals = record["residuals"]
+    shown = residuals if len(residuals) <= 6 else residuals[:3] + residuals[-2:]
+    trail = " -> ".join(f"{r:.4f}" for r in shown)
+    print(
+        f"{record['file']}  {record['image']}: residual {trail} ({len(residuals) - 1} iterations), "
+        f"NFE {record['nfe']:g}",
+        flush=True,
+    )
 
 
-def batches(jobs: list[dict], batch_size: int):
-    """Consecutive runs of at most `batch_size` jobs whose images share a size (one pipeline call each)."""
-    for _, group in groupby(jobs, key=lambda job: job["pixels"].size):
-        group = list(group)
-        for start in range(0, len(group), batch_size):
-            yield group[start : start + batch_size]
+def execute(run: EditRun) -> int:
+    result = run.execute(on_image=print_image)
+    print(
+        f"wrote {result.edited} images to {result.output_dir.resolve()} ({result.resumed} already there; "
+        f"results.jsonl and summary.json beside them); guidance {result.guidance!r}"
+    )
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        check_at_least_one(args, "batch_size", "n_avg")
-        check_method_options(args)
-        jobs = read_jobs(args)
-        pipe, family = load_pipeline(args.model, getattr(torch, args.dtype), args.device)
-        if family not in FLOW_FAMILIES:
-            raise ValueError(
-                f"`--model` {args.model!r} is a {family} model; editing needs a flow model: "
-                f"{list(FLOW_FAMILIES)} (e.g. shapes:sd3)"
-            )
-        if args.embedded_guidance_scale is not None and family != "flux":
-            raise ValueError(
-                f"`--embedded-guidance-scale` is for Flux's guidance embedding; {args.model!r} is {family}"
-            )
-        if args.guidance_scale is None:
-            args.guidance_scale = target_guidance_scale(args, family)
-        guidance = make_guidance(args)
-        for job in jobs:
-            job["pixels"] = PIL.Image.open(job["image"]).convert("RGB")
-    except (ValueError, TypeError, FileNotFoundError, OSError) as error:
-        parser.error(str(error))
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    extra = call_defaults(args.model, family, args.max_sequence_length)
-    generator = torch.Generator().manual_seed(args.seed)
-    records, index = [], 0
-    for batch in batches(jobs, args.batch_size):
-        images = [job["pixels"] for job in batch]
-        sources = [job["source_prompt"] for job in batch]
-        kwargs = {**method_arguments(args, guidance, generator), **extra}
-        try:
-            if args.invert:
-                result = pipe.invert(images, sources, **kwargs)
-            elif args.method == "flowedit":
-                result = pipe.flowedit(images, sources, [job["target_prompt"] for job in batch], **kwargs)
-            else:
-                result = pipe.edit(images, sources, [job["target_prompt"] for job in batch], **kwargs)
-        except (ValueError, TypeError) as error:
-            parser.error(str(error))
-        for b, (job, image) in enumerate(zip(batch, result.images, strict=True)):
-            records.append(write_result(out, index, job, image, result, b, args))
-            index += 1
-    summary = {
-        "model": args.model,
-        "method": "invert" if args.invert else args.method,
-        "guidance": repr(guidance),
-        "nfe_per_image": sum(r["nfe"] for r in records) / len(records),
-        "images": records,
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(f"wrote {index} images to {out.resolve()} (summary.json beside them); guidance {guidance!r}")
-    return 0
-
-
-def write_result(out: Path, index: int, job: dict, image, result, b: int, args: argparse.Namespace) -> dict:
-    """Write image `b` of a result (its iterates and inverted latents when asked), print and return its record."""
-    name = f"{index:05d}"
-    image.save(out / f"{name}.png")
-    residuals = [step[b] for step in result.residuals]
-    record = {
-        "file": f"{name}.png",
-        "image": job["image"],
-        "source_prompt": job["source_prompt"],
-        "target_prompt": None if args.invert else job["target_prompt"],
-        "size": list(result.size),
-        "residuals": residuals,
-        "nfe": result.nfe,
-        "stopped": result.stopped,
-    }
-    if result.iterates:
-        folder = out / f"{name}-iterates"
-        folder.mkdir(exist_ok=True)
-        for k, iterate in enumerate(result.iterates):
-            iterate[b].save(folder / f"{k:02d}.png")
-        record["iterates"] = f"{folder.name}/"
-    if args.invert:
-        save_file({"latents": result.latents[b : b + 1].contiguous().cpu()}, out / f"{name}-latents.safetensors")
-        record["latents"] = f"{name}-latents.safetensors"
-    trail = " -> ".join(f"{r:.4f}" for r in (residuals if len(residuals) <= 6 else residuals[:3] + residuals[-2:]))
-    print(f"{name}.png  {job['image']}: residual {trail} ({len(residuals) - 1} iterations), NFE {result.nfe:g}")
-    return record
+    return run_command(parser, lambda: prepare(args), execute)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Command line: generate images from prompts or a manifest with a guided pipeline and a chosen guidance method.
 
-`guided-generate --prompt "a red circle" --output-dir outputs` (or `python -m pipelines.application.commands.generate`); on several
-devices `accelerate launch --multi_gpu --num_processes N -m pipelines.application.commands.generate ...`. Wraps
-`pipelines.generate_batch`.
+`guided-generate --model shapes:sd --prompt "a red circle" --output-dir outputs` (or
+`python -m pipelines.application.commands.generate`); on several devices
+`accelerate launch --multi_gpu --num_processes N -m pipelines.application.commands.generate ...`. Wraps
+`pipelines.application.generate_batch` (`prepare_batch`, then `BatchRun.execute`).
 """
 
 from __future__ import annotations
@@ -10,10 +11,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..batch import generate_batch
+from ..batch import BatchRun, BatchSettings, prepare_batch
+from ..naming import COMMAND_LINE
 from ..options import GUIDANCE_OPTIONS
 from .arguments import add_guidance_arguments, add_model_arguments
-from .common import check_at_least_one, read_prompt_file
+from .common import read_prompt_file, run_command
 
 
 def read_rows(args: argparse.Namespace):
@@ -76,48 +78,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        manifest = read_rows(args)
-        check_at_least_one(args, "num_inference_steps", "num_images_per_prompt", "batch_size")
-        guidance = {name: getattr(args, name) for name in GUIDANCE_OPTIONS}
-        result = generate_batch(
-            manifest,
-            args.output_dir,
-            model=args.model,
-            scheduler=args.scheduler,
-            dtype=args.dtype,
-            device=args.device,
-            num_inference_steps=args.num_inference_steps,
-            height=args.height,
-            width=args.width,
-            seed=args.seed,
-            guidance={name: value for name, value in guidance.items() if value is not None},
-            negative_prompt=args.negative_prompt,
-            num_images_per_prompt=args.num_images_per_prompt,
-            max_sequence_length=args.max_sequence_length,
-            npo=args.npo,
-            batch_size=args.batch_size,
-            overwrite=args.overwrite,
-            compile=args.compile,
-            progress=not args.no_progress,
-        )
-    except (ValueError, TypeError, FileNotFoundError) as error:
-        parser.error(str(error))
-    except OSError as error:
-        print(f"guided-generate: error: {error.strerror or error}", file=sys.stderr)
-        return 1
-    from accelerate import PartialState
+def settings_of(args: argparse.Namespace) -> BatchSettings:
+    """The run's settings the options name."""
+    guidance = {name: getattr(args, name) for name in GUIDANCE_OPTIONS}
+    return BatchSettings(
+        model=args.model,
+        scheduler=args.scheduler,
+        dtype=args.dtype,
+        device=args.device,
+        num_inference_steps=args.num_inference_steps,
+        height=args.height,
+        width=args.width,
+        seed=args.seed,
+        guidance={name: value for name, value in guidance.items() if value is not None},
+        negative_prompt=args.negative_prompt,
+        num_images_per_prompt=args.num_images_per_prompt,
+        max_sequence_length=args.max_sequence_length,
+        npo=args.npo,
+        batch_size=args.batch_size,
+        compile=args.compile,
+    )
 
-    if PartialState().is_main_process:
+
+def prepare(args: argparse.Namespace) -> BatchRun:
+    """Every input checked and the model loaded; nothing written."""
+    return prepare_batch(
+        read_rows(args), args.output_dir, settings_of(args), overwrite=args.overwrite, name=COMMAND_LINE
+    )
+
+
+def execute(run: BatchRun, args: argparse.Namespace) -> int:
+    result = run.execute(progress=not args.no_progress)
+    if run.state.is_main_process:
         print(
             f"wrote {result.generated} images to {result.output_dir.resolve()} ({result.resumed} already there; "
             f"results.jsonl beside them)"
         )
         print(f"NFE per image: {result.nfe_per_image:g} ({args.num_inference_steps} steps)")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser, lambda: prepare(args), lambda run: execute(run, args))
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ from pathlib import Path
 
 import torch
 
+from guidance.checks import check_seed
 from guidance.shapes.world import WORLD_FILE, ShapesWorld
 
 from ...training.shapes import DEFAULT_STEPS, MODELS, ShapesTraining
-from .common import check_at_least_one
+from ..paths import check_output_dir
+from ..signals import Interrupted
+from .common import check_at_least_one, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,14 +45,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def prepare(args: argparse.Namespace) -> ShapesTraining:
+    """The options checked; nothing written."""
     if args.steps is not None:
         check_at_least_one(args, "steps")
+    check_at_least_one(args, "count")
+    if args.threads is not None:
+        check_at_least_one(args, "threads")
+    check_seed("--seed", args.seed)
+    check_output_dir(args.assets, "--assets")
+    check_output_dir(args.checkpoints, "--checkpoints")
+    if args.prompts is not None and Path(args.prompts).is_dir():
+        raise ValueError(f"`--prompts` {args.prompts!r} is a folder, expected a file to write")
+    return ShapesTraining(Path(args.assets), Path(args.checkpoints), args.steps, args.seed, args.device)
+
+
+def execute(settings: ShapesTraining, args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = ShapesTraining(Path(args.assets), Path(args.checkpoints), args.steps, args.seed, args.device)
     world = ShapesWorld()
     settings.assets.mkdir(parents=True, exist_ok=True)
     world.write_json(settings.assets / WORLD_FILE)
@@ -64,6 +77,19 @@ def main(argv: list[str] | None = None) -> int:
         MODELS[name](settings, world)
         print(f"{name}: {time.time() - start:.0f} s")
     return 0
+
+
+def stopped(settings: ShapesTraining, stop: Interrupted) -> str:
+    return (
+        f"interrupted by {stop.signal_name}: the checkpoints in {str(settings.checkpoints)!r} keep the training's "
+        "progress; run the same command again to resume"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_command(parser, lambda: prepare(args), lambda settings: execute(settings, args), stopped)
 
 
 if __name__ == "__main__":

@@ -75,5 +75,5 @@ def test_bad_reward_arguments(tmp_path):
 def test_preference_model_needs_prompts(preference_model):
     evaluator = RewardEvaluator.from_pretrained(preference_model[0], name="pick")
     candidates = Candidates(torch.zeros(1, 4, 2, 2), torch.zeros(1), None, decode=lambda _: torch.zeros(1, 3, 8, 8))
-    with pytest.raises(ValueError, match=r"evaluator 'pick' scores image-text preference and needs the prompts"):
+    with pytest.raises(ValueError, match=r"evaluator 'pick' scores image-text alignment and needs the prompts"):
         evaluator.score(candidates)

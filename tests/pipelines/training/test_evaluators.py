@@ -146,16 +146,17 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["latent", "--teacher", "judge"], r"`--teacher` must be 'clip', 'clip:<model>' or 'discriminator:<folder>'"),
+        (["latent", "--teacher", "judge"], r"`--teacher`: evaluator 'judge' is not one of 'clip:<open_clip model>@"),
+        (["latent", "--teacher", "hpsv2:"], r"`--teacher`: evaluator 'hpsv2:' needs what it loads after the colon"),
+        (["latent", "--teacher", "hpsv2:/no/file.pt"], r"`checkpoint` must be a .safetensors file of the HPSv2"),
         (["latent"], r"`--teacher` is required for `latent`"),
-        (["latent", "--teacher", "clip"], r"`--teacher clip` is the shapes-world CLIP, for shapes models"),
+        (["latent", "--teacher", "clip"], r"`--teacher`: evaluator 'clip' is the shapes-world CLIP, for the shapes"),
         (["discriminator", "--real", "/no/such"], r"`--real` must be a folder of \['.png'"),
         (["discriminator", "--real", None], r"`--real` is required for 'tiny:sd': a folder of real images"),
-        (["discriminator", "--steps", "0"], r"`--steps` must be >= 1, got 0"),
-        (["latent", "--width", "0", "--teacher", "judge"], r"`--width` must be >= 1, got 0"),
+        (["discriminator", "--steps", "0"], r"`--steps` must be an int >= 1, got 0"),
+        (["latent", "--width", "0", "--teacher", "judge"], r"`--width` must be an int >= 1, got 0"),
         (["discriminator", "--prompts-file", "/no/file"], r"`--prompts-file` '/no/file' does not exist"),
         (["discriminator", "--prompts-file", None], r"`--prompts-file` is required for 'tiny:sd'"),
-        (["discriminator", "--model", "tiny:flux"], r"evaluators can be trained for SD, SDXL and SD3"),
     ],
 )
 def test_training_command_rejects_bad_input(argv, message, tmp_path, prompts, real_folder, capsys):
@@ -203,3 +204,37 @@ def test_the_shapes_world_draws_new_real_images_and_the_shapes_clip_teaches(tmp_
     assert first.shape == (3, 3, 32, 32) and not torch.equal(first, second)
     assert real_images(args, 16, fresh=False).shape == (4, 3, 16, 16)
     assert len(prompts_of(args)) > 100 and teacher_of(args)[1] == "local-dir:../shapes-clip"  # as shipped
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3", "flux"])
+def test_a_head_distilled_on_every_family_reports_its_agreement_and_guides_that_family(
+    family, tmp_path, prompts, real_folder, capsys
+):
+    import re
+
+    from conftest import build
+
+    from guidance.evaluators.testing import tiny_open_clip
+
+    clip = tiny_open_clip(tmp_path / "clip", "ViT-L-14", "openai")
+    argv = ["latent", "--model", f"tiny:{family}", "--teacher", f"clip:{clip}", "--output", str(tmp_path / "head")]
+    argv += [*TINY[2:], "--resolution", "32", "--steps", "4", "--width", "8", *prompts, "--real", str(real_folder)]
+    assert main([*argv, "--checkpoints", str(tmp_path / "checkpoints")]) == 0
+    printed = capsys.readouterr().out
+    agreement = re.search(
+        r"on (\d+) held-out images its image embeddings have cosine (-?[\d.]+) with the teacher's "
+        r"\(a constant embedding: (-?[\d.]+)\)",
+        printed,
+    )
+    assert agreement and int(agreement[1]) == 2  # a fifth of the 8 generated and 3 real images
+    assert all(-1 <= float(value) <= 1 for value in agreement.groups()[1:])
+    head = LatentEvaluator.from_pretrained(tmp_path / "head")
+    assert head.teacher == clip and head.network.config["in_channels"] == build(family).vae.config.latent_channels
+    pipe = build(family)
+    pipe.decode_for_guidance = None  # a latent evaluator never decodes
+    policy = DynamicGuidance(candidates=[1.0, 5.0], evaluators=[head], lookahead="next_latent")
+    result = pipe(
+        **call_kwargs(family, prompt=["a red circle", "a blue square"], height=32, width=32), guidance=policy
+    )
+    assert all(scale in (1.0, 5.0) for step in result.trace.scales for scale in step)
+    assert set(result.trace.extras[0]["weights"]) == {"latent-clip"}

@@ -59,10 +59,14 @@ def test_csv_and_prompt_files(tmp_path):
         ([json.dumps({"seed": 1})], r"m.jsonl: row 0 \(line 1\): `prompt` must be a non-empty string, got None"),
         (
             ['{"prompt": "a"}', json.dumps({"prompt": "b", "seed": "x1"})],
-            r"row 1 \(line 2\): `seed` must be an integer",
+            r"row 1 \(line 2\): `seed` must be an int, got str .x1.",
         ),
-        ([json.dumps({"prompt": "a", "seed": 1.5})], r"`seed` must be an integer, got 1.5"),
-        ([json.dumps({"prompt": "a", "num_images": 0})], r"`num_images` must be >= 1, got 0"),
+        ([json.dumps({"prompt": "a", "seed": 1.5})], r"`seed` must be an int, got float 1.5"),
+        (
+            [json.dumps({"prompt": "a", "seed": -3})],
+            r"row 0 \(line 1\): `seed` must be an int in \[0, 9223372036854775807\]",
+        ),
+        ([json.dumps({"prompt": "a", "num_images": 0})], r"`num_images` must be an int >= 1, got 0"),
         ([json.dumps({"prompt": "a", "guidance": "magic"})], r"`guidance` must be one of \['cfg', 'scheduled'"),
         (
             [json.dumps({"prompt": "a", "sampler": "ddim"})],
@@ -93,14 +97,17 @@ def test_a_row_option_its_method_does_not_read_is_refused(tmp_path):
 def test_bad_files_and_values(tmp_path):
     with pytest.raises(ValueError, match=r"the name must end in .jsonl .*, .csv .* or .txt .*, got '.json'"):
         read_manifest(write(tmp_path / "rows.json", ['{"prompt": "a"}']))
-    with pytest.raises(ValueError, match="manifest '/no/such.jsonl' does not exist"):
+    with pytest.raises(ValueError, match="`manifest` '/no/such.jsonl' does not exist"):
         read_manifest("/no/such.jsonl")
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"`--manifest` '.*rows.jsonl' is a folder, expected a file"):
+        read_manifest(tmp_path / "rows.jsonl", "--manifest")
     with pytest.raises(ValueError, match="line 2: more cells than the header names"):
         read_manifest(write(tmp_path / "m.csv", ["prompt", "a,b"]))
-    with pytest.raises(ValueError, match=r"row 0 \(line 2\): `seed` must be an integer, got 'x'"):
+    with pytest.raises(ValueError, match=r"row 0 \(line 2\): `seed` must be an int, got str 'x'"):
         read_manifest(write(tmp_path / "n.csv", ["prompt,seed", "a,x"]))
     (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
-    with pytest.raises(ValueError, match="could not be read"):
+    with pytest.raises(ValueError, match=r"`manifest` '.*bin.jsonl' is not UTF-8 text \(byte 0 is 0xff\): expected a"):
         read_manifest(tmp_path / "bin.jsonl")
     with pytest.raises(TypeError, match="`manifest` must be a file path or a non-empty list"):
         rows_from([])
