@@ -115,12 +115,17 @@ def main() -> None:
         default=1,
         help="untimed rounds first (0 at SDXL's size, where one pass dwarfs the first call's overhead)",
     )
+    parser.add_argument(
+        "--only-cfg", action="store_true", help="only diffusers' CFG and ours: more rounds for the abstraction's cost"
+    )
     parser.add_argument("--out", default=None, help="folder for the results files (default: benchmarks/results)")
     args = parser.parse_args()
     torch.manual_seed(0)
     reference, pipe = pipelines(args.model)
     size = SIZES[args.model]
-    policies = methods(pipe, args.steps, args.scale, size)
+    policies = (
+        {"CFG": ClassifierFreeGuidance(args.scale)} if args.only_cfg else methods(pipe, args.steps, args.scale, size)
+    )
     call = dict(prompt=PROMPT, num_inference_steps=args.steps, height=size, width=size, output_type="latent")
     runs = {"diffusers CFG": lambda: reference(**call, guidance_scale=args.scale, generator=torch.manual_seed(0))}
     for name, policy in policies.items():
@@ -138,35 +143,37 @@ def main() -> None:
             if round_index >= args.warmup:
                 times[name].append(seconds)
             print(f"round {round_index} {name}: {seconds:.1f} s", flush=True)
-    cfg = statistics.median(times["CFG"])
     rows = {
         name: {
             "nfe": nfes[name],
             "nfe_ratio": nfes[name] / nfes["CFG"],
             "seconds": statistics.median(times[name]),
-            "time_ratio": statistics.median(times[name]) / cfg,
+            "time_ratio": statistics.median(t / cfg for t, cfg in zip(times[name], times["CFG"], strict=True)),
+            "round_ratios": [t / cfg for t, cfg in zip(times[name], times["CFG"], strict=True)],
             "peak_mib": peaks[name],
         }
         for name in runs
     }
-    if FAMILIES[args.model] == "sd3":
+    if FAMILIES[args.model] == "sd3" and not args.only_cfg:
         rows["FlowOpt edit"] = flowopt_edit(pipe, size)
     env = environment("cpu")
     lines = [
         f"{args.model} at {size} px, random weights, float32, batch 1, {args.steps} steps, scale {args.scale}, "
-        f"{machine(env)}; median of {args.repeats} alternated rounds after {args.warmup} untimed; latents out",
+        f"{machine(env)}; {args.repeats} alternated rounds after {args.warmup} untimed: median seconds, median of "
+        "the rounds' ratios to CFG; latents out",
         "",
-        "| method | NFE/image | NFE ratio | seconds | time ratio to CFG | peak RSS (MiB) |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| method | NFE/image | NFE ratio | seconds | time ratio to CFG | each round's ratio | peak RSS (MiB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in rows.items():
         lines.append(
             f"| {name} | {row['nfe']:g} | {row.get('nfe_ratio', float('nan')):.3f} | {row['seconds']:.1f} | "
-            f"{row.get('time_ratio', float('nan')):.3f} | {row['peak_mib']:.0f} |"
+            f"{row.get('time_ratio', float('nan')):.3f} | "
+            f"{', '.join(f'{r:.3f}' for r in row.get('round_ratios', []))} | {row['peak_mib']:.0f} |"
         )
     table = "\n".join(lines)
     print(table)
-    write_results(f"full-size-{args.model}-cpu", table, rows, args.out, env)
+    write_results(f"full-size-{args.model}-cpu" + ("-cfg" if args.only_cfg else ""), table, rows, args.out, env)
 
 
 def flowopt_edit(pipe, size: int) -> dict:
