@@ -12,7 +12,6 @@ missing images are split between the processes (accelerate's `PartialState`); ea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,17 @@ from .manifest import ImageJob, ManifestRow, image_jobs, read_manifest, rows_fro
 from .naming import PYTHON, Naming
 from .options import GUIDANCE_OPTIONS, policy_from_options
 from .paths import check_output_dir
-from .runs import PART_GLOB, RESULTS_FILE, RunError, RunFolder, append_lines, output_name, read_lines
+from .runs import (
+    PART_GLOB,
+    RESULTS_FILE,
+    RunError,
+    RunFolder,
+    append_lines,
+    json_hash,
+    mean_nfe,
+    output_name,
+    read_lines,
+)
 from .signals import RunInterrupted, signal_number
 
 logger = logging.get_logger(__name__)
@@ -128,7 +137,7 @@ class BatchResult:
 def manifest_hash(rows: Sequence[ManifestRow]) -> str:
     """What the images depend on in the rows (not where they stand in the file)."""
     content = [{k: v for k, v in asdict(row).items() if k not in ("line", "source")} for row in rows]
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return json_hash(content)
 
 
 def compile_denoiser(pipe) -> None:
@@ -331,7 +340,7 @@ class BatchRun:
                 f"{len(missing)} images of the run are missing after it ({[output_name(i) for i in missing[:5]]}...): "
                 "run the same command again to generate them"
             )
-        return sum(record["nfe"] for record in records) / max(len(records), 1)
+        return mean_nfe(records)
 
     def generate(self, jobs: Sequence[ImageJob], bar: Progress) -> None:
         """This process's share: batches by group, halved on out-of-memory; each image and its line written as soon

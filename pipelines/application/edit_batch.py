@@ -8,7 +8,6 @@ noise, "auto"'s probes) come from a generator seeded with `seed` + the index of 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -30,7 +29,7 @@ from .image_files import TEMPORARY_SUFFIX, edit_parameters, write_png
 from .naming import PYTHON, Naming
 from .options import GUIDANCE_OPTIONS, policy_from_options
 from .paths import check_output_dir
-from .runs import SUMMARY_FILE, RunFolder, append_lines, output_name, write_atomically
+from .runs import SUMMARY_FILE, RunFolder, append_lines, json_hash, mean_nfe, output_name, write_atomically
 from .signals import RunInterrupted, signal_number
 
 COMMAND = "guided-edit"
@@ -182,7 +181,7 @@ def load(settings: EditSettings, pipe, name: Naming) -> tuple[Any, str]:
 def jobs_hash(jobs: Sequence[EditJob], invert: bool) -> str:
     """What the outputs depend on in the jobs: each image's path and content, and its prompts."""
     content = [[job.image, job.sha256, job.source_prompt, None if invert else job.target_prompt] for job in jobs]
-    return hashlib.sha256(json.dumps(content).encode()).hexdigest()
+    return json_hash(content)
 
 
 def size_groups(jobs: Sequence[EditJob], batch_size: int) -> list[list[EditJob]]:
@@ -231,8 +230,7 @@ class EditRun:
                 self.finish()
             done = self.folder.count_done(len(self.jobs))
             raise RunInterrupted(self.folder.path, done, len(self.jobs), signal_number(error)) from None
-        records = self.finish()
-        nfe = sum(record["nfe"] for record in records) / max(len(records), 1)
+        nfe = mean_nfe(self.finish())
         return EditResult(self.folder.path, len(self.jobs), len(pending), len(self.existing), nfe, self.guidance)
 
     def finish(self) -> list[dict]:
@@ -242,7 +240,7 @@ class EditRun:
             "model": self.settings.model,
             "method": self.settings.task,
             "guidance": repr(self.guidance),
-            "nfe_per_image": sum(r["nfe"] for r in records) / len(records) if records else None,
+            "nfe_per_image": mean_nfe(records) if records else None,
             "images": records,
         }
         write_atomically(self.folder.path / SUMMARY_FILE, json.dumps(summary, indent=1))

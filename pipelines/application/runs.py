@@ -12,6 +12,7 @@ files, and only those, after every input was checked.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -55,6 +56,17 @@ def append_lines(path: Path, records: Iterable[dict]) -> None:
         handle.write("".join(json.dumps(record) + "\n" for record in records))
         handle.flush()
         os.fsync(handle.fileno())
+
+
+def json_hash(value) -> str:
+    """The SHA-256 of a JSON-able value's JSON text: what a run depends on, compared across runs."""
+    return hashlib.sha256(json.dumps(value).encode()).hexdigest()
+
+
+def mean_nfe(records: Iterable[dict]) -> float:
+    """The mean NFE per output of `records` (0 for none)."""
+    nfes = [record["nfe"] for record in records]
+    return sum(nfes) / max(len(nfes), 1)
 
 
 def write_atomically(path: Path, text: str) -> None:

@@ -208,23 +208,6 @@ def latent_head(network, kind: str, teacher: Evaluator, teacher_name: TeacherSpe
     return LatentEvaluator(network, kind, teacher_name, teacher_model=model).eval()
 
 
-def train_latent_head(
-    pipe,
-    images: torch.Tensor,
-    latents: torch.Tensor,
-    teacher: Evaluator,
-    teacher_name: TeacherSpec | None,
-    training: EvaluatorTraining,
-    prompts: Sequence[str] | None = None,
-) -> LatentEvaluator:
-    """A timestep-aware `LatentEvaluator` on noisy `latents` (VAE layout) that predicts what `teacher` says of the
-    clean `images` (`teacher_targets`; `prompts`, one per image, for a teacher that reads them); `teacher_name` is
-    saved with it (for a "clip" head: the model whose text tower scores, an open_clip name or a teacher spec; None:
-    the teacher's own spec)."""
-    kind, targets = teacher_targets(teacher, images, prompts)
-    return latent_head(fit_latent_head(pipe, latents, kind, targets, training), kind, teacher, teacher_name)
-
-
 @dataclass
 class HeadAgreement:
     """How a latent head agrees with its teacher on `held_out` clean latents (t = 0) it was not trained on.
@@ -258,8 +241,11 @@ def distill_latent_head(
     prompts: Sequence[str] | None = None,
     held_out: float = 0.2,
 ) -> DistilledHead:
-    """`train_latent_head` on the pool but a held-out `held_out` fraction of it (a fixed draw from `training.seed`),
-    and the head's agreement with `teacher` there (`HeadAgreement`)."""
+    """A timestep-aware `LatentEvaluator` on noisy `latents` (VAE layout) that predicts what `teacher` says of the
+    clean `images` (`teacher_targets`; `prompts`, one per image, for a teacher that reads them), trained on the pool
+    but a held-out `held_out` fraction of it (a fixed draw from `training.seed`), and its agreement with `teacher`
+    there (`HeadAgreement`). `teacher_name` is saved with it (for a "clip" head: the model whose text tower scores, an
+    open_clip name or a teacher spec; None: the teacher's own spec)."""
     if not 0 < held_out < 1:
         raise ValueError(f"`held_out` must be a fraction in (0, 1), got {held_out!r}")
     count = round(len(images) * held_out)

@@ -191,7 +191,8 @@ class Checkpoint:
 TRAINED_FAMILIES = ("sd", "sdxl", "sd3", "wan", "cogvideox")
 
 
-def check_training_inputs(pipe, prompts, images) -> None:
+def check_training_inputs(pipe, prompts, images) -> str:
+    """The pipeline's family, once the pipeline, prompts and images are ones Self-NPO trains on."""
     try:
         family = family_of(pipe)
     except ValueError:
@@ -206,10 +207,12 @@ def check_training_inputs(pipe, prompts, images) -> None:
         raise ValueError(f"`prompts` must be a non-empty list of prompts, got {prompts!r}")
     if images is not None and len(images) == 0:
         raise ValueError("`images` must hold at least one image, or be None (data-free)")
+    return family
 
 
 class SelfNPOTrainer:
-    """Trains the adapter on `pipe`'s UNet (guided SD or SDXL pipeline) from `prompts`; see the module docstring.
+    """Trains the adapter on `pipe`'s denoiser (a guided pipeline of `TRAINED_FAMILIES`) from `prompts`; see the
+    module docstring.
     `run` adds what the run depends on beyond the settings, prompts, images and the denoiser's architecture (e.g. the
     model's name): a checkpoint resumes only when all of it is the same. `start()` makes the pool of start latents."""
 
@@ -224,10 +227,10 @@ class SelfNPOTrainer:
     ):
         from accelerate import Accelerator
 
-        check_training_inputs(pipe, prompts, images)
-        config = config.resolved(family_of(pipe))
+        family = check_training_inputs(pipe, prompts, images)
+        config = config.resolved(family)
         self.pipe, self.prompts, self.config, self.images = pipe, list(prompts), config, images
-        self.video = family_of(pipe) in VIDEO_FAMILIES
+        self.video = family in VIDEO_FAMILIES
         self.denoiser_name = "unet" if getattr(pipe, "unet", None) is not None else "transformer"
         self.identity = {
             **asdict(config),

@@ -84,5 +84,13 @@ def run_command(
             return 1
 
 
+def checkpoints_kept(checkpoints: str | Path, stop: Interrupted) -> str:
+    """What a training command says when a signal stops it: its checkpoints keep the progress."""
+    return (
+        f"interrupted by {stop.signal_name}: the checkpoints in {str(checkpoints)!r} keep the training's progress; "
+        "run the same command again to resume"
+    )
+
+
 def os_error(error: OSError) -> str:
     return f"error: {error.strerror or error}" + (f": {error.filename!r}" if error.filename else "")

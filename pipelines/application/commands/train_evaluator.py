@@ -48,8 +48,7 @@ from ..models import SHAPES_MODELS, call_defaults, load_pipeline, model_family
 from ..options import EVALUATOR_SPECS, evaluator_from_spec
 from ..paths import check_output_dir
 from ..runs import check_not_a_run
-from ..signals import Interrupted
-from .common import check_at_least_one, read_prompt_file, run_command
+from .common import check_at_least_one, checkpoints_kept, read_prompt_file, run_command
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 DEFAULT_STEPS = {"discriminator": 600, "latent": 1500}
@@ -247,18 +246,15 @@ def agreement_line(agreement: HeadAgreement) -> str:
     )
 
 
-def stopped(job: EvaluatorJob, stop: Interrupted) -> str:
-    checkpoints = str(job.training.checkpoints)
-    return (
-        f"interrupted by {stop.signal_name}: the checkpoints in {checkpoints!r} keep the training's progress; run the "
-        "same command again to resume"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(parser, lambda: prepare(args), lambda job: execute(job, args), stopped)
+    return run_command(
+        parser,
+        lambda: prepare(args),
+        lambda job: execute(job, args),
+        lambda job, stop: checkpoints_kept(job.training.checkpoints, stop),
+    )
 
 
 if __name__ == "__main__":

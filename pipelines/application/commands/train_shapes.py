@@ -21,8 +21,7 @@ from guidance.shapes.world import WORLD_FILE, ShapesWorld
 
 from ...training.shapes import DEFAULT_STEPS, MODELS, ShapesTraining
 from ..paths import check_output_dir
-from ..signals import Interrupted
-from .common import check_at_least_one, run_command
+from .common import check_at_least_one, checkpoints_kept, run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,17 +78,15 @@ def execute(settings: ShapesTraining, args: argparse.Namespace) -> int:
     return 0
 
 
-def stopped(settings: ShapesTraining, stop: Interrupted) -> str:
-    return (
-        f"interrupted by {stop.signal_name}: the checkpoints in {str(settings.checkpoints)!r} keep the training's "
-        "progress; run the same command again to resume"
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    return run_command(parser, lambda: prepare(args), lambda settings: execute(settings, args), stopped)
+    return run_command(
+        parser,
+        lambda: prepare(args),
+        lambda settings: execute(settings, args),
+        lambda settings, stop: checkpoints_kept(settings.checkpoints, stop),
+    )
 
 
 if __name__ == "__main__":
