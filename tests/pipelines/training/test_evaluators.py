@@ -215,6 +215,7 @@ def test_a_head_distilled_on_every_family_reports_its_agreement_and_guides_that_
     from conftest import build
 
     from guidance.evaluators.testing import tiny_open_clip
+    from pipelines.schedulers import set_scheduler
 
     clip = tiny_open_clip(tmp_path / "clip", "ViT-L-14", "openai")
     argv = ["latent", "--model", f"tiny:{family}", "--teacher", f"clip:{clip}", "--output", str(tmp_path / "head")]
@@ -238,3 +239,10 @@ def test_a_head_distilled_on_every_family_reports_its_agreement_and_guides_that_
     )
     assert all(scale in (1.0, 5.0) for step in result.trace.scales for scale in step)
     assert set(result.trace.extras[0]["weights"]) == {"latent-clip"}
+    if family != "flux":  # diffusers' FluxPipeline takes neither Heun nor a multistep diffusion scheduler
+        set_scheduler(pipe, {"sdxl": "dpm++2m", "sd3": "flow-heun"}[family])
+    negatives = ["", "blurry"]
+    kwargs = call_kwargs(family, prompt=["a red circle", "a blue square"], height=32, width=32)
+    result = pipe(**kwargs, negative_prompt=negatives, num_images_per_prompt=2, guidance=policy)
+    assert len(result.images) == 4 and all(len(step) == 4 for step in result.trace.scales)
+    assert all(scale in (1.0, 5.0) for step in result.trace.scales for scale in step)

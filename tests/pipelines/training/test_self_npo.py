@@ -520,5 +520,8 @@ def test_video_models_train_data_free_and_the_adapter_guides_them(tmp_path, fami
     policy = ClassifierFreeGuidance(5.0, unconditional=NegativeAdapter("npo"))
     after = guided(**call, generator=seeded(0), guidance=policy).frames
     assert np.abs(after - before).max() > 1e-4
+    batch = {**call, "prompt": ["a red circle", "a blue square"], "negative_prompt": ["", "blurry"]}
+    frames = guided(**batch, num_videos_per_prompt=2, generator=seeded(1), guidance=policy).frames
+    assert len(frames) == 4 and np.isfinite(frames).all()
     with pytest.raises(ValueError, match=r"`images` \(captioned images\) are for image models"):
         train_self_npo(build_video(), PROMPTS, tmp_path / "x", SelfNPOConfig(**SMALL), images=[object()], **size)
