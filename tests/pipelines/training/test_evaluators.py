@@ -149,6 +149,14 @@ def test_missing_or_corrupt_files_name_the_rebuild_command(trained, tmp_path):
         (["latent", "--teacher", "judge"], r"`--teacher`: evaluator 'judge' is not one of 'clip:<open_clip model>@"),
         (["latent", "--teacher", "hpsv2:"], r"`--teacher`: evaluator 'hpsv2:' needs what it loads after the colon"),
         (["latent", "--teacher", "hpsv2:/no/file.pt"], r"`checkpoint` must be a .safetensors file of the HPSv2"),
+        (
+            ["latent", "--teacher", str(ASSETS / "shapes-sd-latent-clip")],
+            r"is a latent head: a head is distilled from",
+        ),
+        (
+            ["discriminator", "--resolution", "33"],
+            r"`--resolution` must be a multiple of 2 \(the model's latent grid\)",
+        ),
         (["latent"], r"`--teacher` is required for `latent`"),
         (["latent", "--teacher", "clip"], r"`--teacher`: evaluator 'clip' is the shapes-world CLIP, for the shapes"),
         (["discriminator", "--real", "/no/such"], r"`--real` must be a folder of \['.png'"),
@@ -246,3 +254,26 @@ def test_a_head_distilled_on_every_family_reports_its_agreement_and_guides_that_
     result = pipe(**kwargs, negative_prompt=negatives, num_images_per_prompt=2, guidance=policy)
     assert len(result.images) == 4 and all(len(step) == 4 for step in result.trace.scales)
     assert all(scale in (1.0, 5.0) for step in result.trace.scales for scale in step)
+
+
+def test_distillation_refuses_what_it_cannot_learn_from(sd_pipe):
+    from guidance.evaluators import RewardEvaluator
+    from pipelines.training.evaluators import EvaluatorTraining, distill_latent_head, fit_latent_head, teacher_targets
+
+    head = LatentEvaluator(ConvEncoder(4, 8, 1), "score")
+    images = torch.zeros(4, 3, 16, 16)
+    with pytest.raises(TypeError, match=r"`teacher` must be a pixel Evaluator \(it scores the clean images\), got a"):
+        teacher_targets(head, images)
+    with pytest.raises(TypeError, match=r"`teacher` must be a pixel Evaluator .*, got int"):
+        teacher_targets(3, images)
+    brightness = RewardEvaluator(lambda images, prompts: images.mean(dim=(1, 2, 3)), name="brightness")
+    with pytest.raises(ValueError, match=r"`prompts` must hold one prompt per image \(4\), got 1"):
+        teacher_targets(brightness, images, ["a"])
+    training = EvaluatorTraining("t", 1, None, 2, 1e-3, 8, 0)
+    with pytest.raises(ValueError, match=r"latent heads read square latents; got \(8, 4\) \(use square images\)"):
+        fit_latent_head(sd_pipe, torch.zeros(2, 4, 8, 4), "score", torch.zeros(2, 1), training)
+    latents = torch.zeros(4, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"`held_out` must be a fraction in \(0, 1\), got 1.5"):
+        distill_latent_head(sd_pipe, images, latents, brightness, training, held_out=1.5)
+    with pytest.raises(ValueError, match=r"`held_out` 0.2 of 4 images leaves 1 to measure agreement on and 3 to"):
+        distill_latent_head(sd_pipe, images, latents, brightness, training)

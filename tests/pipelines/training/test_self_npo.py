@@ -523,5 +523,9 @@ def test_video_models_train_data_free_and_the_adapter_guides_them(tmp_path, fami
     batch = {**call, "prompt": ["a red circle", "a blue square"], "negative_prompt": ["", "blurry"]}
     frames = guided(**batch, num_videos_per_prompt=2, generator=seeded(1), guidance=policy).frames
     assert len(frames) == 4 and np.isfinite(frames).all()
+    with pytest.raises(
+        ValueError, match=r"takes SD 1.x/2.x, SDXL, SD3, Wan or CogVideoX pipelines, got GuidedFluxPip"
+    ):
+        train_self_npo(build("flux"), PROMPTS, tmp_path / "x", SelfNPOConfig(**SMALL))
     with pytest.raises(ValueError, match=r"`images` \(captioned images\) are for image models"):
         train_self_npo(build_video(), PROMPTS, tmp_path / "x", SelfNPOConfig(**SMALL), images=[object()], **size)
